@@ -1,0 +1,112 @@
+"""Image: an opened image index plus the store its chunks come from; stat/list/read by path."""
+
+from __future__ import annotations
+
+import stat as statmod
+from typing import TYPE_CHECKING, Iterator
+
+from .errors import NotAFile
+from .index import ChunkRef, Index, Stat
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+class Image:
+    """A read-only view of one image. Cheap to create; thread-safe for reads."""
+
+    def __init__(self, store: "Store", image_id: str, index: Index, name: str | None = None) -> None:
+        self.store = store
+        self.id = image_id
+        self.index = index
+        self.name = name or image_id[:12]
+
+    def __repr__(self) -> str:
+        return f"<casfs.Image {self.name} {self.id[:12]} entries={self.index.n_entries}>"
+
+    @property
+    def chunk_size(self) -> int:
+        return self.index.chunk_size
+
+    def lookup(self, path: str) -> int:
+        """Entry number of ``path`` (raises PathNotFound)."""
+        return self.index.lookup(path)
+
+    def stat(self, path: str) -> Stat:
+        """Metadata of ``path`` (symlinks not followed). Raises PathNotFound."""
+        return self.index.stat(self.index.lookup(path))
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.index.lookup(path)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def listdir(self, path: str = "") -> list[str]:
+        """Names in directory ``path``, sorted. Raises PathNotFound / NotADirectoryError."""
+        ix = self.index
+        return [ix.name(c).decode("utf-8", "surrogateescape") for c in ix.children(ix.lookup(path))]
+
+    def readlink(self, path: str) -> str:
+        return self.index.readlink(self.index.lookup(path)).decode("utf-8", "surrogateescape")
+
+    def walk(self, path: str = "") -> Iterator[tuple[str, Stat]]:
+        """(path, Stat) of every entry under ``path``, parents first."""
+        ix = self.index
+        for i in ix.walk(ix.lookup(path)):
+            yield ix.path(i), ix.stat(i)
+
+    def chunk_refs(self, entry: int, offset: int = 0, size: int | None = None) -> list[ChunkRef]:
+        """Chunks of regular file ``entry`` that cover [offset, offset+size)."""
+        ix = self.index
+        fsize = ix.size(entry)
+        if size is None:
+            size = fsize - offset
+        end = min(fsize, offset + size)
+        if offset >= end:
+            return []
+        cs = ix.chunk_size
+        return [ix.file_chunk(entry, j) for j in range(offset // cs, (end - 1) // cs + 1)]
+
+    def read_entry(self, entry: int, offset: int = 0, size: int = -1) -> bytes:
+        """Read ``size`` bytes (all when -1) at ``offset`` of regular file ``entry``.
+
+        Short reads happen only at end of file. Raises ChunkUnavailable, NotAFile.
+        """
+        ix = self.index
+        if not statmod.S_ISREG(ix.mode(entry)):
+            raise NotAFile(f"{ix.path(entry)!r} is not a regular file")
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        fsize = ix.size(entry)
+        if size < 0:
+            size = fsize
+        end = min(fsize, offset + size)
+        if offset >= end:
+            return b""
+        cs = ix.chunk_size
+        refs = self.chunk_refs(entry, offset, end - offset)
+        parts = self.store.chunks.get_many(refs, ix.pack_members)
+        first = offset // cs
+        if len(parts) == 1:
+            lo = offset - first * cs
+            return parts[0][lo:lo + (end - offset)]
+        buf = b"".join(parts)
+        lo = offset - first * cs
+        return buf[lo:lo + (end - offset)]
+
+    def read(self, path: str, offset: int = 0, size: int = -1) -> bytes:
+        """Read bytes of the regular file at ``path`` (follows no symlinks)."""
+        return self.read_entry(self.index.lookup(path), offset, size)
+
+    def prefetch_entry(self, entry: int, offset: int = 0, size: int | None = None) -> None:
+        """Start fetching the chunks of a file range in the background."""
+        self.store.chunks.prefetch(self.chunk_refs(entry, offset, size), self.index.pack_members)
+
+    def file_chunks(self) -> Iterator[ChunkRef]:
+        """Every chunk this image references (duplicates included)."""
+        ix = self.index
+        for i in range(ix.n_entries):
+            if statmod.S_ISREG(ix.mode(i)):
+                yield from ix.file_chunks(i)

@@ -1,0 +1,227 @@
+"""Store: a blob store plus the cache tiers above it, the images it holds, and their tags."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from typing import TYPE_CHECKING, Iterator
+
+from . import chunk as chunkmod
+from .digest import from_hex
+from .errors import CasfsError, CorruptChunk, CorruptIndex, ImageNotFound, StoreError
+from .index import ChunkRef, Index
+from .tiered import TieredStore
+from .tiers.base import Tier
+from .tiers.blob import BlobTier, ObjectStore
+from .tiers.memory import MemoryTier
+from .tiers.ssd import SsdTier
+
+if TYPE_CHECKING:
+    from .image import Image
+
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_tag(name: str) -> str:
+    """Validate a tag name: letters, digits and ``._:@+-``, at most 128, no '/'.
+
+    Raises:
+        ValueError: with the rule, when ``name`` breaks it.
+    """
+    if not _TAG.match(name) or _HEX.match(name):
+        raise ValueError(f"invalid tag {name!r}: use 1-128 of letters, digits and ._:@+- "
+                         "(starting with a letter or digit, and not 64 hex digits)")
+    return name
+
+
+class Store:
+    """Images, tags and chunks of one blob store, read through memory/ssd(/azcache) tiers.
+
+    Args:
+        objects: the blob store backend.
+        cache_dir: directory for the ssd tier (None: no ssd tier).
+        cache_bytes: ssd tier capacity.
+        memory_bytes: memory tier capacity (0: no memory tier).
+        extra_tiers: tiers placed between ssd and blob (the AZ cache).
+        io_threads: concurrent chunk fetches.
+    """
+
+    def __init__(self, objects: ObjectStore, *, cache_dir: str | None = None,
+                 cache_bytes: int = 50 << 30, memory_bytes: int = 512 << 20,
+                 extra_tiers: list[Tier] | None = None, io_threads: int = 16) -> None:
+        self.objects = objects
+        self.url = objects.url
+        self.cache_dir = cache_dir
+        tiers: list[Tier] = []
+        self.memory = MemoryTier(memory_bytes) if memory_bytes > 0 else None
+        if self.memory:
+            tiers.append(self.memory)
+        self.ssd = SsdTier(os.path.join(cache_dir, "chunks"), cache_bytes) if cache_dir else None
+        if self.ssd:
+            tiers.append(self.ssd)
+        tiers.extend(extra_tiers or [])
+        self.blob = BlobTier(objects)
+        tiers.append(self.blob)
+        self.chunks = TieredStore(tiers, io_threads=io_threads)
+        self._indexes: dict[str, Index] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.chunks.close()
+
+    # -- tags ---------------------------------------------------------------------------------
+
+    def tags(self) -> dict[str, str]:
+        """tag -> image id (hex) for every tag in the store."""
+        out = {}
+        for key in self.objects.list("tags/"):
+            name = key.partition("/")[2]
+            try:
+                out[name] = self.objects.get(key).decode().strip()
+            except (KeyError, UnicodeDecodeError):
+                continue
+        return out
+
+    def tag(self, name: str, image_id: str) -> None:
+        """Point tag ``name`` at ``image_id`` (which must exist)."""
+        check_tag(name)
+        if not self.objects.contains(f"indexes/{image_id}"):
+            raise ImageNotFound(f"no image {image_id} in {self.url}")
+        self.objects.put(f"tags/{name}", (image_id + "\n").encode())
+
+    def untag(self, name: str) -> None:
+        check_tag(name)
+        if not self.objects.contains(f"tags/{name}"):
+            raise ImageNotFound(f"no tag {name!r} in {self.url}")
+        self.objects.delete(f"tags/{name}")
+
+    def resolve(self, name: str) -> str:
+        """Image id (hex) of a tag or an image id (full, or a unique prefix of >= 8 hex digits).
+
+        Raises:
+            ImageNotFound: naming the tags available.
+        """
+        if _HEX.match(name) and self.objects.contains(f"indexes/{name}"):
+            return name
+        if _TAG.match(name):
+            try:
+                image_id = self.objects.get(f"tags/{name}").decode().strip()
+                from_hex(image_id)
+                return image_id
+            except KeyError:
+                pass
+            except (UnicodeDecodeError, ValueError):
+                raise StoreError(f"tag {name!r} in {self.url} is corrupt") from None
+        if re.match(r"^[0-9a-f]{8,63}$", name):
+            hits = [k.partition("/")[2] for k in self.objects.list("indexes/")
+                    if k.partition("/")[2].startswith(name)]
+            if len(hits) == 1:
+                return hits[0]
+        known = ", ".join(sorted(self.tags())[:10]) or "none"
+        raise ImageNotFound(f"no image or tag {name!r} in {self.url} (tags: {known})")
+
+    def image_ids(self) -> list[str]:
+        return [k.partition("/")[2] for k in self.objects.list("indexes/")]
+
+    # -- indexes and images -------------------------------------------------------------------
+
+    def put_index(self, data: bytes) -> str:
+        """Store serialized index bytes; returns the image id (hex)."""
+        digest, frame = chunkmod.encode(data)
+        image_id = digest.hex()
+        if not self.objects.contains(f"indexes/{image_id}"):
+            self.objects.put(f"indexes/{image_id}", frame)
+        return image_id
+
+    def index_frame(self, image_id: str) -> bytes:
+        """The stored frame of an index (through the local cache dir for remote stores)."""
+        cached = os.path.join(self.cache_dir, "indexes", image_id) if self.cache_dir else None
+        if cached:
+            try:
+                with open(cached, "rb") as f:
+                    return f.read()
+            except OSError:
+                pass
+        try:
+            frame = self.objects.get(f"indexes/{image_id}")
+        except KeyError:
+            raise ImageNotFound(f"image {image_id} has no index in {self.url}") from None
+        if cached:
+            try:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                tmp = f"{cached}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(frame)
+                os.rename(tmp, cached)
+            except OSError:
+                pass
+        return frame
+
+    def load_index(self, image_id: str) -> Index:
+        """Fetch, verify and parse an image index (cached per Store).
+
+        Raises:
+            ImageNotFound, CorruptIndex.
+        """
+        with self._lock:
+            ix = self._indexes.get(image_id)
+        if ix is not None:
+            return ix
+        frame = self.index_frame(image_id)
+        try:
+            data = chunkmod.decode(frame, expect=from_hex(image_id))
+        except CorruptChunk as e:
+            if self.cache_dir:
+                try:
+                    os.unlink(os.path.join(self.cache_dir, "indexes", image_id))
+                except OSError:
+                    pass
+            raise CorruptIndex(f"index of image {image_id[:12]} is corrupt: {e}") from None
+        ix = Index.parse(data)
+        with self._lock:
+            self._indexes[image_id] = ix
+        return ix
+
+    def open_image(self, name: str) -> "Image":
+        """Open an image by tag or id. Only the index is fetched."""
+        from .image import Image
+
+        image_id = self.resolve(name)
+        return Image(self, image_id, self.load_index(image_id), name=name)
+
+    def known_chunks(self, limit_images: int = 64) -> dict[bytes, ChunkRef]:
+        """digest -> location for every chunk of the (up to ``limit_images``) tagged images.
+
+        Builders use it to reference existing chunks instead of storing them again.
+        """
+        known: dict[bytes, ChunkRef] = {}
+        for image_id in list(dict.fromkeys(self.tags().values()))[:limit_images]:
+            try:
+                ix = self.load_index(image_id)
+            except CasfsError:
+                continue
+            for ref in ix.all_chunks():
+                known.setdefault(ref.digest, ref)
+        return known
+
+    def referenced_objects(self) -> set[str]:
+        """Object keys reachable from every tag (for gc)."""
+        keep: set[str] = set()
+        for image_id in set(self.tags().values()):
+            keep.add(f"indexes/{image_id}")
+            ix = self.load_index(image_id)
+            for ref in ix.all_chunks():
+                keep.add(f"packs/{ref.pack.hex()}" if ref.pack else f"chunks/{ref.digest.hex()}")
+        return keep
+
+    def iter_objects(self) -> Iterator[str]:
+        for kind in ("indexes", "chunks", "packs", "profiles"):
+            yield from self.objects.list(kind + "/")

@@ -1,0 +1,294 @@
+"""TieredStore: the read path for chunks.
+
+A read walks the tiers top-down. The first tier that has the chunk answers; frames from any
+tier below memory are decoded and verified against the digest the caller asked for. A bad frame
+is counted, evicted from that tier (when the tier is a cache), and the walk goes on to the next
+tier. On the way back the chunk is written into memory at once and into the slower writable
+tiers (ssd) by a background writer, so the reader never waits for a cache fill. Concurrent
+reads of one chunk share one fetch (single flight).
+
+Packs: when a packed chunk has to come from the blob tier, the whole span of the pack that
+holds this image's chunks is fetched in one ranged read; its other frames are staged in a
+bounded buffer (and written to the ssd tier in the background), so the many small files that
+travel in one pack cost one round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Sequence
+
+from . import chunk as chunkmod
+from .errors import ChunkUnavailable, CorruptChunk
+from .index import ChunkRef
+from .tiers.base import Tier, TierStats
+
+log = logging.getLogger("casfs.store")
+
+PackMembers = Callable[[bytes], list[ChunkRef]]
+
+
+class _Staged:
+    """Bounded LRU of frames that arrived with a pack but were not asked for yet."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+        self.stats = TierStats("pack-staging")
+
+    def pop(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            f = self._d.pop(digest, None)
+            if f is not None:
+                self._used -= len(f)
+        return f
+
+    def add(self, digest: bytes, frame: bytes) -> None:
+        if len(frame) > self.capacity:
+            return
+        with self._lock:
+            if digest in self._d:
+                return
+            self._d[digest] = frame
+            self._used += len(frame)
+            while self._used > self.capacity:
+                _, f = self._d.popitem(last=False)
+                self._used -= len(f)
+
+
+class TieredStore:
+    """Reads verified chunks through a list of tiers, fastest first.
+
+    Args:
+        tiers: ordered fastest to slowest; the last is normally the blob tier.
+        io_threads: workers for concurrent fetches (``get_many``, ``prefetch``).
+        writeback_bytes: most bytes queued for background cache fills; past that fills are
+            skipped rather than slowing readers.
+        staging_bytes: budget for frames that arrived with a pack ahead of their reads.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], *, io_threads: int = 16,
+                 writeback_bytes: int = 256 << 20, staging_bytes: int = 64 << 20,
+                 retries: int = 2) -> None:
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        self.tiers = list(tiers)
+        self.retries = retries
+        self._inflight: dict[bytes, Future] = {}
+        self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="casfs-io")
+        self._wb = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casfs-writeback")
+        self._wb_pending = 0
+        self._wb_limit = writeback_bytes
+        self._staged = _Staged(staging_bytes)
+        self.verify_failures = 0
+
+    # -- public -----------------------------------------------------------------------------
+
+    def get(self, ref: ChunkRef, pack_members: PackMembers | None = None) -> bytes:
+        """Return the verified, decoded bytes of ``ref``.
+
+        ``pack_members`` (usually ``Index.pack_members``) lets a packed chunk bring its pack's
+        neighbours along.
+
+        Raises:
+            ChunkUnavailable: when no tier holds a verified copy.
+        """
+        top = self.tiers[0]
+        if top.decoded:
+            data = top.get(ref)
+            if data is not None:
+                return data
+        with self._lock:
+            fut = self._inflight.get(ref.digest)
+            owner = fut is None
+            if owner:
+                fut = self._inflight[ref.digest] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            data = self._fetch(ref, pack_members)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        else:
+            fut.set_result(data)
+            return data
+        finally:
+            with self._lock:
+                self._inflight.pop(ref.digest, None)
+
+    def get_many(self, refs: Iterable[ChunkRef], pack_members: PackMembers | None = None) -> list[bytes]:
+        """Fetch several chunks concurrently; results in input order."""
+        refs = list(refs)
+        if len(refs) <= 1:
+            return [self.get(r, pack_members) for r in refs]
+        futs = [self._io.submit(self.get, r, pack_members) for r in refs]
+        return [f.result() for f in futs]
+
+    def prefetch(self, refs: Iterable[ChunkRef], pack_members: PackMembers | None = None) -> list[Future]:
+        """Start background fetches (errors are logged, never raised). Returns the futures."""
+        out = []
+        top = self.tiers[0]
+        for r in refs:
+            if top.decoded and top.contains(r):
+                continue
+            out.append(self._io.submit(self._quiet_get, r, pack_members))
+        return out
+
+    def contains(self, ref: ChunkRef) -> bool:
+        """True when some tier holds the chunk (no verification)."""
+        return any(t.contains(ref) for t in self.tiers)
+
+    def stats(self) -> list[TierStats]:
+        """Per-tier statistics, fastest tier first (plus pack staging)."""
+        return [t.stats() for t in self.tiers] + [self._staged.stats]
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until background cache fills queued so far are written."""
+        self._wb.submit(lambda: None).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self._wb.shutdown(wait=True)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _quiet_get(self, ref: ChunkRef, pack_members: PackMembers | None) -> None:
+        try:
+            self.get(ref, pack_members)
+        except Exception as e:  # noqa: BLE001 - prefetch is best effort
+            log.warning("prefetch of chunk %s failed: %s", ref.digest.hex()[:16], e)
+
+    def _fetch(self, ref: ChunkRef, pack_members: PackMembers | None) -> bytes:
+        errors: list[str] = []
+        for attempt in range(self.retries + 1):
+            data = self._walk(ref, pack_members, errors)
+            if data is not None:
+                return data
+            if not any("error" in e for e in errors[-len(self.tiers):]):
+                break  # every tier answered "miss": retrying will not help
+            time.sleep(0.05 * (2 ** attempt))
+        detail = "; ".join(errors[-2 * len(self.tiers):]) or "no tier has it"
+        raise ChunkUnavailable(f"chunk {ref.digest.hex()} unavailable: {detail}")
+
+    def _walk(self, ref: ChunkRef, pack_members: PackMembers | None, errors: list[str]) -> bytes | None:
+        staged = self._staged.pop(ref.digest)
+        if staged is not None:
+            data = self._verify(staged, ref, None, errors)
+            if data is not None:
+                self._staged.stats.record_get(True, len(staged), 0.0)
+                for tier in self.tiers:  # its frame is already queued for the ssd tier
+                    if tier.decoded and tier.writable:
+                        tier.put(ref, data)
+                return data
+        for i, tier in enumerate(self.tiers):
+            if tier.decoded and i == 0:
+                continue  # checked by get() already
+            try:
+                if ref.pack is not None and pack_members is not None and not tier.writable \
+                        and hasattr(tier, "get_span"):
+                    frame = self._get_pack_span(tier, ref, pack_members, i)
+                else:
+                    frame = tier.get(ref)
+            except Exception as e:  # noqa: BLE001 - a failing tier is skipped, not fatal
+                tier.stats().record_error()
+                errors.append(f"{tier.name}: error {e}")
+                log.warning("tier %s failed for chunk %s: %s", tier.name, ref.digest.hex()[:16], e)
+                continue
+            if frame is None:
+                errors.append(f"{tier.name}: miss")
+                continue
+            if tier.decoded:
+                data = frame
+            else:
+                data = self._verify(frame, ref, tier, errors)
+                if data is None:
+                    continue
+            self._fill(ref, data, frame if not tier.decoded else None, upto=i)
+            return data
+        return None
+
+    def _verify(self, frame: bytes, ref: ChunkRef, tier: Tier | None, errors: list[str]) -> bytes | None:
+        try:
+            data = chunkmod.decode(frame, expect=ref.digest)
+        except CorruptChunk as e:
+            self.verify_failures += 1
+            name = tier.name if tier is not None else "pack-staging"
+            errors.append(f"{name}: error corrupt ({e})")
+            log.error("corrupt chunk %s from tier %s: %s", ref.digest.hex()[:16], name, e)
+            if tier is not None:
+                tier.stats().record_error()
+                if tier.writable:
+                    try:
+                        tier.delete(ref)
+                    except Exception:  # noqa: BLE001
+                        pass
+            return None
+        return data
+
+    def _get_pack_span(self, tier: Tier, ref: ChunkRef, pack_members: PackMembers, level: int) -> bytes | None:
+        members = pack_members(ref.pack)  # type: ignore[arg-type]
+        if len(members) <= 1:
+            return tier.get(ref)
+        start = members[0].pack_off
+        end = max(m.pack_off + m.stored_len for m in members)
+        if not (start <= ref.pack_off and ref.pack_off + ref.stored_len <= end) or end - start > (64 << 20):
+            return tier.get(ref)
+        span = tier.get_span(ref.pack, start, end - start)  # type: ignore[attr-defined]
+        if span is None:
+            return None
+        mine = None
+        mv = memoryview(span)
+        for m in members:
+            frame = bytes(mv[m.pack_off - start:m.pack_off - start + m.stored_len])
+            if m.digest == ref.digest:
+                mine = frame
+            else:
+                self._staged.add(m.digest, frame)
+                self._queue_fill(m, frame, level)
+        return mine
+
+    def _fill(self, ref: ChunkRef, data: bytes, frame: bytes | None, upto: int) -> None:
+        """Write a chunk found at tier ``upto`` into every faster tier."""
+        for tier in self.tiers[:upto]:
+            if tier.decoded and tier.writable:
+                tier.put(ref, data)
+        if frame is not None:
+            self._queue_fill(ref, frame, upto)
+        elif any(not t.decoded and t.writable for t in self.tiers[:upto]):
+            _, frame = chunkmod.encode(data, ref.digest)
+            self._queue_fill(ref, frame, upto)
+
+    def _queue_fill(self, ref: ChunkRef, frame: bytes, upto: int) -> None:
+        targets = [t for t in self.tiers[:upto] if not t.decoded and t.writable]
+        if not targets:
+            return
+        with self._lock:
+            if self._wb_pending + len(frame) > self._wb_limit:
+                return  # readers come first: skip this fill
+            self._wb_pending += len(frame)
+
+        def write() -> None:
+            try:
+                for t in targets:
+                    try:
+                        t.put(ref, frame)
+                    except Exception as e:  # noqa: BLE001
+                        t.stats().record_error()
+                        log.warning("cache fill of %s into %s failed: %s", ref.digest.hex()[:16], t.name, e)
+            finally:
+                with self._lock:
+                    self._wb_pending -= len(frame)
+
+        try:
+            self._wb.submit(write)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._wb_pending -= len(frame)

@@ -1,0 +1,2 @@
+"""Storage tiers behind one protocol (see ``base.Tier``), fastest first:
+memory -> ssd -> azcache -> blob (local directory, S3, or HTTP)."""

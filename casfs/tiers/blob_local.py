@@ -1,0 +1,108 @@
+"""Local-directory blob store: the embedded default (``file:///path`` or a plain path)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from typing import Iterator
+
+from ..errors import StoreError
+
+_KEY = re.compile(r"^[a-z]+/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
+
+
+def check_key(key: str) -> str:
+    """Validate an object key ('kind/name', no path tricks).
+
+    Raises:
+        ValueError: for a key that could escape the store or is malformed.
+    """
+    if not _KEY.match(key) or ".." in key:
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class LocalObjectStore:
+    """Objects as files: ``<root>/<kind>/<name[:2]>/<name>``. Writes are atomic (temp + rename)."""
+
+    read_only = False
+
+    def __init__(self, root: str, *, create: bool = True, fsync: bool = True) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.url = "file://" + self.root
+        self.fsync = fsync
+        if create:
+            try:
+                os.makedirs(os.path.join(self.root, "tmp"), exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create store directory {self.root}: {e.strerror}") from None
+        elif not os.path.isdir(self.root):
+            raise StoreError(f"store directory {self.root} does not exist")
+
+    def _path(self, key: str) -> str:
+        kind, _, name = check_key(key).partition("/")
+        return os.path.join(self.root, kind, name[:2], name)
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("negative range")
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> None:
+        final = self._path(key)
+        tmp = os.path.join(self.root, "tmp", f"{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}")
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.rename(tmp, final)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StoreError(f"cannot write {key} to {self.root}: {e.strerror}") from None
+
+    def contains(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix: str) -> Iterator[str]:
+        kind = prefix.rstrip("/")
+        base = os.path.join(self.root, kind)
+        if not os.path.isdir(base):
+            return
+        for sub in sorted(os.scandir(base), key=lambda e: e.name):
+            if sub.is_dir():
+                for f in sorted(os.listdir(sub.path)):
+                    yield f"{kind}/{f}"
+
+    def size(self, key: str) -> int:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            raise KeyError(key) from None

@@ -1,0 +1,159 @@
+"""ssd tier: a bounded, crash-safe local directory of chunk frames with LRU eviction.
+
+Why not diskcache: for multi-MiB values diskcache already stores one file per value and adds a
+SQLite row per entry (a write transaction per put); a frame already names and verifies itself,
+so a file named by digest plus an in-memory LRU rebuilt by one directory scan at start does the
+same job with one rename per put and no database to corrupt. Crash safety: a frame is written
+to a temporary name, fsynced, then renamed into place, so a crash leaves either nothing or a
+whole file; a torn or bit-rotted file still fails digest verification in the store, which then
+deletes it here and refetches from the next tier.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections import OrderedDict
+
+from ..index import ChunkRef
+from .base import TierStats
+
+
+class SsdTier:
+    """Chunk frames as files under ``root``, at most ``capacity`` bytes."""
+
+    decoded = False
+    writable = True
+
+    def __init__(self, root: str, capacity: int = 50 << 30, *, fsync: bool = True, name: str = "ssd") -> None:
+        if capacity <= 0:
+            raise ValueError("ssd tier capacity must be > 0 bytes")
+        self.name = name
+        self.root = os.path.abspath(root)
+        self.capacity = capacity
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[bytes, int] = OrderedDict()
+        self._used = 0
+        self._stats = TierStats(name)
+        self._full_until = 0.0
+        os.makedirs(os.path.join(self.root, "tmp"), exist_ok=True)
+        self._scan()
+
+    def _path(self, digest: bytes) -> str:
+        h = digest.hex()
+        return os.path.join(self.root, h[:2], h)
+
+    def _scan(self) -> None:
+        """Rebuild the LRU from the directory (oldest mtime first); drop leftover temp files."""
+        found: list[tuple[float, bytes, int]] = []
+        for sub in os.scandir(self.root):
+            if not sub.is_dir():
+                continue
+            if sub.name == "tmp":
+                for f in os.scandir(sub.path):
+                    try:
+                        os.unlink(f.path)
+                    except OSError:
+                        pass
+                continue
+            for f in os.scandir(sub.path):
+                try:
+                    st = f.stat()
+                    found.append((st.st_mtime, bytes.fromhex(f.name), st.st_size))
+                except (OSError, ValueError):
+                    continue
+        found.sort()
+        for _, d, n in found:
+            self._lru[d] = n
+            self._used += n
+
+    def get(self, ref: ChunkRef) -> bytes | None:
+        t0 = time.perf_counter()
+        p = self._path(ref.digest)
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            self._stats.record_get(False, 0, time.perf_counter() - t0)
+            return None
+        except OSError:
+            self._stats.record_error()
+            return None
+        with self._lock:
+            if ref.digest in self._lru:
+                self._lru.move_to_end(ref.digest)
+        try:
+            os.utime(p)  # keep LRU order across restarts
+        except OSError:
+            pass
+        self._stats.record_get(True, len(data), time.perf_counter() - t0)
+        return data
+
+    def put(self, ref: ChunkRef, data: bytes) -> None:
+        """Store a frame. A full disk or any write error skips the write (counted as an error)."""
+        if len(data) > self.capacity or time.monotonic() < self._full_until:
+            return
+        with self._lock:
+            if ref.digest in self._lru:
+                return
+        final = self._path(ref.digest)
+        tmp = os.path.join(self.root, "tmp", f"{ref.digest.hex()}.{threading.get_ident()}.{time.monotonic_ns()}")
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                mv = memoryview(data)
+                while mv:
+                    mv = mv[os.write(fd, mv):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self._stats.record_error()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._full_until = time.monotonic() + 5.0  # back off: reads still work
+            return
+        evict: list[bytes] = []
+        with self._lock:
+            self._lru[ref.digest] = len(data)
+            self._used += len(data)
+            while self._used > self.capacity and self._lru:
+                d, n = self._lru.popitem(last=False)
+                self._used -= n
+                evict.append(d)
+        for d in evict:
+            try:
+                os.unlink(self._path(d))
+            except OSError:
+                pass
+        self._stats.record_put(len(data))
+
+    def contains(self, ref: ChunkRef) -> bool:
+        with self._lock:
+            return ref.digest in self._lru
+
+    def delete(self, ref: ChunkRef) -> None:
+        with self._lock:
+            n = self._lru.pop(ref.digest, None)
+            if n is not None:
+                self._used -= n
+        try:
+            os.unlink(self._path(ref.digest))
+        except OSError:
+            pass
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def stats(self) -> TierStats:
+        return self._stats

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh Debian machine: system packages (when root), a venv in .venv,
+# and casfs with its extras. Re-running it does only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights}
+
+APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  for p in $APT_PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    echo "casfs setup: installing system packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+else
+  echo "casfs setup: not root (or no apt-get); assuming these are installed: $APT_PKGS" >&2
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "casfs setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.casfs-installed"
+want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$EXTRAS"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "casfs setup: installing casfs[$EXTRAS] into $VENV (first run builds pyfuse3, ~2 min)"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
+  echo "$want" > "$stamp"
+fi

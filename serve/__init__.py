@@ -1,0 +1,1 @@
+"""serve: (see DESIGN.md) builds on casfs's public API."""

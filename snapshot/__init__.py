@@ -1,0 +1,1 @@
+"""snapshot: (see DESIGN.md) builds on casfs's public API."""
