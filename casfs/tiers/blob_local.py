@@ -106,3 +106,10 @@ class LocalObjectStore:
             return os.stat(self._path(key)).st_size
         except FileNotFoundError:
             raise KeyError(key) from None
+
+    def mtime(self, key: str) -> float:
+        """Last modification time (seconds since the epoch); KeyError when missing."""
+        try:
+            return os.stat(self._path(key)).st_mtime
+        except FileNotFoundError:
+            raise KeyError(key) from None

@@ -1,0 +1,37 @@
+"""``casfs build``: a directory, tar (docker save) or OCI layout -> an image in the store."""
+
+from __future__ import annotations
+
+import argparse
+
+from .format import human, parse_size
+from .main import open_store_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build", help="build an image from a directory, tar, docker-save tar or OCI layout",
+        description="Build an image from SRC and tag it. SRC is a directory, a tar archive (plain or "
+                    "`docker save` output, layers applied in order with whiteouts), or an OCI image "
+                    "layout directory (`skopeo copy docker-archive:x.tar oci:DIR`). Chunks already "
+                    "in the store (from any tagged image) are not stored again.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--tag", "-t", required=True, metavar="NAME", help="tag for the new image")
+    p.add_argument("--chunk-size", default="4M", metavar="SIZE",
+                   help="chunk size, a power of two from 4K to 256M (default 4M)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import casfs
+
+    store = open_store_from_args(args)
+    r = casfs.build(store, args.src, tag=args.tag, chunk_size=parse_size(args.chunk_size),
+                    progress=False if args.no_progress else None)
+    p = r.pack
+    print(f"built {args.tag} {r.image_id}")
+    print(f"  {r.entries} entries, {human(p.bytes_in)} in {r.seconds:.2f} s ({r.mb_per_s:.0f} MB/s)")
+    print(f"  chunks: {p.chunks_total} total, {p.chunks_new} new, {p.chunks_reused} reused; "
+          f"stored {human(p.bytes_stored)} new ({p.packs} packs, {p.loose} loose); index {human(r.index_bytes)}")
+    return 0
