@@ -81,6 +81,7 @@ class TieredStore:
         self.tiers = list(tiers)
         self.retries = retries
         self._inflight: dict[bytes, Future] = {}
+        self._span_inflight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="casfs-io")
         self._wb = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casfs-writeback")
@@ -241,19 +242,39 @@ class TieredStore:
         end = max(m.pack_off + m.stored_len for m in members)
         if not (start <= ref.pack_off and ref.pack_off + ref.stored_len <= end) or end - start > (64 << 20):
             return tier.get(ref)
-        span = tier.get_span(ref.pack, start, end - start)  # type: ignore[attr-defined]
-        if span is None:
-            return None
-        mine = None
-        mv = memoryview(span)
-        for m in members:
-            frame = bytes(mv[m.pack_off - start:m.pack_off - start + m.stored_len])
-            if m.digest == ref.digest:
-                mine = frame
-            else:
-                self._staged.add(m.digest, frame)
-                self._queue_fill(m, frame, level)
-        return mine
+        key = (tier.name, ref.pack, start, end)
+        with self._lock:
+            fut = self._span_inflight.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._span_inflight[key] = Future()
+        if not owner:
+            # another reader is fetching this span: wait, then take our frame from staging
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - fall back to our own read
+                pass
+            return self._staged.pop(ref.digest) or tier.get(ref)
+        try:
+            span = tier.get_span(ref.pack, start, end - start)  # type: ignore[attr-defined]
+            mine = None
+            if span is not None:
+                mv = memoryview(span)
+                for m in members:
+                    frame = bytes(mv[m.pack_off - start:m.pack_off - start + m.stored_len])
+                    if m.digest == ref.digest:
+                        mine = frame
+                    else:
+                        self._staged.add(m.digest, frame)
+                        self._queue_fill(m, frame, level)
+            fut.set_result(None)
+            return mine
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._span_inflight.pop(key, None)
 
     def _fill(self, ref: ChunkRef, data: bytes, frame: bytes | None, upto: int) -> None:
         """Write a chunk found at tier ``upto`` into every faster tier."""

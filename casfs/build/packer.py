@@ -1,0 +1,188 @@
+"""Shared packing for every builder: chunking, dedup, compression, packs, uploads.
+
+Files are cut into fixed-size chunks aligned to file offsets. Each chunk is named by its blake3
+digest; a chunk already known (earlier in this build, or in any tagged image of the store) is
+referenced, not stored again. New chunks whose frame is small (small files and file tails) are
+appended to the current *pack*, so that the many small files of a container root travel in few
+objects; larger frames are stored as loose ``chunks/<hex>`` objects. Hashing and compression run
+on a thread pool (blake3 and zstd release the GIL), in file order, so packs keep directory
+locality and builds are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+import blake3
+
+from .. import chunk as chunkmod
+from ..digest import digest_bytes
+from ..index import ChunkRef
+from ..tiers.blob import ObjectStore, chunk_key, pack_key
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+PACK_TARGET = 4 << 20  # close a pack once it holds this many bytes
+PACK_ENTRY_MAX = 1 << 20  # frames up to this size go into packs; larger ones are loose objects
+
+
+@dataclass
+class PackStats:
+    """What a build wrote and what it found already stored."""
+
+    bytes_in: int = 0
+    chunks_total: int = 0
+    chunks_new: int = 0
+    chunks_reused: int = 0
+    bytes_new_raw: int = 0
+    bytes_stored: int = 0
+    packs: int = 0
+    loose: int = 0
+
+
+def _hash_and_encode(data: bytes) -> tuple[bytes, bytes]:
+    # one thread per chunk: the pool already keeps both cores busy
+    d = blake3.blake3(data).digest()
+    return chunkmod.encode(data, d)
+
+
+class Packer:
+    """Turns file contents into chunk-table indices, writing new chunks to ``objects``.
+
+    Args:
+        objects: the blob store to write to.
+        chunk_size: bytes per chunk (aligned to file offsets).
+        known: digest -> where an existing copy lives (from earlier images).
+        threads: hashing/compression workers.
+        on_bytes: progress callback, called with the number of input bytes consumed.
+    """
+
+    def __init__(self, objects: ObjectStore, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 known: dict[bytes, ChunkRef] | None = None, threads: int | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.objects = objects
+        self.chunk_size = chunk_size
+        self.known = known if known is not None else {}
+        self.table: list[ChunkRef] = []
+        self._slot: dict[bytes, int] = {}
+        self._pending_pack: dict[bytes, int] = {}  # digest -> table slot awaiting its pack digest
+        self._pack_buf = bytearray()
+        self._pack_entries: list[tuple[bytes, int, int, int]] = []  # digest, offset, length, raw
+        self.stats = PackStats()
+        self._pool = ThreadPoolExecutor(max_workers=threads or max(2, os.cpu_count() or 2),
+                                        thread_name_prefix="casfs-pack")
+        self._uploads: deque[Future] = deque()
+        self._up = ThreadPoolExecutor(max_workers=4, thread_name_prefix="casfs-upload")
+        self._on_bytes = on_bytes
+        self._lock = threading.Lock()
+
+    # -- input --------------------------------------------------------------------------------
+
+    def add_stream(self, f: BinaryIO, size: int | None = None) -> tuple[list[int], int]:
+        """Chunk a readable binary stream. Returns (chunk-table indices, bytes read)."""
+        window: deque[tuple[Future, int]] = deque()
+        slots: list[int] = []
+        total = 0
+        depth = 2 * (self._pool._max_workers)  # type: ignore[attr-defined]
+        while True:
+            data = f.read(self.chunk_size)
+            if not data:
+                break
+            # short reads from pipes/tar streams: fill the chunk so boundaries stay aligned
+            while len(data) < self.chunk_size:
+                more = f.read(self.chunk_size - len(data))
+                if not more:
+                    break
+                data += more
+            total += len(data)
+            window.append((self._pool.submit(_hash_and_encode, data), len(data)))
+            if len(window) >= depth:
+                slots.append(self._place(*window.popleft()))
+            if len(data) < self.chunk_size:
+                break
+        while window:
+            slots.append(self._place(*window.popleft()))
+        return slots, total
+
+    def add_bytes(self, data: bytes) -> list[int]:
+        """Chunk an in-memory byte string."""
+        import io
+
+        return self.add_stream(io.BytesIO(data))[0]
+
+    def _place(self, fut: Future, raw_len: int) -> int:
+        digest, frame = fut.result()
+        st = self.stats
+        st.bytes_in += raw_len
+        st.chunks_total += 1
+        if self._on_bytes:
+            self._on_bytes(raw_len)
+        slot = self._slot.get(digest)
+        if slot is not None:
+            st.chunks_reused += 1
+            return slot
+        ref = self.known.get(digest)
+        if ref is None and len(frame) > PACK_ENTRY_MAX and self.objects.contains(chunk_key(digest)):
+            ref = ChunkRef(digest, raw_len, len(frame))
+        slot = len(self.table)
+        self._slot[digest] = slot
+        if ref is not None:
+            st.chunks_reused += 1
+            self.table.append(ref)
+            return slot
+        st.chunks_new += 1
+        st.bytes_new_raw += raw_len
+        st.bytes_stored += len(frame)
+        if len(frame) > PACK_ENTRY_MAX:
+            st.loose += 1
+            self.table.append(ChunkRef(digest, raw_len, len(frame)))
+            self._upload(chunk_key(digest), frame)
+        else:
+            self.table.append(None)  # type: ignore[arg-type] - filled when the pack closes
+            self._pending_pack[digest] = slot
+            self._pack_entries.append((digest, len(self._pack_buf), len(frame), raw_len))
+            self._pack_buf += frame
+            if len(self._pack_buf) >= PACK_TARGET:
+                self._close_pack()
+        return slot
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _close_pack(self) -> None:
+        if not self._pack_entries:
+            return
+        body = bytes(self._pack_buf)
+        pd = digest_bytes(body)
+        for digest, off, ln, raw in self._pack_entries:
+            slot = self._pending_pack.pop(digest)
+            self.table[slot] = ChunkRef(digest, raw, ln, pd, off)
+        self.stats.packs += 1
+        self._pack_buf = bytearray()
+        self._pack_entries = []
+        self._upload(pack_key(pd), body)
+
+    def _upload(self, key: str, data: bytes) -> None:
+        while len(self._uploads) >= 8:
+            self._uploads.popleft().result()
+        self._uploads.append(self._up.submit(self.objects.put, key, data))
+
+    def finish(self) -> list[ChunkRef]:
+        """Close the last pack, wait for every upload, and return the chunk table.
+
+        Raises:
+            whatever an upload raised (StoreError, botocore errors).
+        """
+        self._close_pack()
+        while self._uploads:
+            self._uploads.popleft().result()
+        self._pool.shutdown()
+        self._up.shutdown()
+        return list(self.table)
+
+    def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        self._up.shutdown(cancel_futures=True)

@@ -1,0 +1,22 @@
+"""casfs's public surface is exactly what casfs/__init__.py exports."""
+
+import casfs
+
+EXPECTED = {
+    "BuildError", "BuildResult", "CasfsError", "ChunkRef", "ChunkUnavailable", "CorruptChunk",
+    "CorruptIndex", "DEFAULT_CHUNK_SIZE", "Image", "ImageNotFound", "NotAFile", "PathNotFound",
+    "Stat", "Store", "StoreError", "build", "default_store_url", "open_source", "open_store",
+}
+
+
+def test_the_exported_names_are_exactly_the_public_api():
+    assert set(casfs.__all__) == EXPECTED
+    for name in casfs.__all__:
+        assert getattr(casfs, name) is not None
+
+
+def test_every_exported_function_and_class_has_a_docstring():
+    for name in casfs.__all__:
+        obj = getattr(casfs, name)
+        if callable(obj):
+            assert obj.__doc__, name

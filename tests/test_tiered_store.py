@@ -1,0 +1,185 @@
+"""TieredStore invariants: reads equal the source, fills, eviction, single flight, corruption."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import casfs
+from casfs.errors import ChunkUnavailable
+from casfs.tiers.blob_local import LocalObjectStore
+
+from conftest import write_tree
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FAST
+@given(data=st.binary(min_size=0, max_size=70000), cs_log=st.integers(12, 15), ranges=st.data())
+def test_any_range_read_from_the_store_equals_the_source_slice(tmp_path_factory, data, cs_log, ranges):
+    d = tmp_path_factory.mktemp("t")
+    write_tree(d / "src", {"f": data})
+    with casfs.open_store(str(d / "store"), memory_bytes=1 << 20) as store:
+        casfs.build(store, str(d / "src"), tag="t", chunk_size=1 << cs_log, progress=False)
+        image = store.open_image("t")
+        assert image.read("f") == data
+        for _ in range(5):
+            off = ranges.draw(st.integers(0, len(data) + 10))
+            size = ranges.draw(st.integers(0, len(data) + 10))
+            assert image.read("f", off, size) == data[off:off + size]
+
+
+def test_eviction_from_memory_and_ssd_never_loses_data_the_blob_holds(tmp_path):
+    files = {f"f{i}": os.urandom(5000 + 997 * i) for i in range(40)}
+    write_tree(tmp_path / "src", files)
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", chunk_size=4096, progress=False)
+    # tiny tiers: every read evicts something
+    store = casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"),
+                             memory_bytes=20000, cache_bytes=30000)
+    image = store.open_image("t")
+    for _ in range(3):
+        for name, data in files.items():
+            assert image.read(name) == data
+            store.chunks.flush()
+    assert store.ssd.used <= 30000 and store.memory.used <= 20000
+    assert store.ssd.stats().puts > 0
+    store.close()
+
+
+def test_a_miss_fills_memory_at_once_and_ssd_in_the_background(tmp_path):
+    write_tree(tmp_path / "src", {"big": os.urandom(3 << 20)})
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", chunk_size=1 << 20, progress=False)
+    store = casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    image = store.open_image("t")
+    image.read("big")
+    store.chunks.flush()
+    refs = image.chunk_refs(image.lookup("big"))
+    assert all(store.memory.contains(r) for r in refs)
+    assert all(store.ssd.contains(r) for r in refs)
+    store.memory.clear()
+    image.read("big")
+    assert store.ssd.stats().hits == 3
+    store.close()
+
+
+class _SlowCountingObjects(LocalObjectStore):
+    """A real local object store that counts reads and slows them, to widen races."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.gets = 0
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            self.gets += 1
+        time.sleep(0.05)
+        return super().get(key)
+
+
+def test_concurrent_readers_of_one_chunk_trigger_one_fetch(tmp_path):
+    write_tree(tmp_path / "src", {"big": os.urandom(2 << 20)})
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", chunk_size=2 << 20, progress=False)
+    objects = _SlowCountingObjects(str(tmp_path / "store"))
+    store = casfs.Store(objects, memory_bytes=64 << 20)
+    image = store.open_image("t")
+    gets_after_open = objects.gets
+    results = []
+    barrier = threading.Barrier(8)
+
+    def reader():
+        barrier.wait()
+        results.append(image.read("big", 1000, 100))
+
+    ts = [threading.Thread(target=reader) for _ in range(8)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert len(set(results)) == 1 and len(results) == 8
+    assert objects.gets - gets_after_open == 1
+    store.close()
+
+
+def _chunk_files(root):
+    out = []
+    for dp, _, fs in os.walk(root):
+        out += [os.path.join(dp, f) for f in fs if os.path.basename(dp) != "tmp"]
+    return out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pos=st.integers(0, 10**9), bit=st.integers(0, 7))
+def test_a_flipped_byte_in_the_ssd_tier_is_never_returned(tmp_path_factory, pos, bit):
+    d = tmp_path_factory.mktemp("flip")
+    data = os.urandom(300_000)
+    write_tree(d / "src", {"f": data})
+    with casfs.open_store(str(d / "store")) as s:
+        casfs.build(s, str(d / "src"), tag="t", chunk_size=65536, progress=False)
+    store = casfs.open_store(str(d / "store"), cache_dir=str(d / "cache"), memory_bytes=0)
+    image = store.open_image("t")
+    assert image.read("f") == data
+    store.chunks.flush()
+    victims = _chunk_files(d / "cache" / "chunks")
+    victim = victims[pos % len(victims)]
+    raw = bytearray(open(victim, "rb").read())
+    raw[pos % len(raw)] ^= 1 << bit
+    open(victim, "wb").write(bytes(raw))
+    assert image.read("f") == data  # served from the blob tier instead
+    assert store.chunks.verify_failures == 1
+    store.close()
+
+
+def test_a_corrupt_blob_with_no_other_copy_is_an_error_not_data(tmp_path):
+    data = os.urandom(200_000)
+    write_tree(tmp_path / "src", {"f": data})
+    store = casfs.open_store(str(tmp_path / "store"), memory_bytes=0)
+    casfs.build(store, str(tmp_path / "src"), tag="t", chunk_size=65536, progress=False)
+    victim = _chunk_files(tmp_path / "store" / "packs")[0]
+    raw = bytearray(open(victim, "rb").read())
+    raw[-1] ^= 0xFF
+    open(victim, "wb").write(bytes(raw))
+    image = store.open_image("t")
+    with pytest.raises(ChunkUnavailable, match="corrupt"):
+        image.read("f")
+    store.close()
+
+
+def test_small_files_in_one_pack_cost_one_blob_read(tmp_path):
+    files = {f"d/s{i:03d}": os.urandom(2000) for i in range(200)}
+    write_tree(tmp_path / "src", files)
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        r = casfs.build(s, str(tmp_path / "src"), tag="t", progress=False)
+        assert r.pack.packs == 1 and r.pack.loose == 0
+    store = casfs.open_store(str(tmp_path / "store"))
+    image = store.open_image("t")
+    for name, data in files.items():
+        assert image.read(name) == data
+    blob = store.blob.stats()
+    assert blob.hits == 1  # the whole pack came in one ranged read
+    store.close()
+
+
+def test_a_full_ssd_skips_cache_writes_but_reads_succeed(tmp_path):
+    """The ssd tier's directory is made unwritable (chmod does not bind root, so a read-only
+    bind would be needed; instead its tmp dir is replaced by a file, which makes every write
+    fail the way a full disk does)."""
+    data = os.urandom(500_000)
+    write_tree(tmp_path / "src", {"f": data})
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", chunk_size=65536, progress=False)
+    store = casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"), memory_bytes=0)
+    tmpdir = tmp_path / "cache" / "chunks" / "tmp"
+    os.rmdir(tmpdir)
+    tmpdir.write_bytes(b"")
+    image = store.open_image("t")
+    assert image.read("f") == data
+    store.chunks.flush()
+    assert store.ssd.stats().errors > 0 and store.ssd.used == 0
+    store.close()
