@@ -103,15 +103,11 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
         known = store.known_chunks() if dedup_against_tags else {}
         packer = Packer(store.objects, chunk_size, known=known, on_bytes=on_bytes)
         try:
+            parallel = bool(getattr(src, "parallel_reads", False))
             for e in entries:
-                if e.open is None:
-                    continue
-                with e.open() as f:
-                    slots, n = packer.add_stream(f)
-                if n != e.spec.size:
-                    raise BuildError(f"{e.spec.path}: size changed during the build "
-                                     f"({e.spec.size} -> {n} bytes); build again from a stable tree")
-                e.spec.chunks = slots
+                if e.open is not None:
+                    e.spec.chunks = packer.add_file(e.open, e.spec.size, parallel_read=parallel,
+                                                    name=e.spec.path)
             table = packer.finish()
         except BaseException:
             packer.abort()

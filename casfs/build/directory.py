@@ -28,6 +28,8 @@ def _xattrs(path: str) -> dict[bytes, bytes]:
 class DirectorySource:
     """Walks ``root`` (lstat, no symlink following, one filesystem unless told otherwise)."""
 
+    parallel_reads = True  # each opener opens its own file: safe from worker threads
+
     def __init__(self, root: str, *, one_filesystem: bool = True) -> None:
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):

@@ -12,7 +12,6 @@ locality and builds are deterministic.
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,12 +21,15 @@ import blake3
 
 from .. import chunk as chunkmod
 from ..digest import digest_bytes
+from ..errors import BuildError
 from ..index import ChunkRef
 from ..tiers.blob import ObjectStore, chunk_key, pack_key
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 PACK_TARGET = 4 << 20  # close a pack once it holds this many bytes
 PACK_ENTRY_MAX = 1 << 20  # frames up to this size go into packs; larger ones are loose objects
+WINDOW_BYTES = 64 << 20  # input bytes hashed/compressed ahead of placement
+WINDOW_ITEMS = 64
 
 
 @dataclass
@@ -44,10 +46,30 @@ class PackStats:
     loose: int = 0
 
 
-def _hash_and_encode(data: bytes) -> tuple[bytes, bytes]:
+def _hash_and_encode(data: bytes) -> tuple[bytes, bytes, int]:
     # one thread per chunk: the pool already keeps both cores busy
     d = blake3.blake3(data).digest()
-    return chunkmod.encode(data, d)
+    return (*chunkmod.encode(data, d), len(data))
+
+
+def _read_full(f: BinaryIO, n: int) -> bytes:
+    """Read up to ``n`` bytes, looping over short reads (pipes, tar streams)."""
+    data = f.read(n)
+    while data and len(data) < n:
+        more = f.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _read_small(opener: Callable[[], BinaryIO], size: int, name: str) -> tuple[bytes, bytes, int]:
+    with opener() as f:
+        data = _read_full(f, size + 1)
+    if len(data) != size:
+        raise BuildError(f"{name or 'a file'}: size changed during the build ({size} -> {len(data)}+ bytes); "
+                         "build again from a stable tree")
+    return _hash_and_encode(data)
 
 
 class Packer:
@@ -78,34 +100,57 @@ class Packer:
         self._uploads: deque[Future] = deque()
         self._up = ThreadPoolExecutor(max_workers=4, thread_name_prefix="casfs-upload")
         self._on_bytes = on_bytes
-        self._lock = threading.Lock()
+        self._window: deque[tuple[Future, list[int]]] = deque()
+        self._window_bytes = 0
 
     # -- input --------------------------------------------------------------------------------
 
-    def add_stream(self, f: BinaryIO, size: int | None = None) -> tuple[list[int], int]:
-        """Chunk a readable binary stream. Returns (chunk-table indices, bytes read)."""
-        window: deque[tuple[Future, int]] = deque()
+    def add_file(self, opener: Callable[[], BinaryIO], size: int, *, parallel_read: bool = False,
+                 name: str = "") -> list[int]:
+        """Queue a file of ``size`` bytes for chunking.
+
+        Returns its list of chunk-table indices, filled in as chunks are placed (complete once
+        ``finish()`` returns). Placement happens in submission order, so builds are deterministic
+        and small files keep directory locality in packs. With ``parallel_read`` (only for
+        openers that are safe to call from other threads, e.g. real files), files up to one
+        chunk are read by the worker pool too, overlapping I/O across files.
+
+        Raises:
+            BuildError: when the file's length differs from ``size`` (it changed during the build).
+        """
+        slots: list[int] = []
+        if parallel_read and size <= self.chunk_size:
+            fut = self._pool.submit(_read_small, opener, size, name)
+            self._enqueue(fut, size, slots)
+            return slots
+        total = 0
+        with opener() as f:
+            while True:
+                data = _read_full(f, self.chunk_size)
+                if not data:
+                    break
+                total += len(data)
+                self._enqueue(self._pool.submit(_hash_and_encode, data), len(data), slots)
+                if len(data) < self.chunk_size:
+                    break
+        if total != size:
+            raise BuildError(f"{name or 'a file'}: size changed during the build ({size} -> {total} bytes); "
+                             "build again from a stable tree")
+        return slots
+
+    def add_stream(self, f: BinaryIO) -> tuple[list[int], int]:
+        """Chunk a readable binary stream now. Returns (chunk-table indices, bytes read)."""
         slots: list[int] = []
         total = 0
-        depth = 2 * (self._pool._max_workers)  # type: ignore[attr-defined]
         while True:
-            data = f.read(self.chunk_size)
+            data = _read_full(f, self.chunk_size)
             if not data:
                 break
-            # short reads from pipes/tar streams: fill the chunk so boundaries stay aligned
-            while len(data) < self.chunk_size:
-                more = f.read(self.chunk_size - len(data))
-                if not more:
-                    break
-                data += more
             total += len(data)
-            window.append((self._pool.submit(_hash_and_encode, data), len(data)))
-            if len(window) >= depth:
-                slots.append(self._place(*window.popleft()))
+            self._enqueue(self._pool.submit(_hash_and_encode, data), len(data), slots)
             if len(data) < self.chunk_size:
                 break
-        while window:
-            slots.append(self._place(*window.popleft()))
+        self._drain(0)
         return slots, total
 
     def add_bytes(self, data: bytes) -> list[int]:
@@ -114,8 +159,19 @@ class Packer:
 
         return self.add_stream(io.BytesIO(data))[0]
 
-    def _place(self, fut: Future, raw_len: int) -> int:
-        digest, frame = fut.result()
+    def _enqueue(self, fut: Future, nbytes: int, slots: list[int]) -> None:
+        self._window.append((fut, slots))
+        self._window_bytes += nbytes
+        self._drain(WINDOW_BYTES, WINDOW_ITEMS)
+
+    def _drain(self, max_bytes: int, max_items: int = 0) -> None:
+        while self._window and (self._window_bytes > max_bytes or len(self._window) > max_items):
+            fut, slots = self._window.popleft()
+            digest, frame, raw_len = fut.result()
+            self._window_bytes -= raw_len
+            slots.append(self._place(digest, frame, raw_len))
+
+    def _place(self, digest: bytes, frame: bytes, raw_len: int) -> int:
         st = self.stats
         st.bytes_in += raw_len
         st.chunks_total += 1
@@ -176,6 +232,7 @@ class Packer:
         Raises:
             whatever an upload raised (StoreError, botocore errors).
         """
+        self._drain(-1)
         self._close_pack()
         while self._uploads:
             self._uploads.popleft().result()
