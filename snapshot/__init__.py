@@ -1,1 +1,35 @@
-"""snapshot: (see DESIGN.md) builds on casfs's public API."""
+"""snapshot: skip the device-side start of an inference replica, on top of casfs's public API.
+
+* ``snapshot.weights``: stream safetensors from casfs chunks into CPU or GPU tensors
+  (``load_safetensors``, ``load_into_module``).
+* ``snapshot.gpu``: suspend/resume a process's GPU state with the driver's checkpoint API
+  (``suspend``, ``resume``), transactional, so a failed restore never leaves a stuck process.
+* ``snapshot.compat``: the host/GPU compatibility key a snapshot carries.
+
+Submodules are imported on first use, so ``import snapshot`` needs neither torch nor CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_safetensors": "weights", "load_into_module": "weights", "LoadStats": "weights",
+    "InvalidSafetensors": "weights", "ModuleMismatch": "weights",
+    "suspend": "gpu", "resume": "gpu", "Suspended": "gpu", "CheckpointError": "gpu",
+    "RestoreFailed": "gpu", "GpuUnavailable": "compat",
+    "host_key": "compat", "gpu_key": "compat", "snapshot_key": "compat",
+    "compatibility_problems": "compat", "check_compatible": "compat", "IncompatibleHost": "compat",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'snapshot' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"snapshot.{mod}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,648 @@
+"""Stream safetensors weights from a casfs image straight into tensors on the CPU or a GPU.
+
+The file is never read through FUSE and never staged whole: its chunk references come from the
+image index, ``concurrency`` worker threads fetch verified chunks from the store's tiers
+(``image.store.chunks.get``: memory -> ssd -> cache servers -> blob, every byte checked against
+its blake3 digest) in file order, and each chunk's bytes go where they belong as soon as they
+arrive:
+
+* CPU destinations: one ``memmove`` (no GIL) from the chunk into the tensor's memory.
+* CUDA destinations: one ``memmove`` into a pinned staging slot (a ring of two slots per worker),
+  then asynchronous host-to-device copies on one of several CUDA streams; an event per slot
+  says when the slot may be refilled. Pageable memory would cap the copy near 3 GB/s; pinned
+  slots run at PCIe speed.
+
+A safetensors file is untrusted input: an 8-byte little-endian header length, a JSON header,
+then the data region. ``parse_header`` bounds the header length, rejects duplicate keys,
+unknown dtypes, non-integer or negative shapes and offsets, sizes that disagree with
+dtype x shape, tensors outside the data region and tensors that overlap. A header that lies
+can only produce ``InvalidSafetensors``, never an out-of-bounds copy.
+
+Because chunks are content-addressed, a file (or the chunk-aligned parts of one) that two
+models share is fetched from the blob tier once: the second load is served by the upper tiers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import posixpath
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import casfs
+
+if TYPE_CHECKING:  # torch is imported lazily: ``import snapshot`` must not need it
+    import torch
+
+__all__ = [
+    "InvalidSafetensors",
+    "LoadStats",
+    "ModuleMismatch",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "load_into_module",
+    "load_safetensors",
+    "parse_header",
+    "read_header",
+]
+
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+MAX_INDEX_JSON_BYTES = 64 << 20
+MAX_DIMS = 64
+DEFAULT_CONCURRENCY = 16
+DEFAULT_STREAMS = 4
+SLOTS_PER_WORKER = 2
+
+# safetensors dtype name -> (bytes per element, torch dtype attribute name)
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
+    "U64": (8, "uint64"), "U32": (4, "uint32"), "U16": (2, "uint16"), "U8": (1, "uint8"),
+    "BOOL": (1, "bool"), "C64": (8, "complex64"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2": (1, "float8_e5m2"), "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
+}
+
+
+class InvalidSafetensors(ValueError):
+    """A safetensors file (or a sharded set's index json) is malformed, truncated or hostile."""
+
+
+class ModuleMismatch(ValueError):
+    """A module's parameters do not match a file's tensors (missing, unexpected or wrong shape)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor of a safetensors header. ``begin``/``end`` are offsets in the data region."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A parsed, validated header. The data region is [data_start, file_size) of the file."""
+
+    header_len: int
+    file_size: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+    @property
+    def data_len(self) -> int:
+        return self.file_size - self.data_start
+
+
+@dataclass
+class LoadStats:
+    """What one load moved and how long it took (filled in by the loaders when passed)."""
+
+    tensors: int = 0
+    bytes: int = 0  # tensor bytes delivered
+    chunks: int = 0  # chunk fetches
+    chunk_bytes: int = 0
+    seconds: float = 0.0
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> counter deltas
+
+    @property
+    def gib_per_s(self) -> float:
+        return self.bytes / (1 << 30) / self.seconds if self.seconds else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# Header parsing (pure Python, no torch)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k[:100]!r}")
+        out[k] = v
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # bool is an int subclass; it is not a valid size
+
+
+def header_length(prefix: bytes, file_size: int, what: str = "file") -> int:
+    """Validate the 8-byte length prefix of a ``file_size``-byte safetensors file.
+
+    Raises:
+        InvalidSafetensors: the file is too short, or the length is 0, over
+            ``MAX_HEADER_BYTES`` or past the end of the file.
+    """
+    if file_size < 8 or len(prefix) < 8:
+        raise InvalidSafetensors(f"{what}: {file_size} bytes is too short for a safetensors file "
+                                 "(it needs an 8-byte header length); is the file truncated?")
+    n = int.from_bytes(prefix[:8], "little")
+    if n == 0 or n > MAX_HEADER_BYTES:
+        raise InvalidSafetensors(f"{what}: header length {n} is outside 1..{MAX_HEADER_BYTES}: "
+                                 "not a safetensors file, or a corrupted one")
+    if 8 + n > file_size:
+        raise InvalidSafetensors(f"{what}: header length {n} runs past the end of the "
+                                 f"{file_size}-byte file: the file is truncated")
+    return n
+
+
+def parse_header(raw: bytes, file_size: int, what: str = "file") -> SafetensorsHeader:
+    """Parse and validate the JSON header ``raw`` of a ``file_size``-byte safetensors file.
+
+    Every tensor must have a known dtype, a shape of non-negative integers, and data offsets
+    ``[begin, end)`` inside the data region whose length is dtype size x number of elements;
+    no two tensors may overlap. Gaps between tensors are allowed (nothing is read from them).
+
+    Raises:
+        InvalidSafetensors: with the offending tensor name and what is wrong with it.
+    """
+    n = len(raw)
+    data_len = file_size - 8 - n
+    if data_len < 0:
+        raise InvalidSafetensors(f"{what}: header runs past the end of the file (truncated)")
+    try:
+        text = raw.decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidSafetensors(f"{what}: header is not valid JSON ({e}); the file is corrupted "
+                                 "or not safetensors") from None
+    if not isinstance(doc, dict):
+        raise InvalidSafetensors(f"{what}: header must be a JSON object, got {type(doc).__name__}")
+    metadata: dict[str, str] = {}
+    tensors: list[TensorInfo] = []
+    for name, spec in doc.items():
+        if name == "__metadata__":
+            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+                raise InvalidSafetensors(f"{what}: __metadata__ must map strings to strings")
+            metadata = dict(spec)
+            continue
+        label = f"{what}: tensor {name[:200]!r}"
+        if not isinstance(spec, dict):
+            raise InvalidSafetensors(f"{label}: entry must be an object")
+        extra = set(spec) - {"dtype", "shape", "data_offsets"}
+        if extra:
+            raise InvalidSafetensors(f"{label}: unknown fields {sorted(extra)[:5]}")
+        dtype = spec.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise InvalidSafetensors(f"{label}: unknown dtype {str(dtype)[:40]!r} "
+                                     f"(known: {', '.join(sorted(DTYPES))})")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS \
+                or not all(_is_int(d) and d >= 0 for d in shape):
+            raise InvalidSafetensors(f"{label}: shape must be a list of at most {MAX_DIMS} "
+                                     f"non-negative integers, got {str(shape)[:80]}")
+        offs = spec.get("data_offsets")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+            raise InvalidSafetensors(f"{label}: data_offsets must be [begin, end] integers")
+        begin, end = offs
+        if not (0 <= begin <= end <= data_len):
+            raise InvalidSafetensors(f"{label}: data_offsets [{begin}, {end}] fall outside the "
+                                     f"{data_len}-byte data region (truncated or corrupted file)")
+        count = 0 if 0 in shape else 1
+        for d in shape:
+            if count > data_len:  # bounds the product before it can grow huge
+                break
+            count *= d
+        want = count * DTYPES[dtype][0]
+        if want != end - begin:
+            raise InvalidSafetensors(f"{label}: {dtype}{shape} needs {want} bytes but its "
+                                     f"data_offsets span {end - begin}")
+        tensors.append(TensorInfo(name, dtype, tuple(shape), begin, end))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    prev: TensorInfo | None = None
+    for t in tensors:
+        if t.nbytes == 0:
+            continue
+        if prev is not None and t.begin < prev.end:
+            raise InvalidSafetensors(f"{what}: tensors {prev.name[:100]!r} and {t.name[:100]!r} "
+                                     "overlap in the data region")
+        prev = t
+    return SafetensorsHeader(n, file_size, {t.name: t for t in tensors}, metadata)
+
+
+# ------------------------------------------------------------------------------------------
+# Sources
+
+
+def _resolve(source: "casfs.Image | casfs.Store", path: str) -> tuple["casfs.Image", str]:
+    """(image, path inside it). A Store takes ``"<tag-or-image-id>/<path inside the image>"``."""
+    if isinstance(source, casfs.Image):
+        return source, path.lstrip("/")
+    if isinstance(source, casfs.Store):
+        ref, sep, inner = path.lstrip("/").partition("/")
+        if not sep or not inner:
+            raise ValueError(f"with a Store, name the file as '<tag-or-image-id>/<path>', got {path!r}")
+        return source.open_image(ref), inner
+    raise TypeError(f"expected a casfs.Image or casfs.Store, got {type(source).__name__}")
+
+
+def _file_entry(image: "casfs.Image", path: str) -> tuple[int, int]:
+    """(entry number, size) of the regular file ``path``. Raises PathNotFound / NotAFile."""
+    st = image.stat(path)
+    if not st.is_file:
+        raise casfs.NotAFile(f"{path!r} in image {image.name} is not a regular file")
+    return image.lookup(path), st.size
+
+
+def read_header(image: "casfs.Image", path: str) -> SafetensorsHeader:
+    """Fetch and validate the header of the safetensors file ``path`` in ``image``.
+
+    Raises:
+        InvalidSafetensors, casfs.PathNotFound, casfs.NotAFile, casfs.ChunkUnavailable.
+    """
+    entry, size = _file_entry(image, path)
+    what = f"{path} (image {image.name})"
+    n = header_length(image.read_entry(entry, 0, 8) if size >= 8 else b"", size, what)
+    raw = image.read_entry(entry, 8, n)
+    if len(raw) != n:
+        raise InvalidSafetensors(f"{what}: header is truncated ({len(raw)} of {n} bytes)")
+    return parse_header(raw, size, what)
+
+
+def _shard_paths(image: "casfs.Image", index_path: str) -> dict[str, list[str]]:
+    """shard path -> tensor names, from a ``model.safetensors.index.json``."""
+    entry, size = _file_entry(image, index_path)
+    what = f"{index_path} (image {image.name})"
+    if size > MAX_INDEX_JSON_BYTES:
+        raise InvalidSafetensors(f"{what}: {size} bytes is too large for a shard index")
+    try:
+        doc = json.loads(image.read_entry(entry).decode("utf-8"), object_pairs_hook=_no_duplicates,
+                         parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidSafetensors(f"{what}: not valid JSON ({e})") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise InvalidSafetensors(f"{what}: needs a non-empty 'weight_map' object of tensor -> file")
+    base = posixpath.dirname(index_path)
+    shards: dict[str, list[str]] = {}
+    for name, fname in wm.items():
+        if not isinstance(fname, str) or not fname or fname.startswith("/") \
+                or ".." in fname.split("/") or "\\" in fname:
+            raise InvalidSafetensors(f"{what}: tensor {name[:100]!r} names an unsafe shard file "
+                                     f"{str(fname)[:100]!r} (must be a relative path inside the image)")
+        shards.setdefault(posixpath.normpath(posixpath.join(base, fname)), []).append(name)
+    return shards
+
+
+# ------------------------------------------------------------------------------------------
+# Torch helpers
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - the weights extra installs it
+        raise ImportError(f"snapshot.weights needs torch: pip install 'casfs[weights]' ({e})") from None
+    return torch
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype name. Raises InvalidSafetensors if torch lacks it."""
+    torch = _torch()
+    dt = getattr(torch, DTYPES[name][1], None)
+    if dt is None:
+        raise InvalidSafetensors(f"dtype {name} is not supported by torch {torch.__version__}")
+    return dt
+
+
+def _byte_view(t: "torch.Tensor") -> "torch.Tensor":
+    """A 1-D uint8 view of contiguous tensor ``t``'s bytes (same memory)."""
+    torch = _torch()
+    flat = t.detach().reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _address(data: bytes) -> int:
+    """Address of a bytes object's buffer (valid while ``data`` is alive)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
+# ------------------------------------------------------------------------------------------
+# The streaming engine
+
+
+@dataclass(slots=True)
+class _Copy:
+    src: int  # offset in the chunk
+    n: int
+    dst: Any  # 1-D uint8 tensor
+    dst_off: int
+
+
+@dataclass(slots=True)
+class _Job:
+    image: "casfs.Image"
+    ref: "casfs.ChunkRef"
+    length: int  # expected decoded length of the chunk
+    copies: list[_Copy]
+
+
+def _plan(image: "casfs.Image", path: str, header: SafetensorsHeader,
+          dests: Mapping[str, "torch.Tensor"]) -> list[_Job]:
+    """One job per chunk that holds bytes of some destination, in file order."""
+    entry = image.lookup(path)
+    cs = image.chunk_size
+    refs = image.chunk_refs(entry)
+    expect_chunks = -(-header.file_size // cs)
+    if len(refs) != expect_chunks:
+        raise casfs.CorruptIndex(f"{path}: index lists {len(refs)} chunks for a "
+                                 f"{header.file_size}-byte file of {cs}-byte chunks")
+    per_chunk: dict[int, list[_Copy]] = {}
+    ds = header.data_start
+    for name, dst in dests.items():
+        info = header.tensors[name]
+        if info.nbytes == 0:
+            continue
+        s, e = ds + info.begin, ds + info.end
+        for j in range(s // cs, (e - 1) // cs + 1):
+            lo, hi = max(s, j * cs), min(e, (j + 1) * cs)
+            per_chunk.setdefault(j, []).append(_Copy(lo - j * cs, hi - lo, dst, lo - s))
+    return [_Job(image, refs[j], min(cs, header.file_size - j * cs), per_chunk[j])
+            for j in sorted(per_chunk)]
+
+
+def _tier_counts(images: Iterable["casfs.Image"]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    seen: set[int] = set()
+    for im in images:
+        chunks = im.store.chunks
+        if id(chunks) in seen:
+            continue
+        seen.add(id(chunks))
+        for st in chunks.stats():
+            d = out.setdefault(st.name, {"hits": 0, "misses": 0, "errors": 0, "bytes_read": 0})
+            d["hits"] += st.hits
+            d["misses"] += st.misses
+            d["errors"] += st.errors
+            d["bytes_read"] += st.bytes_read
+    return out
+
+
+def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | None) -> None:
+    """Fetch every job's chunk and perform its copies; returns when all bytes have landed.
+
+    Raises the first error any worker hit (casfs.ChunkUnavailable, casfs.CorruptIndex, ...).
+    """
+    if not jobs:
+        return
+    torch = _torch()
+    cuda_devs = {c.dst.device for j in jobs for c in j.copies if c.dst.is_cuda}
+    if len(cuda_devs) > 1:
+        raise ValueError(f"one load targets one GPU; destinations span {sorted(map(str, cuda_devs))}")
+    dev = next(iter(cuda_devs)) if cuda_devs else None
+    workers = max(1, min(concurrency, len(jobs)))
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(jobs)):
+        todo.put(i)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    moved = [0] * workers
+    stream_list: list[Any] = []
+    slots: list[list[tuple[Any, Any]]] = []
+    if dev is not None:
+        with torch.cuda.device(dev):
+            stream_list = [torch.cuda.Stream(dev) for _ in range(max(1, min(streams, workers)))]
+            slot_bytes = max(max(c.src + c.n for c in j.copies) for j in jobs)
+            slots = [[(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+                      for _ in range(SLOTS_PER_WORKER)] for _ in range(workers)]
+
+    def work(w: int) -> None:
+        nslot = 0
+        stream = stream_list[w % len(stream_list)] if stream_list else None
+        try:
+            if dev is not None:
+                torch.cuda.set_device(dev)
+            while not stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    break
+                job = jobs[i]
+                data = job.image.store.chunks.get(job.ref, job.image.index.pack_members)
+                if len(data) != job.length:
+                    raise casfs.CorruptIndex(f"chunk {job.ref.digest.hex()[:16]} holds {len(data)} "
+                                             f"bytes where the file needs {job.length}")
+                if not isinstance(data, bytes):
+                    data = bytes(data)
+                src = _address(data)
+                gpu = []
+                for c in job.copies:
+                    if c.dst.is_cuda:
+                        gpu.append(c)
+                    else:
+                        ctypes.memmove(c.dst.data_ptr() + c.dst_off, src + c.src, c.n)
+                if gpu:
+                    pinned, ev = slots[w][nslot % SLOTS_PER_WORKER]
+                    nslot += 1
+                    ev.synchronize()  # the copies that last read this slot are done
+                    lo = min(c.src for c in gpu)
+                    hi = max(c.src + c.n for c in gpu)
+                    ctypes.memmove(pinned.data_ptr() + lo, src + lo, hi - lo)
+                    with torch.cuda.stream(stream):
+                        for c in gpu:
+                            c.dst[c.dst_off:c.dst_off + c.n].copy_(pinned[c.src:c.src + c.n], non_blocking=True)
+                        ev.record(stream)
+                moved[w] += len(data)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+            stop.set()
+        finally:
+            if stream is not None:
+                stream.synchronize()
+
+    threads = [threading.Thread(target=work, args=(w,), name=f"weights-{w}", daemon=True)
+               for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stream_list:
+        s.synchronize()
+    if errors:
+        raise errors[0]
+    if stats is not None:
+        stats.chunks += len(jobs)
+        stats.chunk_bytes += sum(moved)
+
+
+def _parse_device(device: Any) -> "torch.device":
+    torch = _torch()
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU "
+                               f"(torch {torch.__version__})")
+        if d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+    elif d.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return d
+
+
+def _targets(source: "casfs.Image | casfs.Store", path: str) -> list[tuple["casfs.Image", str, SafetensorsHeader]]:
+    """(image, file, header) for a single file or every shard of an index json."""
+    image, inner = _resolve(source, path)
+    if inner.endswith(".json"):
+        shards = _shard_paths(image, inner)
+        out = []
+        seen: dict[str, str] = {}
+        for shard, names in shards.items():
+            h = read_header(image, shard)
+            missing = [n for n in names if n not in h.tensors]
+            if missing:
+                raise InvalidSafetensors(f"{inner}: weight_map puts {missing[0][:100]!r} (and "
+                                         f"{len(missing) - 1} more) in {shard}, which lacks them")
+            for n in h.tensors:
+                if n in seen:
+                    raise InvalidSafetensors(f"{inner}: tensor {n[:100]!r} is in both {seen[n]} and {shard}")
+                seen[n] = shard
+            out.append((image, shard, h))
+        return out
+    return [(image, inner, read_header(image, inner))]
+
+
+def load_safetensors(source: "casfs.Image | casfs.Store", path: str, device: Any = "cpu",
+                     dtype: "torch.dtype | None" = None, *, concurrency: int = DEFAULT_CONCURRENCY,
+                     streams: int = DEFAULT_STREAMS, stats: LoadStats | None = None) -> dict[str, "torch.Tensor"]:
+    """Load every tensor of a safetensors file (or sharded set) in a casfs image onto ``device``.
+
+    Args:
+        source: a ``casfs.Image``, or a ``casfs.Store`` with ``path`` written as
+            ``"<tag-or-image-id>/<path inside the image>"``.
+        path: the ``.safetensors`` file, or a ``*.index.json`` (``weight_map``: tensor -> shard
+            file relative to the json) to load every shard.
+        device: ``"cpu"`` or ``"cuda[:N]"`` (a ``torch.device`` works too).
+        dtype: when given, floating-point tensors are converted to it after loading; integer
+            and bool tensors keep their dtype.
+        concurrency: chunk fetches in flight (worker threads); the read-ahead is bounded by it.
+        streams: CUDA streams the host-to-device copies are spread over.
+        stats: filled with bytes, chunk fetches, seconds and per-tier counter deltas.
+
+    Returns:
+        name -> tensor, each tensor its own allocation, bit-identical to the file's bytes.
+
+    Raises:
+        InvalidSafetensors: malformed, truncated or hostile header or shard index.
+        casfs.PathNotFound / casfs.NotAFile: ``path`` is not a file in the image.
+        casfs.ChunkUnavailable: a chunk could not be fetched or failed verification in every tier.
+        RuntimeError: a CUDA device was asked for and torch has none.
+    """
+    torch = _torch()
+    t0 = time.perf_counter()
+    dev = _parse_device(device)
+    targets = _targets(source, path)
+    before = _tier_counts(im for im, _, _ in targets) if stats is not None else {}
+    out: dict[str, Any] = {}
+    jobs: list[_Job] = []
+    for image, fpath, h in targets:
+        dests = {}
+        for name, info in h.tensors.items():
+            t = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device=dev)
+            out[name] = t
+            dests[name] = _byte_view(t)
+        jobs.extend(_plan(image, fpath, h, dests))
+    _run(jobs, concurrency, streams, stats)
+    if dtype is not None:
+        for name, t in out.items():
+            if t.is_floating_point() and t.dtype != dtype:
+                out[name] = t.to(dtype)
+    if stats is not None:
+        stats.tensors += len(out)
+        stats.bytes += sum(h.data_len for _, _, h in targets)
+        stats.seconds += time.perf_counter() - t0
+        _delta(stats, before, _tier_counts(im for im, _, _ in targets))
+    return out
+
+
+def _delta(stats: LoadStats, before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> None:
+    for tier, counts in after.items():
+        b = before.get(tier, {})
+        d = stats.tiers.setdefault(tier, {k: 0 for k in counts})
+        for k, v in counts.items():
+            d[k] = d.get(k, 0) + v - b.get(k, 0)
+
+
+def load_into_module(module: "torch.nn.Module", source: "casfs.Image | casfs.Store", path: str, *,
+                     strict: bool = True, concurrency: int = DEFAULT_CONCURRENCY,
+                     streams: int = DEFAULT_STREAMS, stats: LoadStats | None = None) -> tuple[list[str], list[str]]:
+    """Stream a safetensors file (or sharded set) into ``module``'s parameters and buffers in place.
+
+    Each state-dict tensor keeps its storage, device and address (CUDA graphs captured over
+    it stay valid): its bytes are written directly when its dtype matches the file's and it is
+    contiguous; otherwise through one temporary of the file's dtype and a ``copy_``. Tied
+    parameters (one storage under two names) need to be in the file once.
+
+    Returns:
+        (missing, unexpected): state-dict names the file lacks, file tensors the module lacks.
+
+    Raises:
+        ModuleMismatch: a shape differs, or (``strict``) names are missing or unexpected;
+            raised before any byte is written.
+        InvalidSafetensors, casfs.ChunkUnavailable: as ``load_safetensors``.
+        ValueError: destinations on more than one GPU, or on the meta device.
+    """
+    torch = _torch()
+    t0 = time.perf_counter()
+    targets = _targets(source, path)
+    before = _tier_counts(im for im, _, _ in targets) if stats is not None else {}
+    sd = module.state_dict(keep_vars=True)
+    in_file = {n for _, _, h in targets for n in h.tensors}
+    unexpected = sorted(n for n in in_file if n not in sd)
+    loaded_ptrs = {sd[n].data_ptr() for n in in_file if n in sd}
+    missing = sorted(n for n, t in sd.items() if n not in in_file and t.data_ptr() not in loaded_ptrs)
+    bad_shape = [f"{n}: module {tuple(sd[n].shape)} vs file {h.tensors[n].shape}"
+                 for _, _, h in targets for n in h.tensors if n in sd and tuple(sd[n].shape) != h.tensors[n].shape]
+    if bad_shape:
+        raise ModuleMismatch(f"{path}: {len(bad_shape)} shape mismatches, e.g. {bad_shape[0]}")
+    if strict and (missing or unexpected):
+        raise ModuleMismatch(f"{path}: module and file disagree: missing from the file "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, not in the module "
+                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''} (strict=False to allow)")
+    jobs: list[_Job] = []
+    post: list[tuple[Any, Any]] = []
+    for image, fpath, h in targets:
+        dests = {}
+        for name, info in h.tensors.items():
+            if name not in sd:
+                continue
+            t = sd[name].detach()
+            if t.device.type == "meta":
+                raise ValueError(f"{name} is on the meta device: materialise the module first "
+                                 "(e.g. module.to_empty(device=...))")
+            if t.dtype == torch_dtype(info.dtype) and t.is_contiguous():
+                dests[name] = _byte_view(t)
+            else:
+                tmp = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device=t.device)
+                post.append((t, tmp))
+                dests[name] = _byte_view(tmp)
+        jobs.extend(_plan(image, fpath, h, dests))
+    _run(jobs, concurrency, streams, stats)
+    with torch.no_grad():
+        for t, tmp in post:
+            t.copy_(tmp)
+    if stats is not None:
+        stats.tensors += sum(1 for _, _, h in targets for n in h.tensors if n in sd)
+        stats.bytes += sum(h.tensors[n].nbytes for _, _, h in targets for n in h.tensors if n in sd)
+        stats.seconds += time.perf_counter() - t0
+        _delta(stats, before, _tier_counts(im for im, _, _ in targets))
+    return missing, unexpected
