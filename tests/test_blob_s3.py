@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import casfs
+from casfs.urls import open_objects
 from casfs.errors import StoreError
 from servers import MOTO_SERVER, FaultProxy, free_port, missing_binary, moto_server
 from conftest import write_tree
@@ -31,18 +32,25 @@ BUCKET = "casfs-test"
 _prefixes = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    """moto_server's URL, with dummy credentials in the environment for boto3's chain."""
+@pytest.fixture(scope="module", autouse=True)
+def aws_environment():
+    """Dummy credentials for boto3's chain; no profile or endpoint from the developer's shell."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", "testing")
         mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.delenv("AWS_ENDPOINT_URL", raising=False)
-        mp.delenv("CASFS_S3_ENDPOINT", raising=False)
-        with moto_server() as url:
-            S3ObjectStore(BUCKET, endpoint_url=url).create_bucket()
-            yield url
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "CASFS_S3_ENDPOINT"):
+            mp.delenv(var, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        yield
+
+
+@pytest.fixture(scope="module")
+def endpoint(aws_environment):
+    """moto_server's URL; the bucket BUCKET exists."""
+    with moto_server() as url:
+        S3ObjectStore(BUCKET, endpoint_url=url).create_bucket()
+        yield url
 
 
 @pytest.fixture
@@ -163,21 +171,22 @@ def test_a_store_built_and_read_through_an_s3_url_returns_every_byte(endpoint, t
     tree = tmp_path / "tree"
     rng = random.Random(1)
     files = {f"lib/mod{i}.py": rng.randbytes(rng.randrange(0, 3000)) for i in range(40)}
-    files["weights/model.bin"] = rng.randbytes(700_000)  # several chunks, loose objects
+    files["weights/model.bin"] = rng.randbytes(2_500_000)  # 2 loose 1 MiB chunks + a packed tail
     files["etc/hosts"] = b"127.0.0.1 localhost\n"
     write_tree(str(tree), files)
     os.symlink("hosts", tree / "etc" / "hosts.link")
     url = f"s3://{BUCKET}/build{next(_prefixes)}?endpoint={endpoint}"
     with casfs.open_store(url, cache_dir=str(tmp_path / "cache"), memory_bytes=0) as store:
-        res = casfs.build(store, str(tree), tag="demo", chunk_size=64 << 10)
+        res = casfs.build(store, str(tree), tag="demo", chunk_size=1 << 20)
+        assert len(list(store.objects.list("chunks/"))) == 2 and list(store.objects.list("packs/"))
     with casfs.open_store(url, cache_dir="", memory_bytes=0) as store:
-        assert store.url.startswith(f"s3://{BUCKET}/build")
+        assert open_objects(store.url).url == store.url  # the URL names the same store
         assert store.tags() == {"demo": res.image_id}
         image = store.open_image("demo")
         assert image.id == res.image_id
         for rel, data in files.items():
             assert image.read(rel) == data, rel
-        assert image.read("weights/model.bin", 123_456, 200_000) == files["weights/model.bin"][123_456:323_456]
+        assert image.read("weights/model.bin", 1_000_000, 200_000) == files["weights/model.bin"][1_000_000:1_200_000]
         assert image.readlink("etc/hosts.link") == "hosts"
         assert sorted(image.listdir("lib")) == sorted(f"mod{i}.py" for i in range(40))
         assert store.open_image(res.image_id[:12]).id == res.image_id
