@@ -253,7 +253,11 @@ def _check_sparse(m: tarfile.TarInfo, where: str, size: int | None) -> None:
     """Reject a sparse map tarfile could loop on or that runs past the archive."""
     end = stored = 0
     for off, n in m.sparse or ():
-        if off < end or n < 0 or off + n > m.size:
+        if off < 0 or n < 0:
+            off = -1  # reported below
+        elif n == 0:
+            continue  # GNU tar pads its maps with (0, 0) entries
+        if off < end or off + n > m.size:
             raise BuildError(f"{where}: sparse member {m.name[:200]!r} has an unordered, overlapping or "
                              "out-of-range sparse map; the archive is corrupt")
         end = off + n
