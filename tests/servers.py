@@ -212,6 +212,7 @@ def nginx_static(root: str, *, autoindex: bool = True, ranges: bool = True,
 UP = "up"      # client -> target
 DOWN = "down"  # target -> client
 _RECV = 64 << 10
+_QUEUE_CHUNKS = 256  # per direction and connection: at most 16 MiB in flight (backpressure)
 _STATUS_TEXT = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
                 504: "Gateway Timeout", 429: "Too Many Requests"}
 
@@ -250,7 +251,7 @@ class _Conn:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        qs = {UP: queue.SimpleQueue(), DOWN: queue.SimpleQueue()}
+        qs = {UP: queue.Queue(_QUEUE_CHUNKS), DOWN: queue.Queue(_QUEUE_CHUNKS)}
         reader_up = self._read_http if self.proxy.http else self._read_raw
         specs = [(reader_up, (self.client, qs[UP])), (self._read_raw, (self.target, qs[DOWN])),
                  (self._write, (UP, self.target, qs[UP])), (self._write, (DOWN, self.client, qs[DOWN]))]
@@ -277,10 +278,16 @@ class _Conn:
         if both:
             self.close()
 
-    def _enqueue(self, direction: str, q: queue.SimpleQueue, data: bytes | None) -> None:
-        q.put((time.monotonic() + self.proxy.latency[direction], data))
+    def _enqueue(self, direction: str, q: queue.Queue, data: bytes | None) -> None:
+        item = (time.monotonic() + self.proxy.latency[direction], data)
+        while not self.closed.is_set():
+            try:
+                q.put(item, timeout=0.1)  # blocks while the writer is behind: backpressure
+                return
+            except queue.Full:
+                continue
 
-    def _read_raw(self, src: socket.socket, q: queue.SimpleQueue) -> None:
+    def _read_raw(self, src: socket.socket, q: queue.Queue) -> None:
         direction = UP if src is self.client else DOWN
         try:
             while True:
@@ -292,7 +299,7 @@ class _Conn:
             pass
         self._enqueue(direction, q, None)
 
-    def _read_http(self, src: socket.socket, q: queue.SimpleQueue) -> None:
+    def _read_http(self, src: socket.socket, q: queue.Queue) -> None:
         """Client -> target, request by request, so that a canned error can replace one."""
         buf = bytearray()
 
@@ -380,11 +387,16 @@ class _Conn:
             self.client.sendall(resp)
         self.close()
 
-    def _write(self, direction: str, dst: socket.socket, q: queue.SimpleQueue) -> None:
+    def _write(self, direction: str, dst: socket.socket, q: queue.Queue) -> None:
         p = self.proxy
         try:
             while True:
-                due, data = q.get()
+                try:
+                    due, data = q.get(timeout=0.1)
+                except queue.Empty:
+                    if self.closed.is_set():
+                        return
+                    continue
                 if data is None:
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
@@ -422,7 +434,10 @@ class FaultProxy:
     client at ``proxy.url`` / ``proxy.port``. Faults are armed and cleared while it runs, from
     any thread; every method is thread-safe. Each proxied connection uses four threads (a reader
     and a writer per direction), so latency delays bytes without limiting throughput: the
-    emulated link is a pipe of length ``latency``, not a stop-and-wait relay.
+    emulated link is a pipe of length ``latency``, not a stop-and-wait relay. Caveat: the relay
+    models no TCP window, so one connection is not window-limited at high latency as a real
+    long-distance TCP connection would be (up to 16 MiB per direction and connection is in
+    flight); cap bandwidth with ``set_rate`` and state the settings with every number.
 
     Faults (``UP`` = client -> target, ``DOWN`` = target -> client):
 
