@@ -104,10 +104,17 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
         packer = Packer(store.objects, chunk_size, known=known, on_bytes=on_bytes)
         try:
             parallel = bool(getattr(src, "parallel_reads", False))
+            linked: dict[object, list[int]] = {}  # hard links: read one name, share its chunks
             for e in entries:
                 if e.open is not None:
+                    group = e.spec.link_group
+                    if group is not None and group in linked:
+                        e.spec.chunks = linked[group]
+                        continue
                     e.spec.chunks = packer.add_file(e.open, e.spec.size, parallel_read=parallel,
                                                     name=e.spec.path)
+                    if group is not None:
+                        linked[group] = e.spec.chunks
             table = packer.finish()
         except BaseException:
             packer.abort()

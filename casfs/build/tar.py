@@ -362,6 +362,7 @@ def apply_members(tree: Tree, tf: tarfile.TarFile, members: list[tarfile.TarInfo
     Raises:
         BuildError: for any member the rules of :mod:`casfs.build.tree` refuse.
     """
+    tree.where = where
     placed: list[tuple[str, tarfile.TarInfo]] = []
     whiteouts: list[str] = []
     opaque: list[str] = []
