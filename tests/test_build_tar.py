@@ -291,6 +291,14 @@ def test_a_docker_save_archive_applies_its_layers_with_whiteouts(store, tmp_path
     assert_layered_image(store.open_image("layered"))
 
 
+def test_a_gzipped_docker_save_builds_the_same_image(store, tmp_path):
+    path = write_layered_docker_save(tmp_path / "img.tar")
+    with open(path, "rb") as f:
+        gz = write_file(tmp_path / "img.tar.gz", compress(f.read(), "gz"))
+    assert casfs.build(store, gz, tag="gz").image_id == casfs.build(store, path).image_id
+    assert_layered_image(store.open_image("gz"))
+
+
 def test_hard_links_share_one_inode_and_their_content_is_read_once(store, tmp_path):
     body = os.urandom(200_000)
     path = write_file(tmp_path / "l.tar", tar_bytes(

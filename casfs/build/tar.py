@@ -44,7 +44,7 @@ import zstandard
 from ..errors import BuildError
 from . import source as _source
 from .source import SourceEntry
-from .tree import MAX_LAYERS, OPAQUE_MARKER, WHITEOUT_PREFIX, Inode, Tree, normalize_name
+from .tree import MAX_LAYERS, MAX_PATH, OPAQUE_MARKER, WHITEOUT_PREFIX, Inode, Tree, normalize_name
 
 MAX_META_BYTES = 16 << 20  # pax extended headers and GNU long names
 MAX_SPARSE_BYTES = 1 << 40  # logical size of one sparse member
@@ -336,9 +336,9 @@ def member_inode(tf: tarfile.TarFile, m: tarfile.TarInfo, path: str, where: str,
         ino.mode |= statmod.S_IFDIR
     elif m.issym():
         target = m.linkname.encode("utf-8", "surrogateescape")
-        if not target or b"\0" in target:
-            raise BuildError(f"{what}: symlink with an empty target or a NUL byte in it; Linux cannot "
-                             "represent it")
+        if not target or b"\0" in target or len(target) >= MAX_PATH:
+            raise BuildError(f"{what}: symlink with an empty target, a NUL byte in it, or a target of "
+                             f"{len(target)} bytes (at most {MAX_PATH - 1}); Linux cannot represent it")
         ino.mode = statmod.S_IFLNK | 0o777
         ino.symlink = target
     elif m.ischr() or m.isblk():
