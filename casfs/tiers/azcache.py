@@ -1,0 +1,528 @@
+"""azcache tier: chunk reads from the cache servers of the zone (or any HTTP cache).
+
+Placed between the ssd tier and the blob tier (``open_store(azcache=...)`` or
+``$CASFS_AZCACHE``, a comma-separated URL list). It speaks plain HTTP GET with ``Range`` to
+the path layout of a store directory (``casfs.tiers.blob_http``)::
+
+    <base>/chunks/<hex[:2]>/<hex>   a loose chunk frame
+    <base>/packs/<hex[:2]>/<hex>    a pack; a packed chunk or a pack span is a byte range of it
+
+(add ``?layout=flat`` to a URL for ``<base>/<kind>/<hex>``, the layout of S3 keys). So a
+``casfs cache-server``, an nginx ``proxy_cache`` in front of an HTTP store or in front of an
+S3 bucket, or any CDN with that layout, are all valid AZ caches.
+
+Behaviour:
+
+- **Rendezvous hashing**: each object key ranks the nodes by a hash of (node, key); the top
+  available node is asked first, so every node caches a disjoint share and adding or removing
+  a node moves only that node's share. All chunks of one pack go to one node.
+- **Pooled keep-alive connections** per node; a reused connection the server had closed is
+  retried once at once.
+- **Timeouts**: ``connect_timeout`` to connect, ``timeout`` for a whole request (socket reads
+  and, with more than one node, the caller's wait).
+- **Hedging**: when a request has not answered after the recent p95 latency of requests of its
+  size class, a second request goes to the next node in rank; the first good answer wins.
+  Hedges are rationed (a token bucket: at most ~``hedge_ratio`` of requests). An error or a
+  connection failure moves on to the next node at once.
+- **Health**: a node that fails to connect, times out or breaks a transfer is skipped for a
+  backoff (1 s doubling to 30 s), then tried again; one that loses ``slow_strikes`` hedges in a
+  row is skipped as slow; one that returns wrong bytes (caught here by length and frame-header
+  checks, or by the store's digest check through ``rejected``) is skipped for ``bad_seconds``.
+  When no node is available ``get`` returns None and the store reads the blob tier.
+- Read-only for the store (``writable = False``): servers fill themselves from the blob store
+  (one fetch per object per zone, single flight on the server); a host pushing what it read
+  would only add unverified uploads and double its egress.
+- Auth: ``Authorization: Bearer`` from ``token`` or ``$CASFS_AZCACHE_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlsplit
+
+from .. import chunk as chunkmod
+from ..errors import CorruptChunk, StoreError
+from ..index import ChunkRef
+from .base import TierStats
+
+log = logging.getLogger("casfs.azcache")
+
+ENV = "CASFS_AZCACHE"
+TOKEN_ENV = "CASFS_AZCACHE_TOKEN"
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_NET_ERRORS = (OSError, http.client.HTTPException)
+_SIZE_CLASSES = (64 << 10, 1 << 20)  # latency classes: <= 64 KiB, <= 1 MiB, larger
+_SAMPLES = 512
+_MIN_SAMPLES = 20
+
+
+@dataclass
+class NodeStats:
+    """Counters of one node, as seen by this client."""
+
+    requests: int = 0
+    ok: int = 0
+    misses: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    corrupt: int = 0
+    hedges_won: int = 0
+    hedges_lost: int = 0
+    bytes: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class _Node:
+    url: str
+    host: str
+    port: int
+    base: str
+    flat: bool
+    salt: bytes
+    idle: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    failures: int = 0
+    down_until: float = 0.0
+    down_reason: str = ""
+    slow_strikes: int = 0
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    def path(self, key: str) -> str:
+        kind, _, name = key.partition("/")
+        return f"{self.base}{kind}/{name}" if self.flat else f"{self.base}{kind}/{name[:2]}/{name}"
+
+    def available(self, now: float) -> bool:
+        return now >= self.down_until
+
+
+class _Outcome:
+    """What one request to one node gave: ``kind`` is ok, miss, error, timeout or corrupt."""
+
+    __slots__ = ("node", "kind", "data", "detail", "seconds")
+
+    def __init__(self, node: _Node, kind: str, data: bytes | None = None, detail: str = "",
+                 seconds: float = 0.0) -> None:
+        self.node = node
+        self.kind = kind
+        self.data = data
+        self.detail = detail
+        self.seconds = seconds
+
+
+def parse_node_url(url: str) -> tuple[str, int, str, bool]:
+    """``http://host:port/base/[?layout=flat]`` -> (host, port, base path, flat).
+
+    Raises:
+        StoreError: for a URL that is not plain http with a host, or an unknown layout.
+    """
+    u = urlsplit(url.strip())
+    if u.scheme != "http" or not u.hostname:
+        raise StoreError(f"azcache URL {url!r}: use http://host:port/[path/] (https is not supported "
+                         "inside a zone; put a TLS proxy in front if needed)")
+    layout = (parse_qs(u.query).get("layout") or ["store"])[0]
+    if layout not in ("store", "flat"):
+        raise StoreError(f"azcache URL {url!r}: layout must be 'store' (kind/hh/hex) or 'flat' (kind/hex)")
+    try:
+        port = u.port or 80
+    except ValueError:
+        raise StoreError(f"azcache URL {url!r}: invalid port") from None
+    return u.hostname, port, u.path.rstrip("/") + "/", layout == "flat"
+
+
+def _key_of(ref: ChunkRef) -> str:
+    return f"packs/{ref.pack.hex()}" if ref.pack is not None else f"chunks/{ref.digest.hex()}"
+
+
+class AzCacheTier:
+    """The ``azcache`` tier: reads frames from N HTTP cache nodes. Thread-safe.
+
+    Args:
+        urls: node base URLs (``http://host:port/``; see the module doc for ``?layout=flat``).
+        token: bearer token (default ``$CASFS_AZCACHE_TOKEN``).
+        timeout: seconds for one request to one node.
+        connect_timeout: seconds to open a connection.
+        hedge: send hedged requests (needs two or more nodes).
+        hedge_min, hedge_default: lower bound of the hedge delay, and the delay used before
+            enough latency samples exist (seconds).
+        hedge_ratio: long-run most hedges per request.
+        slow_strikes: hedges lost in a row after which a node is skipped as slow.
+        down_base, down_max: backoff (seconds) for a failing node: doubles per failure.
+        bad_seconds: how long a node that served wrong bytes is skipped.
+        pool_size: idle keep-alive connections kept per node.
+        workers: threads that carry requests when more than one node can answer.
+
+    Raises:
+        StoreError: for no URLs or a malformed URL.
+    """
+
+    decoded = False
+    writable = False
+
+    def __init__(self, urls: list[str], *, token: str | None = None, timeout: float = 2.0,
+                 connect_timeout: float = 0.5, hedge: bool = True, hedge_min: float = 0.002,
+                 hedge_default: float = 0.05, hedge_ratio: float = 0.1, slow_strikes: int = 3,
+                 down_base: float = 1.0, down_max: float = 30.0, bad_seconds: float = 60.0,
+                 pool_size: int = 32, workers: int = 64, name: str = "azcache") -> None:
+        urls = [u for u in (u.strip() for u in urls) if u]
+        if not urls:
+            raise StoreError("the azcache tier needs at least one cache server URL")
+        self.name = name
+        self.nodes: list[_Node] = []
+        for u in dict.fromkeys(urls):
+            host, port, base, flat = parse_node_url(u)
+            self.nodes.append(_Node(u, host, port, base, flat, u.encode() + b"\0"))
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self._headers = {"User-Agent": "casfs-azcache"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+        self.connect_timeout = min(connect_timeout, timeout)
+        self.hedge = hedge and len(self.nodes) > 1
+        self.hedge_min = hedge_min
+        self.hedge_default = hedge_default
+        self.hedge_ratio = hedge_ratio
+        self.slow_strikes = slow_strikes
+        self.down_base = down_base
+        self.down_max = down_max
+        self.bad_seconds = bad_seconds
+        self.pool_size = pool_size
+        self._stats = TierStats(name)
+        self._lock = threading.Lock()
+        self._samples = [deque(maxlen=_SAMPLES) for _ in range(len(_SIZE_CLASSES) + 1)]
+        self._p95: list[float | None] = [None] * (len(_SIZE_CLASSES) + 1)
+        self._since_p95 = [0] * (len(_SIZE_CLASSES) + 1)
+        self._hedge_tokens = 2.0
+        self._served: OrderedDict[str, _Node] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casfs-azcache") \
+            if len(self.nodes) > 1 else None
+
+    def __repr__(self) -> str:
+        return f"<AzCacheTier {', '.join(n.url for n in self.nodes)}>"
+
+    # -- the Tier protocol -------------------------------------------------------------------
+
+    def get(self, ref: ChunkRef) -> bytes | None:
+        """The frame of ``ref`` from the best available node; None when it is missing or no
+        node is available. Raises StoreError when every node tried failed."""
+        key = _key_of(ref)
+        rng = (ref.pack_off, ref.stored_len) if ref.pack is not None else None
+
+        def check(data: bytes) -> str:
+            if ref.stored_len and len(data) != ref.stored_len:
+                return f"{len(data)} bytes, expected {ref.stored_len}"
+            try:
+                if chunkmod.frame_digest(data) != ref.digest:
+                    return "the frame holds another chunk"
+            except CorruptChunk as e:
+                return str(e)
+            return ""
+
+        return self._read(key, rng, ref.stored_len, check)
+
+    def get_span(self, pack: bytes, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of pack ``pack`` (many frames in one request)."""
+        return self._read(f"packs/{pack.hex()}", (offset, length), length,
+                          lambda d: "" if len(d) == length else f"{len(d)} bytes, expected {length}")
+
+    def put(self, ref: ChunkRef, data: bytes) -> None:
+        raise PermissionError("the azcache tier is filled by its servers, never by the store")
+
+    def delete(self, ref: ChunkRef) -> None:
+        """Nothing to delete here: a node that served a bad frame is reported by ``rejected``."""
+
+    def contains(self, ref: ChunkRef) -> bool:
+        """Whether the first available node can serve ``ref`` (HEAD; False on any failure)."""
+        key = _key_of(ref)
+        for node in self._ranked(key)[:1]:
+            conn = None
+            try:
+                conn, _ = self._acquire(node)
+                conn.request("HEAD", node.path(key), headers=self._headers)
+                resp = conn.getresponse()
+                resp.read()
+                self._release(node, conn, resp)
+                return resp.status == 200
+            except _NET_ERRORS:
+                if conn is not None:
+                    conn.close()
+        return False
+
+    def stats(self) -> TierStats:
+        return self._stats
+
+    def rejected(self, ref: ChunkRef) -> None:
+        """The store found a frame from this tier corrupt: skip the node that served it."""
+        with self._lock:
+            node = self._served.get(_key_of(ref))
+        if node is not None:
+            self._mark_bad(node, f"served chunk {ref.digest.hex()[:16]} that failed digest verification")
+
+    # -- status ------------------------------------------------------------------------------
+
+    def node_status(self) -> list[dict]:
+        """Per node: url, up, why it is skipped, and its counters."""
+        now = time.monotonic()
+        return [{"url": n.url, "up": n.available(now), "down_reason": "" if n.available(now) else n.down_reason,
+                 "down_for_s": max(0.0, n.down_until - now), **vars(n.stats)} for n in self.nodes]
+
+    def hedge_delay(self, nbytes: int) -> float:
+        """Seconds to wait before hedging a request for ``nbytes`` (recent p95 of its class)."""
+        c = self._class(nbytes)
+        with self._lock:
+            p95 = self._p95[c]
+        d = self.hedge_default if p95 is None else p95
+        return min(max(d, self.hedge_min), self.timeout / 2)
+
+    def close(self) -> None:
+        """Close idle connections and stop the request threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for n in self.nodes:
+            with n.lock:
+                idle, n.idle = n.idle, []
+            for c in idle:
+                c.close()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _read(self, key: str, rng: tuple[int, int] | None, nbytes: int, check) -> bytes | None:
+        t0 = time.perf_counter()
+        ranked = self._ranked(key)
+        if not ranked:
+            self._stats.record_get(False, 0, time.perf_counter() - t0)
+            return None  # every node is down: the store goes to the blob tier
+        headers = dict(self._headers)
+        if rng is not None:
+            headers["Range"] = f"bytes={rng[0]}-{rng[0] + rng[1] - 1}"
+        if self._pool is None or len(ranked) == 1:
+            outcome = self._sequential(ranked, key, headers, rng, nbytes, check)
+        else:
+            outcome = self._hedged(ranked, key, headers, rng, nbytes, check)
+        seconds = time.perf_counter() - t0
+        if outcome is not None and outcome.kind == "ok":
+            with self._lock:
+                self._served[key] = outcome.node
+                if len(self._served) > 65536:
+                    self._served.popitem(last=False)
+            self._stats.record_get(True, len(outcome.data), seconds)  # type: ignore[arg-type]
+            return outcome.data
+        if outcome is not None and outcome.kind == "miss":
+            self._stats.record_get(False, 0, seconds)
+            return None
+        detail = outcome.detail if outcome is not None else "no answer"
+        raise StoreError(f"azcache: {key} failed on every node tried ({detail})")
+
+    def _sequential(self, ranked: list[_Node], key: str, headers: dict, rng, nbytes: int,
+                    check) -> _Outcome | None:
+        last = None
+        for node in ranked[:3]:
+            last = self._request(node, key, headers, rng, check)
+            if last.kind == "ok":
+                self._sample(nbytes, last.seconds)
+            if last.kind in ("ok", "miss"):
+                return last
+        return last
+
+    def _hedged(self, ranked: list[_Node], key: str, headers: dict, rng, nbytes: int, check) -> _Outcome | None:
+        queue = list(ranked[:3])
+        start = time.monotonic()
+        deadline = start + self.timeout
+        hedge_at = start + self.hedge_delay(nbytes)
+        with self._lock:
+            self._hedge_tokens = min(10.0, self._hedge_tokens + self.hedge_ratio)
+        pending: dict[Future, _Node] = {}
+        primary = queue.pop(0)
+        pending[self._pool.submit(self._request, primary, key, headers, rng, check)] = primary  # type: ignore[union-attr]
+        hedged = False
+        last: _Outcome | None = None
+        while pending:
+            now = time.monotonic()
+            if now >= deadline:
+                for node in pending.values():
+                    self._fail(node, "timeout", f"no answer within {self.timeout:.2f} s")
+                return last or _Outcome(primary, "timeout", detail=f"no answer within {self.timeout:.2f} s")
+            wake = deadline if (hedged or not queue) else min(deadline, hedge_at)
+            done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
+            for fut in done:
+                node = pending.pop(fut)
+                out = fut.result()
+                if out.kind in ("ok", "miss"):
+                    if out.kind == "ok":
+                        self._note_win(node, primary, hedged, pending.values(), out.seconds, nbytes)
+                    return out
+                last = out
+                if queue:  # failover at once, not waiting for the hedge delay
+                    nxt = queue.pop(0)
+                    pending[self._pool.submit(self._request, nxt, key, headers, rng, check)] = nxt  # type: ignore[union-attr]
+            if not done and not hedged and queue and time.monotonic() >= hedge_at:
+                hedged = True
+                with self._lock:
+                    allowed = self._hedge_tokens >= 1.0
+                    if allowed:
+                        self._hedge_tokens -= 1.0
+                if allowed:
+                    nxt = queue.pop(0)
+                    pending[self._pool.submit(self._request, nxt, key, headers, rng, check)] = nxt  # type: ignore[union-attr]
+        return last
+
+    def _note_win(self, winner: _Node, primary: _Node, hedged: bool, losers, seconds: float, nbytes: int) -> None:
+        if winner is primary:
+            with primary.lock:
+                primary.slow_strikes = 0
+            self._sample(nbytes, seconds)
+            return
+        with winner.lock:
+            winner.stats.hedges_won += 1
+        for node in losers:
+            with node.lock:
+                node.stats.hedges_lost += 1
+                node.slow_strikes += 1
+                strikes = node.slow_strikes
+            if strikes >= self.slow_strikes:
+                self._fail(node, "slow", f"lost {strikes} hedged requests in a row")
+
+    def _request(self, node: _Node, key: str, headers: dict, rng, check) -> _Outcome:
+        """One GET to one node (runs on a worker thread or the caller's)."""
+        with node.lock:
+            node.stats.requests += 1
+        path = node.path(key)
+        t0 = time.perf_counter()
+        for attempt in (0, 1):
+            conn = None
+            reused = False
+            try:
+                conn, reused = self._acquire(node)
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+            except TimeoutError as e:
+                if conn is not None:
+                    conn.close()
+                return self._fail(node, "timeout", f"timed out ({e or 'socket timeout'})")
+            except _NET_ERRORS as e:
+                if conn is not None:
+                    conn.close()
+                if attempt == 0 and reused and not isinstance(e, http.client.IncompleteRead):
+                    continue  # a keep-alive connection the server had closed: once, at once
+                return self._fail(node, "error", f"{type(e).__name__}: {e}")
+            break
+        self._release(node, conn, resp)
+        seconds = time.perf_counter() - t0
+        status = resp.status
+        if status == 404:
+            with node.lock:
+                node.stats.misses += 1
+                node.failures = 0
+            return _Outcome(node, "miss", seconds=seconds)
+        if status == 200 and rng is not None:
+            body = body[rng[0]:rng[0] + rng[1]]  # the node ignored Range and sent everything
+        elif status == 206 and rng is not None:
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+            if not m or int(m.group(1)) != rng[0]:
+                return self._mark_bad(node, f"answered another range ({resp.headers.get('Content-Range')!r})")
+        elif status != 200:
+            return self._fail(node, "error", f"HTTP {status} {resp.reason}", http_status=status)
+        problem = check(body)
+        if problem:
+            return self._mark_bad(node, f"sent wrong bytes for {key}: {problem}")
+        with node.lock:
+            node.stats.ok += 1
+            node.stats.bytes += len(body)
+            node.failures = 0
+        return _Outcome(node, "ok", body, seconds=seconds)
+
+    # -- node health -------------------------------------------------------------------------
+
+    def _ranked(self, key: str) -> list[_Node]:
+        """Available nodes in rendezvous order for ``key`` (highest weight first)."""
+        now = time.monotonic()
+        kb = key.encode()
+        scored = []
+        for n in self.nodes:
+            if n.available(now):
+                h = hashlib.blake2b(n.salt + kb, digest_size=8).digest()
+                scored.append((h, n))
+        scored.sort(key=lambda t: t[0], reverse=True)
+        return [n for _, n in scored]
+
+    def _fail(self, node: _Node, kind: str, detail: str, http_status: int = 0) -> _Outcome:
+        """Count a failure and skip the node for a backoff: at once for network failures,
+        timeouts, slowness and 401/403 (a wrong token stays wrong); after 3 in a row for other
+        HTTP errors (a 502 usually means the blob store behind the node is failing)."""
+        now = time.monotonic()
+        with node.lock:
+            node.stats.last_error = detail
+            if kind == "timeout":
+                node.stats.timeouts += 1
+            else:
+                node.stats.errors += 1
+            if now < node.down_until:
+                return _Outcome(node, kind, detail=f"{node.url}: {detail}")  # already skipped
+            node.failures += 1
+            if not http_status or http_status in (401, 403) or node.failures >= 3:
+                backoff = min(self.down_max, self.down_base * 2 ** min(node.failures - 1, 16))
+                node.down_until = now + backoff
+                node.down_reason = f"{kind}: {detail}"
+                node.slow_strikes = 0
+                log.warning("azcache node %s skipped for %.0f s: %s", node.url, backoff, detail)
+        return _Outcome(node, kind, detail=f"{node.url}: {detail}")
+
+    def _mark_bad(self, node: _Node, detail: str) -> _Outcome:
+        with node.lock:
+            node.stats.corrupt += 1
+            node.stats.last_error = detail
+            node.down_until = time.monotonic() + self.bad_seconds
+            node.down_reason = f"bad bytes: {detail}"
+        log.error("azcache node %s skipped for %.0f s: %s", node.url, self.bad_seconds, detail)
+        return _Outcome(node, "corrupt", detail=f"{node.url}: {detail}")
+
+    # -- latency samples ---------------------------------------------------------------------
+
+    @staticmethod
+    def _class(nbytes: int) -> int:
+        for i, limit in enumerate(_SIZE_CLASSES):
+            if nbytes <= limit:
+                return i
+        return len(_SIZE_CLASSES)
+
+    def _sample(self, nbytes: int, seconds: float) -> None:
+        c = self._class(nbytes)
+        with self._lock:
+            s = self._samples[c]
+            s.append(seconds)
+            self._since_p95[c] += 1
+            if len(s) >= _MIN_SAMPLES and (self._p95[c] is None or self._since_p95[c] >= 32):
+                ordered = sorted(s)
+                self._p95[c] = ordered[int(0.95 * (len(ordered) - 1))]
+                self._since_p95[c] = 0
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _acquire(self, node: _Node) -> tuple[http.client.HTTPConnection, bool]:
+        with node.lock:
+            if node.idle:
+                return node.idle.pop(), True
+        conn = http.client.HTTPConnection(node.host, node.port, timeout=self.connect_timeout)
+        conn.connect()
+        conn.sock.settimeout(self.timeout)
+        return conn, False
+
+    def _release(self, node: _Node, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        if resp.will_close:
+            conn.close()
+            return
+        with node.lock:
+            if len(node.idle) < self.pool_size:
+                node.idle.append(conn)
+                return
+        conn.close()
