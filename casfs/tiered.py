@@ -231,6 +231,8 @@ class TieredStore:
                         tier.delete(ref)
                     except Exception:  # noqa: BLE001
                         pass
+                elif hasattr(tier, "rejected"):
+                    tier.rejected(ref)  # a read-only tier learns that its source sent bad bytes
             return None
         return data
 
