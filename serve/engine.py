@@ -1,0 +1,257 @@
+"""The Engine protocol the HTTP API is written against, and its vLLM implementation.
+
+The API layer (serve/app.py) owns the OpenAI surface: validation, errors, streaming, metrics.
+An :class:`Engine` owns the model: tokenizing, chat templates, generating. Two implement it:
+:class:`VllmEngine` (here; vLLM's ``AsyncLLM``, imported only when one is created, so this
+module imports without vLLM) and :class:`serve.echo.EchoEngine` (a deterministic stand-in
+used by the API tests where vLLM is not installed).
+
+Contract of ``generate``: an async iterator of :class:`Delta` (new text and tokens since the
+last one); the last delta has ``finish_reason`` set. Closing or cancelling the iterator
+aborts the request inside the engine. Errors: :class:`InvalidRequest` for a request the
+engine refuses (the API answers 400), :class:`EngineError` when the engine itself failed
+(the API answers 500/503).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+log = logging.getLogger("serve.engine")
+
+
+class InvalidRequest(ValueError):
+    """The engine refuses this request as given (bad prompt, parameters out of range).
+
+    ``param`` names the offending request field where known.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineError(RuntimeError):
+    """The engine failed (crashed, dead, out of memory); the request was not served."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample one completion. ``temperature == 0`` means greedy decoding.
+
+    ``logprobs``: None for no log-probabilities, else how many top alternatives to return per
+    generated token (0: only the sampled token's own log-probability).
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's text and natural-log probability, with the top alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New output since the previous delta of the same request."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" on the last delta
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the API needs from a model engine."""
+
+    model_name: str  # the name served in /v1/models
+    max_model_len: int  # prompt + completion tokens, at most
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``."""
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for chat ``messages`` (role/content dicts), ending where the
+        assistant's reply begins. Raises InvalidRequest if the model has no chat template."""
+
+    def generate(self, request_id: str, prompt_ids: list[int],
+                 settings: SamplingSettings) -> AsyncIterator[Delta]:
+        """Generate a completion of ``prompt_ids``; see the module docstring."""
+
+    async def check_health(self) -> None:
+        """Return if the engine can serve; raise EngineError if not."""
+
+    async def close(self) -> None:
+        """Stop the engine and free its resources."""
+
+
+# -- vLLM --------------------------------------------------------------------------------------
+
+#: Environment for vLLM on a CPU host, offline. Set by the worker before importing vLLM.
+VLLM_CPU_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+#: The fast-boot flags (2-core CI): the model runs inside the EngineCore process and OpenMP
+#: threads are not pinned. With them and --enforce-eager a cold boot is ~3x faster.
+VLLM_FAST_BOOT_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
+
+_TIMING_PATTERNS = {
+    "weights": re.compile(r"Loading weights took ([0-9.]+) seconds"),
+    "model_load": re.compile(r"Model loading took [0-9.]+ \w+ (?:memory )?and ([0-9.]+) seconds"),
+    "compile": re.compile(r"torch\.compile takes ([0-9.]+) s in total"),
+    "engine_init": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+)"),
+}
+
+
+def parse_vllm_timings(log_text: str) -> dict[str, float]:
+    """Durations (seconds) vLLM logs about its own start: ``weights`` (loading the checkpoint
+    into the model), ``compile`` (torch.compile, absent in eager mode), ``engine_init``
+    (profiling, KV cache, model warmup). The last occurrence of each wins; missing ones are
+    left out. vLLM logs these from its EngineCore process, so they are read from the log."""
+    out: dict[str, float] = {}
+    for name, pat in _TIMING_PATTERNS.items():
+        found = pat.findall(log_text)
+        if found:
+            out[name] = float(found[-1])
+    return out
+
+
+@dataclass
+class VllmOptions:
+    """How to start vLLM: ``enforce_eager`` skips torch.compile; ``max_model_len`` None takes
+    the model's own; ``extra`` are further AsyncEngineArgs fields."""
+
+    enforce_eager: bool = True
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VllmEngine:
+    """:class:`Engine` over vLLM's ``AsyncLLM`` (V1 engine: an EngineCore child process).
+
+    Create with :meth:`start` inside the serving event loop. vLLM starts its EngineCore with
+    the ``spawn`` method, so the program's main module must be import-safe (``if __name__ ==
+    "__main__":``), as serve/worker.py is.
+    """
+
+    def __init__(self, llm: Any, model_name: str, max_model_len: int, tokenizer: Any) -> None:
+        self._llm = llm
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self._tok = tokenizer
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        self._SamplingParams = SamplingParams
+        self._DELTA = RequestOutputKind.DELTA
+
+    @classmethod
+    def start(cls, model_dir: str, model_name: str, options: VllmOptions | None = None) -> "VllmEngine":
+        """Load ``model_dir`` (a Hugging Face style directory) into a new vLLM engine.
+
+        Blocks for the whole engine start (seconds to minutes: imports, weights, KV cache,
+        torch.compile unless eager).
+
+        Raises:
+            EngineError: when vLLM cannot start (its own message is included).
+        """
+        opts = options or VllmOptions()
+        for k, v in VLLM_CPU_ENV.items():
+            os.environ.setdefault(k, v)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=model_dir, served_model_name=model_name, enforce_eager=opts.enforce_eager,
+                               max_model_len=opts.max_model_len, dtype=opts.dtype, seed=opts.seed,
+                               disable_log_stats=True, **opts.extra)
+        try:
+            llm = AsyncLLM.from_engine_args(args)
+        except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; the message is what matters
+            raise EngineError(f"vLLM could not start on {model_dir}: {type(e).__name__}: {e}") from e
+        return cls(llm, model_name, llm.model_config.max_model_len, llm.get_tokenizer())
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self._tok, "chat_template", None):
+            raise InvalidRequest(f"model {self.model_name} has no chat template: use /v1/completions",
+                                 param="messages")
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja errors (e.g. a role the template rejects)
+            raise InvalidRequest(f"chat template failed on these messages: {e}", param="messages") from None
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       settings: SamplingSettings) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError, VLLMServerError
+
+        try:
+            params = self._SamplingParams(
+                max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                seed=settings.seed, stop=list(settings.stop) or None,
+                presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty,
+                logprobs=settings.logprobs, output_kind=self._DELTA)
+        except (ValueError, VLLMClientError) as e:
+            raise InvalidRequest(str(e)) from None
+        stream = self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+        try:
+            async for out in stream:
+                c = out.outputs[0]
+                lps = None
+                if settings.logprobs is not None and c.logprobs is not None:
+                    lps = [_token_logprob(tid, d, settings.logprobs) for tid, d in zip(c.token_ids, c.logprobs)]
+                finish = None
+                if out.finished:
+                    finish = "length" if c.finish_reason == "length" else "stop"
+                yield Delta(text=c.text, token_ids=list(c.token_ids), logprobs=lps, finish_reason=finish)
+        except (ValueError, VLLMClientError) as e:
+            raise InvalidRequest(str(e)) from None
+        except VLLMServerError as e:
+            raise EngineError(f"vLLM failed this request: {type(e).__name__}: {e}") from e
+        finally:
+            await stream.aclose()
+
+    async def check_health(self) -> None:
+        try:
+            await self._llm.check_health()
+        except Exception as e:  # noqa: BLE001
+            raise EngineError(f"vLLM engine is not healthy: {type(e).__name__}: {e}") from e
+
+    async def close(self) -> None:
+        self._llm.shutdown()
+
+
+def _token_logprob(token_id: int, entry: dict, top: int) -> TokenLogprob:
+    """vLLM's {token_id: Logprob(logprob, rank, decoded_token)} -> TokenLogprob."""
+    own = entry.get(token_id)
+    ranked = sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30))
+    alts = [(lp.decoded_token or "", float(lp.logprob)) for tid, lp in ranked][:top] if top else []
+    return TokenLogprob(token=(own.decoded_token or "") if own else "",
+                        logprob=float(own.logprob) if own else float("nan"), top=alts)
