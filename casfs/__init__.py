@@ -16,6 +16,7 @@ from .build import build_image as build
 from .errors import (BuildError, CasfsError, ChunkUnavailable, CorruptChunk, CorruptIndex,
                      ImageNotFound, NotAFile, PathNotFound, StoreError)
 from .image import Image
+from .fuse.mount import mount, unmount
 from .index import ChunkRef, Stat
 from .store import Store
 from .urls import default_store_url, open_store
@@ -40,6 +41,8 @@ __all__ = [
     "StoreError",
     "build",
     "default_store_url",
+    "mount",
     "open_source",
     "open_store",
+    "unmount",
 ]
