@@ -1,0 +1,282 @@
+"""Benchmark: safetensors from a casfs store to the GPU (or CPU), against safetensors itself.
+
+One file of transformer-shaped bf16 tensors (Llama-7B layer shapes, as many layers as the size
+asks for) is written as plain safetensors, built into a local casfs store, and loaded by:
+
+  casfs            snapshot.weights.load_safetensors(image, path, device) (a fresh Store per run,
+                   so nothing comes from an in-process cache: chunks are read from the store's
+                   files, verified, and streamed through pinned slots)
+  load_file        safetensors.torch.load_file(path, device=device)
+  load_file+cuda   safetensors.torch.load_file(path) then .to(device) per tensor
+  pread->pinned    the hardware ceiling: N threads pread the plain file into pinned buffers with
+                   async copies into one device buffer (no parsing, no verification)
+  casfs-read       the store's read path alone: N threads get() every chunk (verified), no copies
+
+Page cache warm: one unmeasured run of each first, then ``--repeats`` measured runs (median).
+Cold (``--drop-caches``, root): ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each run.
+
+Usage: python benchmarks/bench_weights.py --size-gib 6 --drop-caches --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import casfs  # noqa: E402
+from snapshot.weights import LoadStats, load_safetensors  # noqa: E402
+
+GiB = 1 << 30
+
+
+def make_file(path: str, size_gib: float, device: str) -> int:
+    """Write a safetensors file of Llama-7B-shaped bf16 layers, about ``size_gib`` GiB."""
+    h, inter, vocab = 4096, 11008, 32000
+    layer = 4 * h * h + 3 * h * inter + 2 * h
+    n_layers = max(1, round((size_gib * GiB / 2 - 2 * vocab * h) / layer))
+    gen_dev = device if device.startswith("cuda") else "cpu"
+    g = torch.Generator(device=gen_dev).manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device=gen_dev, dtype=torch.bfloat16).mul_(0.02).cpu()
+
+    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": r(vocab, h)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{n}.weight"] = r(h, h)
+        t[p + "mlp.gate_proj.weight"] = r(inter, h)
+        t[p + "mlp.up_proj.weight"] = r(inter, h)
+        t[p + "mlp.down_proj.weight"] = r(h, inter)
+        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    t["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    t["lm_head.weight"] = r(vocab, h)
+    save_file(t, path, metadata={"format": "pt"})
+    return os.path.getsize(path)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def pread_pinned(path: str, device: str, threads: int = 8, block: int = 16 << 20) -> torch.Tensor:
+    """The hardware ceiling: parallel pread into pinned buffers + async H2D into one buffer."""
+    size = os.path.getsize(path)
+    out = torch.empty(size, dtype=torch.uint8, device=device)
+    fd = os.open(path, os.O_RDONLY)
+    blocks = list(range(0, size, block))
+    lock = threading.Lock()
+
+    def work(_: int) -> None:
+        s = torch.cuda.Stream(device)
+        bufs = [torch.empty(block, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        evs = [torch.cuda.Event(), torch.cuda.Event()]
+        k = 0
+        while True:
+            with lock:
+                if not blocks:
+                    break
+                off = blocks.pop(0)
+            n = min(block, size - off)
+            b, e = bufs[k % 2], evs[k % 2]
+            k += 1
+            e.synchronize()
+            mv = memoryview((ctypes.c_char * n).from_address(b.data_ptr())).cast("B")
+            got = os.preadv(fd, [mv], off)
+            assert got == n
+            with torch.cuda.stream(s):
+                out[off:off + n].copy_(b[:n], non_blocking=True)
+                e.record(s)
+        s.synchronize()
+
+    try:
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(work, range(threads)))
+    finally:
+        os.close(fd)
+    return out
+
+
+def casfs_read(store_dir: str, tag: str, rel: str, threads: int) -> int:
+    with casfs.open_store(store_dir) as s:
+        im = s.open_image(tag)
+        refs = im.chunk_refs(im.lookup(rel))
+        get = s.chunks.get
+        pm = im.index.pack_members
+        with ThreadPoolExecutor(threads) as ex:
+            return sum(len(b) for b in ex.map(lambda r: get(r, pm), refs))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--dir", default="/tmp/casfs-bench-weights")
+    ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-mib", type=int, default=4)
+    ap.add_argument("--concurrency", default="16,8,32", help="comma list; the first is the headline")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--memory-mib", type=int, default=512, help="the Store's memory tier")
+    ap.add_argument("--drop-caches", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dev = a.device
+    cuda = dev.startswith("cuda")
+    conc = [int(c) for c in a.concurrency.split(",")]
+    os.makedirs(a.dir, exist_ok=True)
+    src = os.path.join(a.dir, "src")
+    os.makedirs(src, exist_ok=True)
+    plain = os.path.join(src, "model.safetensors")
+    store_dir = os.path.join(a.dir, "store")
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "device": dev,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                 "kernel": platform.release(),
+                 "gpu": torch.cuda.get_device_name(0) if cuda else None},
+        "warm": {}, "cold": {},
+    }
+
+    def save() -> None:
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    t0 = time.perf_counter()
+    size = make_file(plain, a.size_gib, dev)
+    res["file_bytes"] = size
+    res["make_file_s"] = time.perf_counter() - t0
+    print(f"file: {size / GiB:.2f} GiB in {res['make_file_s']:.1f}s", flush=True)
+    with casfs.open_store(store_dir) as s:
+        b = casfs.build(s, src, tag="bench", chunk_size=a.chunk_mib << 20, progress=False)
+    res["build"] = {"seconds": b.seconds, "gb_per_s": size / 1e9 / b.seconds,
+                    "chunks": b.pack.chunks_total, "stored_bytes": b.pack.bytes_stored}
+    print(f"build: {b.seconds:.1f}s ({res['build']['gb_per_s']:.2f} GB/s)", flush=True)
+    save()
+
+    def ours(c: int) -> dict:
+        with casfs.open_store(store_dir, memory_bytes=a.memory_mib << 20) as s:
+            st = LoadStats()
+            t = time.perf_counter()
+            out = load_safetensors(s.open_image("bench"), "model.safetensors", device=dev,
+                                   concurrency=c, streams=a.streams, stats=st)
+            sync(dev)
+            el = time.perf_counter() - t
+        del out
+        free(dev)
+        return {"s": el, "tiers": st.tiers}
+
+    def lf() -> dict:
+        t = time.perf_counter()
+        out = load_file(plain, device=dev)
+        sync(dev)
+        el = time.perf_counter() - t
+        del out
+        free(dev)
+        return {"s": el}
+
+    def lf_to() -> dict:
+        t = time.perf_counter()
+        out = {k: v.to(dev) for k, v in load_file(plain).items()}
+        sync(dev)
+        el = time.perf_counter() - t
+        del out
+        free(dev)
+        return {"s": el}
+
+    def ceiling() -> dict:
+        t = time.perf_counter()
+        out = pread_pinned(plain, dev)
+        sync(dev)
+        el = time.perf_counter() - t
+        del out
+        free(dev)
+        return {"s": el}
+
+    def readonly() -> dict:
+        t = time.perf_counter()
+        n = casfs_read(store_dir, "bench", "model.safetensors", conc[0])
+        return {"s": time.perf_counter() - t, "bytes": n}
+
+    methods = {f"casfs c={conc[0]}": lambda: ours(conc[0]), "load_file(device)": lf}
+    if cuda:
+        methods["load_file+.to(device)"] = lf_to
+        methods["pread->pinned x8 (ceiling)"] = ceiling
+    methods[f"casfs-read only c={conc[0]}"] = readonly
+    for c in conc[1:]:
+        methods[f"casfs c={c}"] = (lambda c=c: ours(c))
+
+    # correctness: ours equals load_file bit for bit
+    with casfs.open_store(store_dir) as s:
+        mine = load_safetensors(s.open_image("bench"), "model.safetensors", device=dev, concurrency=conc[0])
+    ref = load_file(plain, device=dev)
+    res["bit_exact"] = all(torch.equal(mine[k].view(-1).view(torch.uint8), ref[k].view(-1).view(torch.uint8))
+                           for k in ref) and set(mine) == set(ref)
+    del mine, ref
+    free(dev)
+    print(f"bit-exact vs load_file: {res['bit_exact']}", flush=True)
+
+    for name, fn in methods.items():
+        fn()  # warm the page cache and the allocators
+        runs = [fn() for _ in range(a.repeats)]
+        secs = [r["s"] for r in runs]
+        med = statistics.median(secs)
+        res["warm"][name] = {"runs_s": secs, "median_s": med, "gib_per_s": size / GiB / med,
+                             "best_gib_per_s": size / GiB / min(secs), "detail": runs[-1]}
+        print(f"warm {name:32s} {size / GiB / med:6.2f} GiB/s  (runs {', '.join(f'{x:.2f}' for x in secs)} s)", flush=True)
+        save()
+    if a.drop_caches:
+        if not drop_caches():
+            res["cold"] = {"skipped": "cannot write /proc/sys/vm/drop_caches (not root?)"}
+        else:
+            for name, fn in list(methods.items())[:5]:
+                drop_caches()
+                r = fn()
+                res["cold"][name] = {"s": r["s"], "gib_per_s": size / GiB / r["s"]}
+                print(f"cold {name:32s} {size / GiB / r['s']:6.2f} GiB/s  ({r['s']:.2f} s)", flush=True)
+                save()
+    headline = res["warm"][f"casfs c={conc[0]}"]["gib_per_s"]
+    base = res["warm"]["load_file(device)"]["gib_per_s"]
+    res["speedup_vs_load_file_warm"] = headline / base
+    best = max(v["gib_per_s"] for k, v in res["warm"].items() if k.startswith("casfs c="))
+    res["best_casfs_speedup_vs_load_file_warm"] = best / base
+    print(f"\ncasfs vs load_file({dev}) warm: {headline / base:.2f}x (best concurrency: {best / base:.2f}x)")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
