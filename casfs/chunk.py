@@ -137,6 +137,12 @@ def decode(frame: bytes | memoryview, expect: bytes | None = None) -> bytes:
         data = bytes(payload)
     else:
         try:
+            # python-zstandard allocates the size a zstd frame declares, whatever
+            # max_output_size says: refuse a declaration that disagrees with raw_len first
+            declared = zstandard.frame_content_size(payload)
+            if declared not in (-1, h.raw_len):
+                raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… zstd frame declares {declared} bytes, "
+                                   f"its header {h.raw_len}")
             data = _decompressor().decompress(payload, max_output_size=h.raw_len)
         except zstandard.ZstdError as e:
             raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… does not decompress: {e}") from None

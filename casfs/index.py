@@ -347,7 +347,7 @@ class Index:
             raise CorruptIndex("index chunk is longer than the image's chunk size")
         if nfc and max(cols["file_chunks"]) >= m:
             raise CorruptIndex("index file refers to a chunk out of range")
-        if m and npk < m:
+        if m:  # (also when packs == chunks: every pack number must still be < packs)
             bad = [p for p in set(cols["chunk_pack"]) if p != NO_PACK and p >= npk]
             if bad:
                 raise CorruptIndex("index chunk refers to a pack out of range")
@@ -490,13 +490,25 @@ class Index:
         return out
 
     def walk(self, top: int = 0) -> Iterator[int]:
-        """Every entry under ``top`` (itself first), parents before children."""
+        """Every entry under ``top`` (itself first), parents before children, each exactly once.
+
+        Raises:
+            CorruptIndex: when a directory lists a child whose parent is another entry (child
+                ranges that overlap would otherwise make the walk revisit entries, exponentially
+                often in a hostile index).
+        """
+        self._check(top)
+        mode, parent = self._c["mode"], self._c["parent"]
         stack = [top]
         while stack:
             i = stack.pop()
             yield i
-            if statmod.S_ISDIR(self._c["mode"][i]):
-                stack.extend(reversed(self.children(i)))
+            if statmod.S_ISDIR(mode[i]):
+                kids = self.children(i)
+                for c in kids:
+                    if parent[c] != i:
+                        raise CorruptIndex(f"index directory {i} lists entry {c}, whose parent is {parent[c]}")
+                stack.extend(reversed(kids))
 
     # -- chunks -------------------------------------------------------------------------------
 

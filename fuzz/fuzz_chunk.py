@@ -1,0 +1,141 @@
+"""Fuzz target: ``casfs.chunk.decode`` / ``parse_header`` / ``frame_digest`` on hostile frames.
+
+Contract under test: for any bytes, ``parse_header`` returns a header whose lengths are within
+the documented limits or raises ``CorruptChunk``; ``decode(frame, expect)`` returns bytes whose
+length is the header's ``raw_len`` and whose blake3 digest is the header's digest (and
+``expect`` when given), or raises ``CorruptChunk``. Nothing else may escape (no ZstdError,
+ValueError, MemoryError), and no input may make decode allocate more than ``MAX_RAW_LEN``
+(libFuzzer's ``-rss_limit_mb`` catches that).
+
+Two input modes (first byte): raw frame bytes, or structured: a ``FuzzedDataProvider`` picks a
+valid frame (``seeds.sample_frames()``) and damages it in ways that pass the header checks so
+the zstd and digest paths are reached: header fields set to boundary values, payload bytes
+flipped, a zstd payload made of fuzz bytes with consistent lengths, a frame re-digested after
+damage (so verification passes and the length checks are what must hold).
+
+Run: ``.venv/bin/python fuzz/fuzz_chunk.py fuzz/corpus-chunk -max_total_time=60``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+
+import atheris
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+with atheris.instrument_imports(include=["casfs"]):  # before anything else imports casfs
+    import casfs  # noqa: F401
+    from casfs import chunk as chunkmod
+    from casfs.digest import digest_bytes
+    from casfs.errors import CorruptChunk
+
+import zstandard  # noqa: E402
+
+import seeds  # noqa: E402
+
+BASES = seeds.sample_frames()
+H = chunkmod.HEADER_SIZE
+# header field offsets and struct formats: version, codec, flags, raw_len, pay_len
+FIELDS = ((4, "<B"), (5, "<B"), (6, "<H"), (8, "<I"), (12, "<I"))
+_ZC = zstandard.ZstdCompressor(level=1)
+_ZC_NOSIZE = zstandard.ZstdCompressor(level=1, write_content_size=False)
+
+
+def _boundary(fdp: atheris.FuzzedDataProvider, near: int, bits: int) -> int:
+    mask = (1 << bits) - 1
+    vals = (0, 1, near - 1, near, near + 1, chunkmod.MAX_RAW_LEN, chunkmod.MAX_RAW_LEN + 1, mask)
+    c = fdp.ConsumeIntInRange(0, len(vals))
+    return (vals[c] if c < len(vals) else fdp.ConsumeIntInRange(0, mask)) & mask
+
+
+def _structured(fdp: atheris.FuzzedDataProvider) -> bytes:
+    buf = bytearray(BASES[fdp.ConsumeIntInRange(0, len(BASES) - 1)])
+    for _ in range(fdp.ConsumeIntInRange(1, 4)):
+        op = fdp.ConsumeIntInRange(0, 6)
+        if op == 0:  # one header field (when an earlier op left a header to change)
+            off, fmt = FIELDS[fdp.ConsumeIntInRange(0, len(FIELDS) - 1)]
+            if len(buf) < H:
+                continue
+            near = struct.unpack_from(fmt, buf, off)[0]
+            struct.pack_into(fmt, buf, off, _boundary(fdp, near, 8 * struct.calcsize(fmt)))
+        elif op == 1:  # a payload byte
+            if len(buf) > H:
+                buf[fdp.ConsumeIntInRange(H, len(buf) - 1)] = fdp.ConsumeIntInRange(0, 255)
+        elif op == 2:  # a zstd payload of fuzz bytes, lengths consistent with the header
+            payload = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 512))
+            raw_len = _boundary(fdp, len(payload), 32)
+            buf = bytearray(chunkmod.HEADER.pack(chunkmod.MAGIC, chunkmod.VERSION, chunkmod.CODEC_ZSTD,
+                                                 0, raw_len, len(payload), bytes(32)) + payload)
+        elif op == 3:  # a real zstd frame of fuzz bytes, with or without its content size
+            data = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048)) * fdp.ConsumeIntInRange(1, 8)
+            z = (_ZC if fdp.ConsumeBool() else _ZC_NOSIZE).compress(data)
+            raw_len = len(data) if fdp.ConsumeBool() else _boundary(fdp, len(data), 32)
+            buf = bytearray(chunkmod.HEADER.pack(chunkmod.MAGIC, chunkmod.VERSION, chunkmod.CODEC_ZSTD,
+                                                 0, raw_len, len(z), digest_bytes(data)) + z)
+        elif op == 4:  # truncate or extend
+            if fdp.ConsumeBool():
+                del buf[fdp.ConsumeIntInRange(0, len(buf)):]
+            else:
+                buf += fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64))
+        elif op == 5:  # re-digest a raw frame's (damaged) payload so verification passes
+            if len(buf) >= H and buf[5] == chunkmod.CODEC_RAW:
+                buf[16:48] = digest_bytes(bytes(buf[H:]))
+        else:  # fix pay_len to the real payload length
+            if len(buf) >= H:
+                struct.pack_into("<I", buf, 12, len(buf) - H)
+    return bytes(buf)
+
+
+def check(frame: bytes, expect_mode: int) -> None:
+    try:
+        h = chunkmod.parse_header(frame)
+    except CorruptChunk:
+        h = None
+    if h is not None:
+        if not (0 <= h.raw_len <= chunkmod.MAX_RAW_LEN) or len(h.digest) != 32:
+            raise AssertionError(f"parse_header accepted raw_len={h.raw_len} digest of {len(h.digest)} bytes")
+        if chunkmod.frame_digest(frame) != h.digest:
+            raise AssertionError("frame_digest disagrees with parse_header")
+    expect = None
+    if expect_mode == 1 and h is not None:
+        expect = h.digest
+    elif expect_mode == 2:
+        expect = b"\x07" * 32
+    for view in (frame, memoryview(frame)):
+        try:
+            data = chunkmod.decode(view, expect=expect)
+        except CorruptChunk:
+            continue
+        if h is None:
+            raise AssertionError("decode accepted a frame whose header parse_header rejects")
+        if len(data) != h.raw_len or digest_bytes(data) != h.digest:
+            raise AssertionError("decode returned bytes that do not match the frame's header")
+        if expect is not None and h.digest != expect:
+            raise AssertionError("decode ignored the expected digest")
+        digest, again = chunkmod.encode(data)
+        if digest != h.digest or chunkmod.decode(again, expect=digest) != data:
+            raise AssertionError("re-encoding decoded bytes does not round-trip")
+
+
+def TestOneInput(data: bytes) -> None:
+    if not data:
+        return
+    if data[0] & 1 == 0:
+        check(data[1:], data[0] >> 1 & 3)
+    else:
+        fdp = atheris.FuzzedDataProvider(data[1:])
+        frame = _structured(fdp)
+        check(frame, fdp.ConsumeIntInRange(0, 2))
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Seed inputs for the fuzz targets: real serialized indexes and real chunk frames.
+
+Everything here is generated at run time (deterministically, from fixed random seeds) by the
+same code that writes real images: ``casfs.index.serialize`` for synthetic trees and
+``casfs.build`` of a small directory for one index made end to end. ``python fuzz/seeds.py``
+writes the seed corpora into ``fuzz/corpus-index/`` and ``fuzz/corpus-chunk/`` (gitignored;
+libFuzzer adds the inputs it finds there too).
+
+Input formats of the targets (the first byte selects the mode):
+
+- ``fuzz_index.py``: even first byte: the rest is raw index bytes for ``Index.parse``; odd:
+  the rest drives structured mutations of one of ``sample_indexes()`` (see that target).
+- ``fuzz_chunk.py``: even first byte: the rest is a raw frame for ``decode``; odd: the rest
+  drives structured mutations of one of ``sample_frames()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat as statmod
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from casfs import chunk as chunkmod  # noqa: E402
+from casfs.index import ChunkRef, EntrySpec, serialize  # noqa: E402
+
+DIR = statmod.S_IFDIR | 0o755
+FILE = statmod.S_IFREG | 0o644
+LINK = statmod.S_IFLNK | 0o777
+CHR = statmod.S_IFCHR | 0o600
+FIFO = statmod.S_IFIFO | 0o644
+
+
+def _digest(tag: str) -> bytes:
+    return hashlib.sha256(tag.encode()).digest()  # any 32 bytes: the parser never hashes them
+
+
+def synthetic_index(n_dirs: int, files_per_dir: int, seed: int, chunk_size: int = 4096) -> bytes:
+    """Serialize a synthetic tree: nested dirs, files of 0-3 chunks (some packed), symlinks,
+    xattrs, a hard-link group, a device node and a fifo."""
+    rng = random.Random(seed)
+    entries = [EntrySpec("", DIR, mtime_ns=1)]
+    chunks: list[ChunkRef] = []
+    packs = [_digest(f"pack{seed}.{k}") for k in range(3)]
+    dirs = [""]
+    for d in range(n_dirs):
+        parent = rng.choice(dirs)
+        path = f"{parent}/d{d}" if parent else f"d{d}"
+        dirs.append(path)
+        entries.append(EntrySpec(path, DIR, uid=d, gid=d, mtime_ns=d * 1000))
+    for d in dirs:
+        for f in range(files_per_dir):
+            path = f"{d}/f{f}.py" if d else f"f{f}.py"
+            kind = rng.random()
+            if kind < 0.15:
+                entries.append(EntrySpec(path, LINK, symlink=f"../target/{f}".encode()))
+                continue
+            nchunks = rng.choice((0, 1, 1, 2, 3))
+            size = 0 if nchunks == 0 else (nchunks - 1) * chunk_size + rng.randint(1, chunk_size)
+            ids = []
+            for j in range(nchunks):
+                raw = chunk_size if j < nchunks - 1 else size - (nchunks - 1) * chunk_size
+                if chunks and rng.random() < 0.2:  # a shared (deduplicated) chunk
+                    ids.append(rng.randrange(len(chunks)))
+                    continue
+                pack = rng.choice(packs) if rng.random() < 0.6 else None
+                chunks.append(ChunkRef(_digest(f"{seed}/{path}/{j}"), raw, raw + 48, pack,
+                                       rng.randrange(1 << 20) if pack else 0))
+                ids.append(len(chunks) - 1)
+            # keep the file size consistent with the chunk list even when a shared chunk was reused
+            size = 0 if not ids else (len(ids) - 1) * chunk_size + chunks[ids[-1]].raw_len
+            xattrs = {b"user.k": f"v{f}".encode()} if rng.random() < 0.1 else {}
+            entries.append(EntrySpec(path, FILE, size=size, chunks=ids, xattrs=xattrs,
+                                     mtime_ns=rng.randrange(1 << 62)))
+    entries.append(EntrySpec("hard1", FILE, link_group="g"))
+    entries.append(EntrySpec("hard2", FILE, link_group="g"))
+    entries.append(EntrySpec("null", CHR, rdev=0x103))
+    entries.append(EntrySpec("fifo", FIFO, xattrs={b"security.selinux": b"x" * 40, b"user.a": b""}))
+    return serialize(entries, chunks, chunk_size)
+
+
+def one_pack_per_chunk_index() -> bytes:
+    """Every chunk in its own pack (packs == chunks, a boundary of the pack-number check)."""
+    entries = [EntrySpec("", DIR), EntrySpec("lib", DIR)]
+    chunks = []
+    for k in range(3):
+        chunks.append(ChunkRef(_digest(f"solo{k}"), 100 + k, 148 + k, _digest(f"solopack{k}"), 0))
+        entries.append(EntrySpec(f"lib/m{k}.so", FILE, size=100 + k, chunks=[k]))
+    return serialize(entries, chunks, 4096)
+
+
+def built_index() -> bytes:
+    """An index made end to end: ``casfs.build`` of a small real directory into a temp store."""
+    import casfs
+
+    with tempfile.TemporaryDirectory(prefix="casfs-fuzz-seed-") as tmp:
+        src = os.path.join(tmp, "src")
+        os.makedirs(os.path.join(src, "pkg", "sub"))
+        rng = random.Random(7)
+        for name, n in (("pkg/a.py", 10), ("pkg/sub/b.bin", 9000), ("pkg/sub/c.txt", 5000), ("empty", 0)):
+            with open(os.path.join(src, name), "wb") as f:
+                f.write(bytes(rng.randrange(4) for _ in range(n)))
+        os.symlink("pkg/a.py", os.path.join(src, "link"))
+        os.link(os.path.join(src, "pkg/a.py"), os.path.join(src, "pkg/hard.py"))
+        with casfs.open_store(os.path.join(tmp, "store"), memory_bytes=0) as store:
+            res = casfs.build(store, src, chunk_size=4096, progress=False)
+            return chunkmod.decode(store.index_frame(res.image_id))
+
+
+def sample_indexes() -> list[bytes]:
+    """Valid serialized indexes of a few shapes (the bases of the structured index mutator)."""
+    return [
+        synthetic_index(0, 0, 1),
+        synthetic_index(1, 2, 2),
+        synthetic_index(4, 3, 3),
+        synthetic_index(12, 6, 4, chunk_size=8192),
+        synthetic_index(40, 8, 5),
+        one_pack_per_chunk_index(),
+        built_index(),
+    ]
+
+
+def sample_frames() -> list[bytes]:
+    """Valid chunk frames: empty, raw, zstd, incompressible, and an index frame."""
+    rng = random.Random(11)
+    datas = [b"", b"a", b"hello world " * 8, bytes(rng.randrange(256) for _ in range(300)),
+             b"\x00" * 5000, bytes(rng.randrange(3) for _ in range(20000)), synthetic_index(2, 2, 9)]
+    frames = [chunkmod.encode(d)[1] for d in datas]
+    frames.append(chunkmod.encode(b"uncompressed " * 20, compress=False)[1])
+    return frames
+
+
+def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
+    """Write the seed corpora (idempotent: files are named by content)."""
+    seeds = {
+        "corpus-index": [b"\x00" + d for d in sample_indexes()]
+        + [b"\x01" + bytes([k, 3, 0, 1, 200, 7, 7, 7, 9, 0xFF, 0x10, 5]) for k in range(6)],
+        "corpus-chunk": [b"\x00" + f for f in sample_frames()]
+        + [b"\x01" + bytes([k, 2, 9, 200, 1, 0, 0x40]) for k in range(8)],
+    }
+    for sub, items in seeds.items():
+        d = os.path.join(base, sub)
+        os.makedirs(d, exist_ok=True)
+        for item in items:
+            p = os.path.join(d, "seed-" + hashlib.sha1(item).hexdigest())
+            if not os.path.exists(p):
+                with open(p, "wb") as f:
+                    f.write(item)
+
+
+if __name__ == "__main__":
+    write_corpora()
+    print("fuzz seeds written to fuzz/corpus-index and fuzz/corpus-chunk")
