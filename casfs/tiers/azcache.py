@@ -304,7 +304,7 @@ class AzCacheTier:
         headers = dict(self._headers)
         if rng is not None:
             headers["Range"] = f"bytes={rng[0]}-{rng[0] + rng[1] - 1}"
-        if self._pool is None or len(ranked) == 1:
+        if self._pool is None or len(ranked) == 1:  # one node: no hedge, socket timeouts bound it
             outcome = self._sequential(ranked, key, headers, rng, nbytes, check)
         else:
             outcome = self._hedged(ranked, key, headers, rng, nbytes, check)
@@ -334,36 +334,47 @@ class AzCacheTier:
         return last
 
     def _hedged(self, ranked: list[_Node], key: str, headers: dict, rng, nbytes: int, check) -> _Outcome | None:
+        """Primary first; a hedge to the next node after the hedge delay; on an error or a
+        request past its own ``timeout``, the next node at once. Up to three nodes."""
         queue = list(ranked[:3])
-        start = time.monotonic()
-        deadline = start + self.timeout
-        hedge_at = start + self.hedge_delay(nbytes)
+        hedge_at = time.monotonic() + self.hedge_delay(nbytes) if self.hedge else float("inf")
         with self._lock:
             self._hedge_tokens = min(10.0, self._hedge_tokens + self.hedge_ratio)
-        pending: dict[Future, _Node] = {}
-        primary = queue.pop(0)
-        pending[self._pool.submit(self._request, primary, key, headers, rng, check)] = primary  # type: ignore[union-attr]
+        pending: dict[Future, tuple[_Node, float]] = {}
+
+        def launch() -> None:
+            node = queue.pop(0)
+            fut = self._pool.submit(self._request, node, key, headers, rng, check)  # type: ignore[union-attr]
+            pending[fut] = (node, time.monotonic() + self.timeout)
+
+        primary = queue[0]
+        launch()
         hedged = False
         last: _Outcome | None = None
         while pending:
             now = time.monotonic()
-            if now >= deadline:
-                for node in pending.values():
-                    self._fail(node, "timeout", f"no answer within {self.timeout:.2f} s")
-                return last or _Outcome(primary, "timeout", detail=f"no answer within {self.timeout:.2f} s")
-            wake = deadline if (hedged or not queue) else min(deadline, hedge_at)
+            for fut, (node, due) in list(pending.items()):
+                if now >= due:  # abandoned: its thread ends at the socket timeout
+                    del pending[fut]
+                    last = self._fail(node, "timeout", f"no answer within {self.timeout:.2f} s")
+                    if queue:
+                        launch()
+            if not pending:
+                break
+            wake = min(due for _, due in pending.values())
+            if not hedged and queue:
+                wake = min(wake, hedge_at)
             done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
             for fut in done:
-                node = pending.pop(fut)
+                node, _ = pending.pop(fut)
                 out = fut.result()
                 if out.kind in ("ok", "miss"):
                     if out.kind == "ok":
-                        self._note_win(node, primary, hedged, pending.values(), out.seconds, nbytes)
+                        self._note_win(node, primary, [n for n, _ in pending.values()], out.seconds, nbytes)
                     return out
                 last = out
                 if queue:  # failover at once, not waiting for the hedge delay
-                    nxt = queue.pop(0)
-                    pending[self._pool.submit(self._request, nxt, key, headers, rng, check)] = nxt  # type: ignore[union-attr]
+                    launch()
             if not done and not hedged and queue and time.monotonic() >= hedge_at:
                 hedged = True
                 with self._lock:
@@ -371,11 +382,10 @@ class AzCacheTier:
                     if allowed:
                         self._hedge_tokens -= 1.0
                 if allowed:
-                    nxt = queue.pop(0)
-                    pending[self._pool.submit(self._request, nxt, key, headers, rng, check)] = nxt  # type: ignore[union-attr]
+                    launch()
         return last
 
-    def _note_win(self, winner: _Node, primary: _Node, hedged: bool, losers, seconds: float, nbytes: int) -> None:
+    def _note_win(self, winner: _Node, primary: _Node, losers: list[_Node], seconds: float, nbytes: int) -> None:
         if winner is primary:
             with primary.lock:
                 primary.slow_strikes = 0
