@@ -435,10 +435,11 @@ class ProfileReplayer:
         # the store's prefetch logs and swallows errors: a chunk that did not reach the
         # memory tier (when there is one) counts as failed
         top = self.store.chunks.tiers[0]
-        if fut.cancelled() or fut.exception() is not None or (top.decoded and not top.contains(ref)):
-            self.failed += 1
-        else:
-            self.fetched += 1
+        ok = not fut.cancelled() and fut.exception() is None and (not top.decoded or top.contains(ref))
         with self._cond:
+            if ok:
+                self.fetched += 1
+            else:
+                self.failed += 1
             self._inflight -= 1
             self._cond.notify_all()
