@@ -1,0 +1,81 @@
+"""``casfs serve``: boot an OpenAI-compatible replica of a model image and serve until stopped.
+
+Thin over serve.boot; vLLM is imported only by the replica process, so ``casfs --help`` and
+this module work without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model image over an OpenAI-compatible API (vLLM)",
+        description="Boot a replica of MODEL_IMAGE (a casfs image of a Hugging Face model directory: "
+                    "config, tokenizer, safetensors) and serve /v1/completions, /v1/chat/completions, "
+                    "/v1/models, /health and /metrics until SIGTERM/SIGINT. The boot is a timed "
+                    "pipeline: GPU health -> mount (lazy) -> restore from --snapshot, or cold init -> "
+                    "weights -> warmup -> first token; its JSON report is printed to stdout (one "
+                    "line) and served at /boot.")
+    p.add_argument("image", metavar="MODEL_IMAGE", help="tag or id of the model image")
+    p.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT",
+                   help="address to serve on (default 127.0.0.1:8000)")
+    p.add_argument("--snapshot", metavar="TAG", default=None,
+                   help="restore the replica from the CPU snapshot TAG (with --create: make it)")
+    p.add_argument("--create", action="store_true",
+                   help="with --snapshot: cold boot, then snapshot the ready replica as TAG")
+    p.add_argument("--name", default=None, help="model name in the API (default: MODEL_IMAGE)")
+    p.add_argument("--engine", choices=("vllm", "echo"), default="vllm",
+                   help="vllm (default), or echo: a deterministic stand-in that needs no model")
+    p.add_argument("--eager", action="store_true", help="vLLM --enforce-eager: skip torch.compile")
+    p.add_argument("--fast-boot", action="store_true",
+                   help="run vLLM's model in its EngineCore process, OpenMP threads unpinned "
+                        "(VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=nobind)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N", help="context length")
+    p.add_argument("--materialize", choices=("auto", "mount", "export"), default="auto",
+                   help="how the model image is made readable (default auto: mount if FUSE works)")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="mounts, exports and logs (default $CASFS_HOME/serve)")
+    p.add_argument("--no-gpu-check", action="store_true", help="skip the GPU health phase")
+    p.add_argument("--report", metavar="PATH", default=None, help="also write the boot report here")
+    p.add_argument("--boot-timeout", type=float, default=900.0, metavar="SECONDS")
+    p.add_argument("--exit-after-boot", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.boot import BootConfig, boot_replica
+
+    if args.create and not args.snapshot:
+        raise ValueError("--create needs --snapshot TAG (the tag to store the snapshot under)")
+    cfg = BootConfig(image=args.image, listen=args.listen, store=args.store, cache_dir=args.cache_dir,
+                     name=args.name, engine=args.engine, eager=args.eager, fast_boot=args.fast_boot,
+                     max_model_len=args.max_model_len, materialize=args.materialize, workdir=args.workdir,
+                     snapshot=args.snapshot, create_snapshot=args.create, gpu_check=not args.no_gpu_check,
+                     boot_timeout=args.boot_timeout, report_path=args.report)
+    replica = boot_replica(cfg)
+    print(json.dumps(replica.report.to_dict()), flush=True)
+    phases = " ".join(f"{k}={v:.2f}s" for k, v in replica.report.phases.items())
+    print(f"casfs serve: {replica.report.mode} boot of {args.image} to first token in "
+          f"{replica.report.total:.2f} s ({phases}); serving on http://{args.listen}/v1 "
+          f"[pid {replica.pid}, log {replica.log_path}]", file=sys.stderr, flush=True)
+    if args.exit_after_boot:
+        replica.stop()
+        return 0
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        code = replica.wait()
+        print(f"casfs serve: the replica exited with status {code} (log {replica.log_path})", file=sys.stderr)
+        replica.stop()
+        return 1 if code else 0
+    except KeyboardInterrupt:
+        replica.stop()
+        return 0

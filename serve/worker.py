@@ -1,0 +1,224 @@
+"""The replica process: loads the engine, warms it up, serves the API. This is what a CPU
+snapshot captures.
+
+Run by serve.boot (never by hand, though it works)::
+
+    python -m serve.worker --model-dir DIR --name NAME --listen HOST:PORT [--engine vllm|echo]
+        [--eager] [--max-model-len N] [--control-token T] [--log FILE]
+
+Steps, each timed (seconds, reported at GET /boot under ``worker``): ``start`` (interpreter
+start and serve's imports, measured from $CASFS_SERVE_SPAWNED_AT, a wall-clock time the
+parent sets), ``import`` (importing vLLM), ``engine`` (engine start, the import included: weights, KV
+cache, compile),
+``warmup`` (one short generation, so the first real request does not pay one-off costs),
+``listen``. vLLM's own timings (weights, compile) are parsed from the log (vLLM logs them from
+its EngineCore process). /health answers 200 once all of it is done.
+
+Snapshot-friendliness (CRIU dumps this process tree): stdio is /dev/null and the log file is
+opened O_APPEND by the parent; the event loop is asyncio's own (epoll, no io_uring); no pipes or
+sockets to the parent stay open. After a restore, the parent calls ``POST /_casfs/restored``
+(with the control token) and the post-restore work runs: reseed random generators and, when
+asked, move the listening socket to a new address. ``POST /_casfs/report`` hands over the
+supervisor's boot report, which /boot and /metrics then show.
+
+Exit: SIGTERM or SIGINT closes the server and the engine and exits 0; an engine that fails to
+start exits 3 with the reason in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+
+WORKER_T0 = time.time()
+
+from .app import ServeApp, error_response  # noqa: E402
+from .engine import Engine, EngineError, SamplingSettings, parse_vllm_timings  # noqa: E402
+from .http import HttpServer, Request, Response  # noqa: E402
+
+log = logging.getLogger("serve.worker")
+
+CONTROL_PREFIX = "/_casfs/"
+WARMUP_PROMPT = "Hello, my name is"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """"HOST:PORT" -> (host, port); raises ValueError with a usable message."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"--listen must be HOST:PORT, got {value!r}")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"--listen port must be a number, got {port!r}") from None
+    if not 0 <= p <= 65535:
+        raise ValueError(f"--listen port must be 0-65535, got {p}")
+    return host.strip("[]"), p
+
+
+def start_engine(args: argparse.Namespace, timings: dict[str, float]) -> Engine:
+    """The engine named by --engine, started on --model-dir; ``timings["import"]`` gets the
+    seconds spent importing the engine's package."""
+    if args.engine == "echo":
+        from .echo import EchoEngine
+
+        return EchoEngine(args.name, max_model_len=args.max_model_len or 256)
+    from .engine import VllmEngine, VllmOptions
+
+    t = time.monotonic()
+    VllmEngine.preload()
+    timings["import"] = time.monotonic() - t
+    return VllmEngine.start(args.model_dir, args.name,
+                            VllmOptions(enforce_eager=args.eager, max_model_len=args.max_model_len))
+
+
+async def warm_up(engine: Engine) -> int:
+    """One short greedy generation; returns the number of tokens generated."""
+    ids = await asyncio.to_thread(engine.encode, WARMUP_PROMPT, add_special_tokens=True)
+    n = 0
+    async for d in engine.generate("warmup", ids, SamplingSettings(max_tokens=2, temperature=0.0)):
+        n += len(d.token_ids)
+    return n
+
+
+class Worker:
+    """The serving state of this process: app, HTTP server, boot timings, restore hooks."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.app = ServeApp(boot_report=self.report)
+        self.server = HttpServer(self._handle, on_error=lambda s, m: error_response(s, m))
+        self.phases: dict[str, float] = {}
+        self.vllm: dict[str, float] = {}
+        self.restores = 0
+        self.boot: dict | None = None
+        self.spawned_at = float(os.environ.get("CASFS_SERVE_SPAWNED_AT", WORKER_T0))
+
+    def _own_report(self) -> dict:
+        return {"worker": {"pid": os.getpid(), "phases": self.phases, "vllm": self.vllm,
+                           "engine": self.args.engine, "eager": self.args.eager,
+                           "restores": self.restores}}
+
+    def report(self) -> dict:
+        """/boot: the supervisor's whole-pipeline report once handed over, plus this process's view."""
+        return {**(self.boot or {}), **self._own_report()}
+
+    async def _handle(self, req: Request):
+        if req.path.startswith(CONTROL_PREFIX):
+            return await self._control(req)
+        return await self.app.handle(req)
+
+    async def _control(self, req: Request) -> Response:
+        """The supervisor's channel (POST with the control token; anyone else gets a 404)."""
+        token = self.args.control_token
+        if req.method != "POST" or not token or \
+                not hmac.compare_digest(req.headers.get("x-casfs-control", ""), token):
+            return error_response(404, f"no route {req.method} {req.path}", code="not_found")
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            return error_response(400, "body must be JSON")
+        if not isinstance(body, dict):
+            return error_response(400, "body must be a JSON object")
+        if req.path == CONTROL_PREFIX + "report":
+            self.boot = body
+            phases = body.get("phases") or {}
+            self.app.metrics.record_boot({k: float(v) for k, v in phases.items()}, body.get("total"),
+                                         str(body.get("mode", "")), str(body.get("snapshot") or ""))
+            return Response(200, b'{"ok":true}')
+        if req.path == CONTROL_PREFIX + "restored":
+            return await self._restored(body)
+        return error_response(404, f"no route {req.method} {req.path}", code="not_found")
+
+    async def _restored(self, body: dict) -> Response:
+        """The post-restore hook (snap=False work): reseed, optionally re-listen elsewhere."""
+        self.restores += 1
+        seed = int(body.get("seed", time.time_ns()))
+        random.seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed % (2 ** 32))
+        except ImportError:
+            pass
+        moved = None
+        if body.get("listen"):
+            host, port = parse_listen(body["listen"])
+            if (host, port) != self.server.address:
+                old = self.server
+                self.server = HttpServer(self._handle, on_error=lambda s, m: error_response(s, m))
+                moved = await self.server.start(host, port)
+                # the old listener stops accepting; this request's connection finishes normally
+                asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(old.close()))
+        return Response(200, json.dumps({"ok": True, "pid": os.getpid(), "seed": seed,
+                                         "listen": list(moved) if moved else None}).encode())
+
+    async def run(self) -> int:
+        args = self.args
+        self.phases["start"] = max(0.0, time.time() - self.spawned_at)
+        t = time.monotonic()
+        try:
+            engine = start_engine(args, self.phases)
+        except EngineError as e:
+            log.error("%s", e)
+            return 3
+        self.phases["engine"] = time.monotonic() - t
+        t = time.monotonic()
+        await warm_up(engine)
+        self.phases["warmup"] = time.monotonic() - t
+        if args.log and args.engine == "vllm":
+            try:
+                with open(args.log, encoding="utf-8", errors="replace") as f:
+                    self.vllm = parse_vllm_timings(f.read())
+            except OSError:
+                pass
+        t = time.monotonic()
+        host, port = parse_listen(args.listen)
+        self.app.set_engine(engine, ready=True)
+        await self.server.start(host, port)
+        self.phases["listen"] = time.monotonic() - t
+        log.info("serving %s on %s:%d (boot phases %s)", args.name, *self.server.address, self.phases)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.server.close()
+        await engine.close()
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve.worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--name", required=True, help="model name served in /v1/models")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--engine", choices=("vllm", "echo"), default="vllm")
+    p.add_argument("--eager", action="store_true", help="vLLM --enforce-eager (no torch.compile)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--control-token", default=os.environ.get("CASFS_SERVE_CONTROL_TOKEN", ""))
+    p.add_argument("--log", default=None, help="the log file stdout/stderr go to (for vLLM's timings)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s serve.worker[%(process)d] %(levelname)s %(message)s")
+    try:
+        parse_listen(args.listen)
+    except ValueError as e:
+        print(f"serve.worker: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(Worker(args).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
