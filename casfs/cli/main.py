@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "casfs.cli.build",
     "casfs.cli.files",
     "casfs.cli.transfer",
+    "casfs.cli.serve",
 ]
 
 DESCRIPTION = """\
