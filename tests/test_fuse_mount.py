@@ -526,3 +526,24 @@ def test_forget_releases_kernel_references(tree_image):
 
     known, link_ino = trio.run(run)
     assert known == 1 and link_ino > image.index.n_entries
+
+
+def test_a_process_with_threads_gets_a_re_executed_daemon(tree_image, mounts, tmp_path):
+    """Forking a threaded process is unsafe: mount() starts `casfs mount --foreground` instead."""
+    store, image, src, files, has_x = tree_image
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        info = mounts(image, mnt)
+    finally:
+        stop.set()
+        t.join()
+    with open(f"/proc/{info.pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"--foreground" in argv and b"--ready-fd" in argv
+    with open(os.path.join(mnt, "usr/lib/libbig.so"), "rb") as f:
+        assert f.read() == files["usr/lib/libbig.so"]
+    casfs.unmount(mnt)
+    assert _gone(info.pid) and not is_mounted(mnt)

@@ -68,7 +68,8 @@ def _options(args: argparse.Namespace):
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from casfs.fuse import mount as m
+    from casfs.fuse import daemon
+    from casfs.fuse.mount import mount
 
     for value, flag in ((args.read_ahead_kb, "--read-ahead-kb"), (args.max_background, "--max-background")):
         if value is not None and value <= 0:
@@ -79,16 +80,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     image = open_store_from_args(args).open_image(args.name)
     opts = _options(args)
     if args.ready_fd is not None:  # re-executed as a daemon by casfs.fuse.mount.mount()
-        return m._daemon_body(image, args.mountpoint, opts, args.ready_fd,
-                              opts.log_file or os.devnull)
+        return daemon.daemon_body(image, args.mountpoint, opts, args.ready_fd, opts.log_file or os.devnull)
     if args.foreground:
         def ready(info) -> None:
             print(f"casfs: mounted {image.name} ({image.id[:12]}) at {info.mountpoint} "
                   f"in {(time.perf_counter() - t0) * 1e3:.0f} ms; Ctrl-C unmounts", file=sys.stderr)
 
-        m.serve(image, args.mountpoint, opts, on_ready=ready)
+        daemon.serve(image, args.mountpoint, opts, on_ready=ready)
         return 0
-    info = m.mount(image, args.mountpoint, opts)
+    info = mount(image, args.mountpoint, opts)
     print(f"mounted {image.name} ({image.id[:12]}) at {info.mountpoint} "
           f"[pid {info.pid}, {(time.perf_counter() - t0) * 1e3:.0f} ms, log {info.log}]", file=sys.stderr)
     return 0
