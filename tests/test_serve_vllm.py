@@ -1,0 +1,265 @@
+"""`casfs serve` with the real vLLM engine (CPU build, .venv-vllm) on a tiny random Llama.
+
+The model is built by scripts/make_tiny_model.py (no hub access), stored as a casfs image, and
+served by a `casfs serve` subprocess running .venv-vllm's python, which mounts the image lazily
+(FUSE) and boots vLLM eagerly with the fast-boot flags; the replica boots once per module.
+Requests go through the official openai client and raw sockets.
+
+These tests need .venv-vllm (scripts/setup_vllm.sh, run by `make test`'s setup). Without it
+they fail, unless SKIP_VLLM=1 says vLLM is deliberately not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+import casfs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VLLM_PY = os.path.join(ROOT, os.environ.get("VLLM_VENV", ".venv-vllm"), "bin", "python")
+MODEL = "tiny"
+BOOT_TIMEOUT = 420
+
+pytestmark = pytest.mark.slow
+
+
+def _require_vllm() -> None:
+    if os.environ.get("SKIP_VLLM") == "1":
+        pytest.skip("SKIP_VLLM=1: vLLM is deliberately not installed")
+    if not os.path.exists(VLLM_PY):
+        pytest.fail(f"{VLLM_PY} is missing: run scripts/setup_vllm.sh (or set SKIP_VLLM=1)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProc:
+    """A `casfs serve` subprocess; ``report`` is the boot report it printed once serving."""
+
+    def __init__(self, store: str, workdir: str, *args: str) -> None:
+        self.port = free_port()
+        self.listen = f"127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.base = f"http://{self.listen}"
+        argv = [VLLM_PY, "-m", "casfs.cli.main", "--store", store, "serve", MODEL, "--listen", self.listen,
+                "--workdir", workdir, *args]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        self.report = self._read_report()
+
+    def _read_report(self) -> dict:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        buf = b""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 1.0)
+            if r:
+                got = os.read(self.proc.stdout.fileno(), 65536)
+                if not got:
+                    break
+                buf += got
+                if b"\n" in buf:
+                    return json.loads(buf.split(b"\n", 1)[0])
+            elif self.proc.poll() is not None:
+                break
+        self.stop()
+        err = self.proc.stderr.read().decode(errors="replace")[-3000:]
+        raise AssertionError(f"casfs serve did not boot (status {self.proc.returncode}):\n{err}")
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    """A store holding the tiny model as image "tiny" (built with .venv-vllm's transformers)."""
+    _require_vllm()
+    d = tmp_path_factory.mktemp("serve-vllm")
+    model_dir = d / "model"
+    subprocess.run([VLLM_PY, os.path.join(ROOT, "scripts", "make_tiny_model.py"), str(model_dir)],
+                   check=True, capture_output=True, timeout=300)
+    store = casfs.open_store(str(d / "store"))
+    casfs.build(store, str(model_dir), tag=MODEL, progress=False)
+    store.close()
+    return d
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_store):
+    s = ServeProc(str(tiny_store / "store"), str(tiny_store / "work"), "--eager", "--fast-boot")
+    yield s
+    assert s.stop() == 0
+    mounts = open("/proc/self/mounts").read()
+    assert str(tiny_store / "work") not in mounts, "casfs serve left its model mount behind"
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+# -- boot ------------------------------------------------------------------------------------------
+
+
+def test_the_replica_boots_through_every_phase_from_a_lazily_mounted_image(replica):
+    r = replica.report
+    assert r["mode"] == "cold" and r["engine"] == "vllm" and r["eager"] is True
+    assert list(r["phases"]) == ["gpu_health", "mount", "init", "weights", "warmup", "first_token"]
+    assert all(v >= 0 for v in r["phases"].values())
+    assert r["materialize"] == "mount" and r["details"]["mount"]["reused"] is False
+    assert r["model_dir"].startswith(replica.workdir)
+    assert r["total"] >= sum(r["phases"].values()) * 0.99
+    assert r["first_token_text"]
+    assert r["gpu"]["status"] in ("no_gpu", "healthy")
+    # vLLM's own timings were read from its log
+    assert r["details"]["worker"]["vllm"]["weights"] == r["phases"]["weights"]
+    status, body = replica.get("/boot")
+    assert status == 200 and json.loads(body)["phases"] == r["phases"]
+
+
+def test_boot_phases_are_exported_as_prometheus_metrics(replica):
+    status, body = replica.get("/metrics")
+    text = body.decode()
+    assert status == 200
+    for phase, seconds in replica.report["phases"].items():
+        assert _metric(text, f'casfs_serve_boot_phase_seconds{{phase="{phase}"}}') == pytest.approx(seconds)
+    assert _metric(text, "casfs_serve_boot_seconds") == pytest.approx(replica.report["total"])
+    assert _metric(text, 'casfs_serve_boot_info{mode="cold",snapshot=""}') == 1
+
+
+# -- the API over vLLM ----------------------------------------------------------------------------------
+
+
+def test_models_and_health_answer(replica):
+    c = replica.client()
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    assert c.models.retrieve(MODEL).max_model_len == 512
+    assert replica.get("/health")[0] == 200
+
+
+def test_a_greedy_completion_is_deterministic_and_matches_its_stream(replica):
+    c = replica.client()
+    a = c.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=12, temperature=0, logprobs=2)
+    b = c.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=12, temperature=0, logprobs=2)
+    assert a.choices[0].text == b.choices[0].text and a.choices[0].text
+    assert a.choices[0].logprobs.token_logprobs == b.choices[0].logprobs.token_logprobs
+    assert a.usage.completion_tokens == 12 and a.choices[0].finish_reason == "length"
+    assert len(a.choices[0].logprobs.tokens) == 12
+    assert "".join(a.choices[0].logprobs.tokens) == a.choices[0].text
+    chunks = list(c.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == a.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_completions_and_chat_streams_work(replica):
+    c = replica.client()
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is a chunk?"}]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 8
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_bad_inputs_get_openai_error_objects_and_the_server_keeps_serving(replica):
+    c = replica.client()
+    req = urllib.request.Request(replica.base + "/v1/completions", data=b"{broken",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="llama-70b", prompt="x")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="x", max_tokens=-5)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    assert c.completions.create(model=MODEL, prompt="still here", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_client_disconnect_mid_stream_aborts_the_request_in_vllm(replica):
+    s = socket.create_connection(("127.0.0.1", replica.port), timeout=60)
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
+                       "stream": True, "ignore_me": 1}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+              % (len(body), body))
+    buf = b""
+    while buf.count(b"data: {") < 3:
+        got = s.recv(65536)
+        assert got
+        buf += got
+    s.close()
+    deadline = time.monotonic() + 30
+    while True:
+        text = replica.get("/metrics")[1].decode()
+        if _metric(text, "casfs_serve_requests_running") == 0:
+            break
+        assert time.monotonic() < deadline, "the abandoned generation is still running"
+        time.sleep(0.1)
+    assert _metric(text, 'casfs_serve_client_disconnects_total{endpoint="/v1/completions"}') >= 1
+    # it stopped early: far fewer than 400 tokens were generated for it
+    before = _metric(text, "casfs_serve_generation_tokens_total")
+    c = replica.client()
+    assert c.completions.create(model=MODEL, prompt="after", max_tokens=3).usage.completion_tokens == 3
+    after = _metric(replica.get("/metrics")[1].decode(), "casfs_serve_generation_tokens_total")
+    assert after == before + 3
+
+
+# -- the command line without vLLM ------------------------------------------------------------------------
+
+
+def test_casfs_help_works_without_importing_vllm():
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys, casfs.cli.main as m\n"
+                          "m.build_parser().parse_args(['serve', 'img', '--snapshot', 't'])\n"
+                          "assert 'vllm' not in sys.modules, 'vllm imported by the CLI'\n"
+                          "print('ok')"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
+    h = subprocess.run([sys.executable, "-m", "casfs.cli.main", "serve", "--help"], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert h.returncode == 0 and "--snapshot TAG" in h.stdout
+
+
+def test_create_without_a_snapshot_tag_is_refused(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", str(tmp_path / "s"), "serve",
+                          "img", "--create"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1 and "--create needs --snapshot TAG" in out.stderr
