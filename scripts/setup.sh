@@ -39,3 +39,8 @@ fi
 # CRIU >= 4.2 for snapshot.cpu (built once into .cache/criu-<version>/; a no-op when present).
 # A failed build does not stop setup: the CRIU tests then fail and say how to get one.
 bash scripts/build_criu.sh || echo "casfs setup: WARNING: no usable CRIU (snapshot.cpu tests will fail)" >&2
+
+# vLLM's CPU build for serve/, in its own venv (.venv-vllm: ~5 min and 3.4 GB the first time, a
+# no-op after). SKIP_VLLM=1 skips it (the vLLM tests then skip). A failed install does not stop
+# setup: the vLLM tests then fail and say how to get it.
+bash scripts/setup_vllm.sh || echo "casfs setup: WARNING: vLLM is not installed (serve's vLLM tests will fail)" >&2
