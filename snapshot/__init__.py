@@ -5,6 +5,10 @@
 * ``snapshot.gpu``: suspend/resume a process's GPU state with the driver's checkpoint API
   (``suspend``, ``resume``), transactional, so a failed restore never leaves a stuck process.
 * ``snapshot.compat``: the host/GPU compatibility key a snapshot carries.
+* ``snapshot.cpu``: CRIU checkpoints of process trees stored as casfs images (``spawn``,
+  ``checkpoint``, ``restore``, ``restore_or_start``); ``snapshot.criu`` finds CRIU >= 4.2 and
+  explains its failures; ``snapshot.lifecycle``: ``ready()`` and ``after_restore`` hooks for
+  the snapshotted program.
 
 Submodules are imported on first use, so ``import snapshot`` needs neither torch nor CUDA.
 """
@@ -21,6 +25,12 @@ _LAZY = {
     "RestoreFailed": "gpu", "GpuUnavailable": "compat",
     "host_key": "compat", "gpu_key": "compat", "snapshot_key": "compat",
     "compatibility_problems": "compat", "check_compatible": "compat", "IncompatibleHost": "compat",
+    "spawn": "cpu", "checkpoint": "cpu", "restore": "cpu", "restore_or_start": "cpu",
+    "SnapshotRef": "cpu", "SpawnedProcess": "cpu", "RestoredProcess": "cpu", "Started": "cpu",
+    "list_snapshots": "cpu", "read_meta": "cpu", "restore_problems": "cpu",
+    "CriuError": "criu", "CriuUnavailable": "criu", "RuleViolation": "criu", "find_criu": "criu",
+    "ready": "lifecycle", "after_restore": "lifecycle", "reseed_random": "lifecycle",
+    "restored": "lifecycle", "supervised": "lifecycle",
 }
 
 
