@@ -1,0 +1,72 @@
+"""casfs run: a real runc container whose root filesystem is a lazy casfs mount."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import casfs
+
+BUSYBOX = "/bin/busybox"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="containers need root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+    pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed (apt-get install runc)"),
+    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static is not installed"),
+]
+
+
+def _busybox_root(root):
+    os.makedirs(root / "bin")
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "echo", "cat", "ls", "mount", "id", "wc"):
+        os.symlink("busybox", root / "bin" / applet)
+    for d in ("proc", "dev", "sys", "tmp", "etc", "root"):
+        os.makedirs(root / d, exist_ok=True)
+    (root / "etc" / "motd").write_text("hello from a lazily mounted image\n")
+
+
+def _casfs_mounts():
+    with open("/proc/mounts") as f:
+        return [line for line in f if "casfs" in line or "overlay" in line.split()[2:3]]
+
+
+def test_a_container_runs_from_a_lazy_mount_and_passes_its_exit_code(tmp_path):
+    _busybox_root(tmp_path / "root")
+    store = casfs.open_store(str(tmp_path / "store"))
+    casfs.build(store, str(tmp_path / "root"), tag="bb", progress=False)
+    image = store.open_image("bb")
+    before = _casfs_mounts()
+    from casfs.run import run_container
+
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        rc = run_container(image, ["sh", "-c", "cat /etc/motd; echo pid=$$; echo scratch > /etc/new; "
+                                              "cat /etc/new; ls /proc/self >/dev/null && exit 3"],
+                           stdout=f, stderr=subprocess.STDOUT, timeout=120)
+    text = out.read_text()
+    assert rc == 3, text
+    assert "hello from a lazily mounted image" in text
+    assert "pid=1" in text  # its own PID namespace
+    assert "scratch" in text  # the overlay takes writes
+    assert not store.open_image("bb").exists("etc/new")  # the image itself is untouched
+    assert _casfs_mounts() == before  # everything unmounted
+
+
+def test_the_cli_runs_a_command_and_returns_its_status(tmp_path):
+    _busybox_root(tmp_path / "root")
+    env = dict(os.environ, CASFS_HOME=str(tmp_path / "home"))
+    casfs_bin = [sys.executable, "-m", "casfs.cli.main"]
+    subprocess.run(casfs_bin + ["build", str(tmp_path / "root"), "--tag", "bb"], env=env, check=True,
+                   capture_output=True)
+    p = subprocess.run(casfs_bin + ["run", "bb", "--", "sh", "-c", "echo ok; exit 5"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 5, p.stderr
+    assert p.stdout.strip() == "ok"
+    p = subprocess.run(casfs_bin + ["run", "bb"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "no command given" in p.stderr
