@@ -15,6 +15,9 @@ COMMAND_MODULES = [
     "casfs.cli.build",
     "casfs.cli.files",
     "casfs.cli.transfer",
+    "casfs.cli.mount",
+    "casfs.cli.run",
+    "casfs.cli.cacheserver",
     "casfs.cli.serve",
 ]
 
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="URL", default=None, help="blob store URL (default: $CASFS_STORE or the local store)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="ssd cache tier directory (default: $CASFS_HOME/cache for remote stores; none for local)")
+    p.add_argument("--azcache", metavar="URLS", default=None,
+                   help="AZ cache servers, comma-separated http://host:port/ (default: $CASFS_AZCACHE)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks on errors")
     p.add_argument("--version", action="version", version=f"casfs {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -57,7 +62,7 @@ def open_store_from_args(args: argparse.Namespace):
     """The Store named by --store/--cache-dir (shared by every command)."""
     import casfs
 
-    return casfs.open_store(args.store, cache_dir=args.cache_dir)
+    return casfs.open_store(args.store, cache_dir=args.cache_dir, azcache=getattr(args, "azcache", None))
 
 
 def main(argv: list[str] | None = None) -> int:
