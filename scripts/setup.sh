@@ -7,7 +7,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights}
 
-APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo"
+APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
   for p in $APT_PKGS; do
