@@ -89,7 +89,7 @@ def start_cli_server(store_dir: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "casfs.cli.main", "cache-server", "--listen", "127.0.0.1:0",
                              "--store", store_dir, "--memory", "64M"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    m = re.search(r"127\.0\.0\.1:(\d+)/", proc.stdout.readline())
+    m = re.search(r" on http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
     assert m, "cache-server did not start"
     return proc, int(m.group(1))
 
