@@ -138,7 +138,10 @@ def repeat(fn: Callable[..., Any], repeats: int, warmup: int = 1,
 
 def ratio(x: float, base: float) -> str:
     """'2.31x' (x / base), or 'n/a'."""
-    return f"{x / base:.2f}x" if base else "n/a"
+    if not base:
+        return "n/a"
+    r = x / base
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
 
 
 # -- output ----------------------------------------------------------------------------------

@@ -1,0 +1,287 @@
+"""Benchmark: building an image from a real tree, per chunk size, with dedup and read-back costs.
+
+The tree (default: this venv's site-packages, ~1.5 GB with torch, ~43k files, most of them
+small) is mirrored with hard links (``cp -al``) into a work directory so that one file can be
+changed without touching the original. Baselines, measured in the same run on the same
+page-cache-warm tree:
+
+  cat          ``find -type f | xargs cat > /dev/null``: plain read throughput of the tree
+  tar|zstd -1  ``tar cf - . | zstd -1 -T0``: a whole-tree archive compressed on all cores
+
+Then for each chunk size (default 1, 4 and 16 MiB; a fresh local store each):
+
+  build        ``casfs.build`` of the tree: MB/s of input, stored size vs raw, objects written
+               (packs and loose chunks), chunk count
+  rebuild      one mid-sized file (the one closest to ``--change-size``) gets one byte flipped
+               in its middle; the tree is built again (deduplicated against the first image's
+               tag): what it stores should be about one chunk of that file
+  read all     a new Store (no memory or ssd tier, store objects in the page cache) reads every
+               file whole through ``Image.read_entry``: MB/s (vs cat)
+  random 4K    ``--random-reads`` 4 KiB reads at random offsets of files >= 1 MiB, each from a
+               new Store's cold read path (a whole chunk fetched, decompressed and verified):
+               p50/p99 latency, against os.pread of the same offsets
+
+Usage: python benchmarks/bench_build.py [--tree DIR] [--chunk-sizes 1,4,16] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import stat as statmod
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (ROOT, MiB, Samples, describe_machine, human_bytes, machine_info, ratio,  # noqa: E402
+                     table, write_results)
+
+import casfs  # noqa: E402
+
+DEFAULT_TREE = os.path.join(ROOT, ".venv", "lib", "python3.11", "site-packages")
+SMALL = 64 << 10
+
+
+def scan(tree: str) -> dict:
+    """Counts and sizes of a tree (lstat, no symlink following)."""
+    files: list[tuple[str, int]] = []
+    dirs = links = other = 0
+    for top, dnames, fnames in os.walk(tree):
+        dirs += 1
+        for n in fnames + [d for d in dnames if os.path.islink(os.path.join(top, d))]:
+            p = os.path.join(top, n)
+            st = os.lstat(p)
+            if statmod.S_ISREG(st.st_mode):
+                files.append((os.path.relpath(p, tree), st.st_size))
+            elif statmod.S_ISLNK(st.st_mode):
+                links += 1
+            else:
+                other += 1
+    sizes = sorted(s for _, s in files)
+    return {
+        "files": len(files), "dirs": dirs, "symlinks": links, "other": other,
+        "bytes": sum(sizes), "small_files": sum(1 for s in sizes if s <= SMALL),
+        "small_bytes": sum(s for s in sizes if s <= SMALL),
+        "median_file": sizes[len(sizes) // 2] if sizes else 0,
+        "largest_file": sizes[-1] if sizes else 0,
+        "_files": files,
+    }
+
+
+def sh(cmd: str, cwd: str) -> tuple[float, str]:
+    """Run a shell pipeline; (seconds, stdout)."""
+    t0 = time.perf_counter()
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=cwd, check=True, capture_output=True,
+                         text=True).stdout
+    return time.perf_counter() - t0, out
+
+
+def store_usage(path: str) -> dict:
+    """Objects and bytes in a local store directory, by kind."""
+    out: dict[str, list[int]] = {}
+    for kind in ("chunks", "packs", "indexes", "tags"):
+        n = b = 0
+        for top, _, fnames in os.walk(os.path.join(path, kind)):
+            for f in fnames:
+                n += 1
+                b += os.lstat(os.path.join(top, f)).st_size
+        out[kind] = [n, b]
+    return {"objects": sum(v[0] for v in out.values()), "bytes": sum(v[1] for v in out.values()),
+            **{f"{k}_objects": v[0] for k, v in out.items()}, **{f"{k}_bytes": v[1] for k, v in out.items()}}
+
+
+def change_one_byte(mirror: str, rel: str) -> None:
+    """Replace the hard link ``mirror/rel`` with a copy that has one byte flipped mid-file."""
+    p = os.path.join(mirror, rel)
+    with open(p, "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF
+    mode = os.lstat(p).st_mode
+    os.unlink(p)  # the original (shared inode) is never written
+    with open(p, "wb") as f:
+        f.write(data)
+    os.chmod(p, statmod.S_IMODE(mode))
+
+
+def restore_link(tree: str, mirror: str, rel: str) -> None:
+    p = os.path.join(mirror, rel)
+    os.unlink(p)
+    os.link(os.path.join(tree, rel), p)
+
+
+def read_all(store_path: str, tag: str) -> tuple[float, int]:
+    """Read every regular file of the image whole, from a new Store: (seconds, bytes)."""
+    with casfs.open_store(store_path, memory_bytes=0) as st:
+        t0 = time.perf_counter()
+        img = st.open_image(tag)
+        ix = img.index
+        n = 0
+        for i in range(ix.n_entries):
+            if statmod.S_ISREG(ix.mode(i)) and ix.size(i):
+                n += len(img.read_entry(i))
+        return time.perf_counter() - t0, n
+
+
+def random_reads(store_path: str, tag: str, mirror: str, picks: list[tuple[str, int]]) -> tuple[Samples, Samples]:
+    """4 KiB reads at ``picks`` (path, offset): casfs cold read path vs os.pread (page cache)."""
+    cas, base = Samples(), Samples()
+    for rel, off in picks:
+        with casfs.open_store(store_path, memory_bytes=0) as st:  # nothing cached in-process
+            img = st.open_image(tag)
+            entry = img.lookup(rel)
+            t0 = time.perf_counter()
+            got = img.read_entry(entry, off, 4096)
+            cas.add(time.perf_counter() - t0)
+        fd = os.open(os.path.join(mirror, rel), os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            want = os.pread(fd, 4096, off)
+            base.add(time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+        if got != want:
+            raise SystemExit(f"read mismatch at {rel}+{off}")
+    return cas, base
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--tree", default=DEFAULT_TREE, help="directory to build (default: the venv's site-packages)")
+    ap.add_argument("--chunk-sizes", default="1,4,16",
+                    help="comma-separated chunk sizes in MiB (may be fractional: 0.25); default 1,4,16")
+    ap.add_argument("--change-size", type=float, default=40.0,
+                    help="MiB: the rebuild changes the file closest to this size (default 40)")
+    ap.add_argument("--random-reads", type=int, default=200, help="random 4 KiB reads per chunk size (default 200)")
+    ap.add_argument("--no-dedup", action="store_true", help="skip the rebuild with one file changed")
+    ap.add_argument("--no-read", action="store_true", help="skip the read-back measurements")
+    ap.add_argument("--workdir", default=None, help="scratch directory on the tree's filesystem (default: temp)")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/build.json)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    started = time.time()
+    machine = machine_info()
+    print(f"machine: {describe_machine(machine)}")
+    tree = os.path.abspath(args.tree)
+    sizes = [int(float(x) * MiB) for x in args.chunk_sizes.split(",") if x.strip()]
+    work = args.workdir or tempfile.mkdtemp(prefix="casfs-bench-build-")
+    os.makedirs(work, exist_ok=True)
+    mirror = os.path.join(work, "tree")
+    results: dict = {"tree": tree, "baselines": {}, "builds": []}
+    try:
+        info = scan(tree)
+        files = info.pop("_files")
+        results["tree_info"] = info
+        print(f"tree: {tree}\n  {info['files']} files ({human_bytes(info['bytes'])}), {info['dirs']} dirs, "
+              f"{info['symlinks']} symlinks; {info['small_files']} files <= 64 KiB "
+              f"({human_bytes(info['small_bytes'])}); median file {human_bytes(info['median_file'])}, "
+              f"largest {human_bytes(info['largest_file'])}")
+        target = int(args.change_size * MiB)
+        changed, changed_size = min(files, key=lambda f: abs(f[1] - target))
+        results["changed_file"] = {"path": changed, "bytes": changed_size}
+        if os.path.exists(mirror):
+            shutil.rmtree(mirror)
+        subprocess.run(["cp", "-al", tree, mirror], check=True)
+
+        # -- baselines (warm the page cache first: every measurement below reads from it)
+        sh("find . -type f -print0 | xargs -0 cat > /dev/null", mirror)
+        t_cat, _ = sh("find . -type f -print0 | xargs -0 cat > /dev/null", mirror)
+        t_tz, out = sh("tar cf - . | zstd -1 -T0 -q -c | wc -c", mirror)
+        raw = info["bytes"]
+        results["baselines"] = {
+            "cat_s": t_cat, "cat_MBps": raw / 1e6 / t_cat,
+            "tar_zstd1_s": t_tz, "tar_zstd1_MBps": raw / 1e6 / t_tz, "tar_zstd1_bytes": int(out.strip()),
+        }
+        print(f"baselines: cat {raw / 1e6 / t_cat:.0f} MB/s; tar|zstd -1 -T0 {raw / 1e6 / t_tz:.0f} MB/s, "
+              f"{human_bytes(int(out.strip()))} ({raw / int(out.strip()):.2f}x)")
+
+        rng = random.Random(args.seed)
+        big = [f for f in files if f[1] >= MiB]
+        picks = [(rel, rng.randrange(0, size - 4096)) for rel, size in rng.choices(big, k=args.random_reads)] \
+            if big and args.random_reads else []
+
+        for cs in sizes:
+            store_path = os.path.join(work, f"store-{cs}")
+            shutil.rmtree(store_path, ignore_errors=True)
+            row: dict = {"chunk_size": cs}
+            with casfs.open_store(store_path, memory_bytes=0) as st:
+                r1 = casfs.build(st, mirror, tag="first", chunk_size=cs, progress=False)
+            use = store_usage(store_path)
+            p = r1.pack
+            row.update({
+                "build_s": r1.seconds, "build_MBps": r1.mb_per_s, "entries": r1.entries,
+                "bytes_in": p.bytes_in, "stored_bytes": use["bytes"], "stored_vs_raw": use["bytes"] / max(1, p.bytes_in),
+                "chunks": p.chunks_total, "chunks_new": p.chunks_new, "packs": p.packs, "loose": p.loose,
+                "objects": use["objects"], "index_bytes": r1.index_bytes,
+                "vs_tar_zstd": r1.mb_per_s / results["baselines"]["tar_zstd1_MBps"],
+            })
+            print(f"\nchunk size {human_bytes(cs)}: build {r1.seconds:.1f} s, {r1.mb_per_s:.0f} MB/s "
+                  f"({ratio(r1.mb_per_s, results['baselines']['tar_zstd1_MBps'])} tar|zstd), stored "
+                  f"{human_bytes(use['bytes'])} ({use['bytes'] / max(1, p.bytes_in):.3f} of raw), "
+                  f"{p.packs} packs + {p.loose} loose chunks, {p.chunks_total} chunks "
+                  f"({p.chunks_total - p.chunks_new} deduplicated within the tree)")
+            if not args.no_dedup:
+                change_one_byte(mirror, changed)
+                try:
+                    with casfs.open_store(store_path, memory_bytes=0) as st:
+                        r2 = casfs.build(st, mirror, tag="second", chunk_size=cs, progress=False)
+                finally:
+                    restore_link(tree, mirror, changed)
+                use2 = store_usage(store_path)
+                q = r2.pack
+                row.update({
+                    "rebuild_s": r2.seconds, "rebuild_MBps": r2.mb_per_s,
+                    "rebuild_chunks_new": q.chunks_new, "rebuild_new_raw_bytes": q.bytes_new_raw,
+                    "rebuild_new_stored_bytes": q.bytes_stored,
+                    "rebuild_store_growth_bytes": use2["bytes"] - use["bytes"],
+                    "rebuild_dedup_ratio": r2.dedup_ratio,
+                })
+                print(f"  rebuild, 1 byte of {changed} ({human_bytes(changed_size)}) changed: "
+                      f"{r2.seconds:.1f} s, {q.chunks_new} new chunks, {human_bytes(q.bytes_new_raw)} new raw, "
+                      f"store grew {human_bytes(use2['bytes'] - use['bytes'])} (index included); "
+                      f"dedup {r2.dedup_ratio:.0f}x")
+            if not args.no_read:
+                t_read, n = read_all(store_path, "first")
+                row.update({"read_all_s": t_read, "read_all_MBps": n / 1e6 / t_read,
+                            "read_vs_cat": (n / t_read) / (raw / t_cat)})
+                print(f"  read every file (new Store, objects in page cache): {n / 1e6 / t_read:.0f} MB/s "
+                      f"({ratio(n / t_read, raw / t_cat)} cat)")
+                if picks:
+                    cas, base = random_reads(store_path, "first", mirror, picks)
+                    row.update({"rand4k_ms": cas.summary(1e3), "rand4k_pread_ms": base.summary(1e3)})
+                    print(f"  random 4 KiB cold reads: p50 {cas.median * 1e3:.2f} ms, p99 "
+                          f"{cas.quantile(0.99) * 1e3:.2f} ms (pread p50 {base.median * 1e6:.1f} us)")
+            results["builds"].append(row)
+            shutil.rmtree(store_path, ignore_errors=True)
+
+        cols = ["chunk", "build MB/s", "vs tar|zstd", "stored/raw", "packs", "loose", "rebuild new",
+                "read MB/s", "vs cat", "4K p50 ms", "4K p99 ms"]
+        rows = []
+        for r in results["builds"]:
+            rows.append({
+                "chunk": human_bytes(r["chunk_size"]), "build MB/s": r["build_MBps"],
+                "vs tar|zstd": f"{r['vs_tar_zstd']:.2f}x", "stored/raw": r["stored_vs_raw"],
+                "packs": r["packs"], "loose": r["loose"],
+                "rebuild new": human_bytes(r["rebuild_new_raw_bytes"]) if "rebuild_new_raw_bytes" in r else "",
+                "read MB/s": r.get("read_all_MBps"), "vs cat": f"{r['read_vs_cat']:.2f}x" if "read_vs_cat" in r else "",
+                "4K p50 ms": r["rand4k_ms"]["median"] if "rand4k_ms" in r else None,
+                "4K p99 ms": r["rand4k_ms"]["p99"] if "rand4k_ms" in r else None,
+            })
+        print("\n" + table(rows, cols))
+        path = write_results("build", vars(args), results, started=started, out=args.out, machine=machine)
+        print(f"results: {os.path.relpath(path)}")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        elif os.path.exists(mirror):
+            shutil.rmtree(mirror, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
