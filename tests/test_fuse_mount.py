@@ -547,3 +547,19 @@ def test_a_process_with_threads_gets_a_re_executed_daemon(tree_image, mounts, tm
         assert f.read() == files["usr/lib/libbig.so"]
     casfs.unmount(mnt)
     assert _gone(info.pid) and not is_mounted(mnt)
+
+
+def test_a_store_without_a_memory_tier_serves_multi_chunk_files(tree_image, mounts, tmp_path):
+    store, image, src, files, has_x = tree_image
+    bare = casfs.open_store(store.url, memory_bytes=0)
+    try:
+        mnt = str(tmp_path / "mnt")
+        mounts(bare.open_image("tree"), mnt)
+        for rel in ("usr/lib/libbig.so", "usr/lib/zeros", "usr/lib/exact.bin"):
+            with open(os.path.join(mnt, rel), "rb") as f:
+                assert f.read() == files[rel]
+        s = control(mnt, "stats")
+        assert [t["tier"] for t in s["tiers"]][0] == "blob"
+        assert s["mount"]["inline_hits"] > 0  # the kernel's requests inside one chunk shared a fetch
+    finally:
+        bare.close()

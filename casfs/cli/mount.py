@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 
 from .format import human
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--foreground", "-f", action="store_true", help="serve from this process until unmounted")
     p.add_argument("--allow-other", action="store_true", help="let other users see the files")
     p.add_argument("--read-ahead-kb", type=int, metavar="N", default=None,
-                   help="kernel readahead for the mount in KiB (default 1024)")
+                   help="kernel readahead for the mount in KiB (default 4096)")
     p.add_argument("--max-background", type=int, metavar="N", default=None,
                    help="FUSE background requests in flight (default 64)")
     p.add_argument("--record-profile", type=float, nargs="?", const=30.0, default=None, metavar="SECONDS",
@@ -67,6 +68,17 @@ def _options(args: argparse.Namespace):
                         log_file=args.log_file, verbose=max(1, args.verbose))
 
 
+def _import_fuse() -> None:
+    try:
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+
+        import casfs.fuse.daemon  # noqa: F401
+        import casfs.fuse.ops  # noqa: F401
+    except ImportError:
+        pass  # reported by the daemon with advice
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from casfs.fuse import daemon
     from casfs.fuse.mount import mount
@@ -77,7 +89,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.record_profile is not None and args.record_profile <= 0:
         raise ValueError("--record-profile SECONDS must be > 0")
     t0 = time.perf_counter()
-    image = open_store_from_args(args).open_image(args.name)
+    # the FUSE stack's imports (~100+ ms, mostly trio) overlap the index load, whose
+    # decompression and hashing release the GIL; the thread ends before any fork
+    preload = threading.Thread(target=_import_fuse, name="casfs-preload", daemon=True)
+    preload.start()
+    try:
+        image = open_store_from_args(args).open_image(args.name)
+    finally:
+        preload.join()
     opts = _options(args)
     if args.ready_fd is not None:  # re-executed as a daemon by casfs.fuse.mount.mount()
         return daemon.daemon_body(image, args.mountpoint, opts, args.ready_fd, opts.log_file or os.devnull)

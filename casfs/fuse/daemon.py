@@ -250,12 +250,15 @@ def serve(image: "Image", mountpoint: str, options: MountOptions | None = None, 
     Raises:
         MountError: when the mount point is unusable or FUSE cannot mount.
     """
-    import pyfuse3
-    import trio
-
     opts = options or MountOptions()
     mountpoint = kernel.resolve(mountpoint)
     try:
+        try:
+            import pyfuse3
+            import trio
+        except ImportError as e:
+            raise MountError(f"casfs mount needs pyfuse3 and trio ({e}): pip install 'casfs[fuse]' "
+                             "(pyfuse3 builds against libfuse3-dev)") from None
         if kernel.is_mounted(mountpoint):
             raise MountError(f"{mountpoint}: something is already mounted here (casfs umount {mountpoint})")
         if not os.path.isdir(mountpoint):

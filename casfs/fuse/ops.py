@@ -70,7 +70,9 @@ def _erofs(*_: Any) -> None:
 
 
 class _Handle:
-    """State of one open file: its entry, chunk refs seen so far, readahead, last chunk read."""
+    """State of one open file: its entry, chunk refs seen so far, readahead, and (only when
+    the store has no memory tier) the last chunk read, so that the kernel's several requests
+    inside one chunk fetch it once."""
 
     __slots__ = ("entry", "size", "refs", "ra", "last_j", "last_data", "safetensors")
 
@@ -378,17 +380,18 @@ class CasfsOperations(pyfuse3.Operations):
         return ref
 
     async def _chunk(self, h: _Handle, j: int) -> bytes:
-        if h.last_j == j and h.last_data is not None:
-            self.counters["inline_hits"] += 1
-            return h.last_data
-        ref = self._ref(h, j)
         mem = self._mem
+        if mem is None and h.last_j == j:  # no memory tier: keep the chunk being streamed
+            self.counters["inline_hits"] += 1
+            return h.last_data  # type: ignore[return-value]
+        ref = self._ref(h, j)
         data = mem.get(ref) if mem is not None and mem.contains(ref) else None
         if data is None:
             data = await self._fetch(self.chunks.get, ref, self._pm)
         else:
             self.counters["inline_hits"] += 1
-        h.last_j, h.last_data = j, data
+        if mem is None:
+            h.last_j, h.last_data = j, data
         return data
 
     async def _chunks(self, h: _Handle, c0: int, c1: int) -> list[bytes]:
@@ -401,14 +404,16 @@ class CasfsOperations(pyfuse3.Operations):
             got = await self._fetch(self.chunks.get_many, [refs[k] for k in missing], self._pm)
             for k, d in zip(missing, got):
                 out[k] = d
-        h.last_j, h.last_data = c1, out[-1]
+        if mem is None:
+            h.last_j, h.last_data = c1, out[-1]
         return out  # type: ignore[return-value]
 
     async def _fetch(self, fn: Callable, *args: Any) -> Any:
         self.counters["fetches"] += 1
         self.foreground_waiting += 1
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+            # abandon_on_cancel: unmounting must not wait for a fetch stuck on a dead backend
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
         finally:
             self.foreground_waiting -= 1
 

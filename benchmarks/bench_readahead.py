@@ -1,0 +1,175 @@
+"""Benchmark: sequential reads through a casfs mount per kernel readahead setting, against erofs
+and the local disk on the same bytes.
+
+A ``--size`` file (default 1 GiB, random bytes: stored raw, like float weights) is built into an
+image with 4 MiB chunks in a store under ``--store-dir`` (default /dev/shm: RAM-backed, so the
+numbers are about the read path, not the disk). Then for each ``read_ahead_kb`` x
+``max_background`` pair, ``--repeats`` times (best kept):
+
+  cold   a fresh mount (nothing in casfs's memory tier or the mount's page cache; the store's
+         files are in RAM) read start to end with 1 MiB ``readinto`` calls
+  warm   the same file read again on the same mount (keep_cache: served by the page cache)
+
+Baselines measured in the same run the same way:
+
+  erofs  ``mkfs.erofs`` image of the same file in the same directory, mounted file-backed
+         (the kernel's own read-only image filesystem: Nydus's in-kernel path); cold = fresh mount
+  disk   the source file on the local disk; cold = after ``posix_fadvise(DONTNEED)`` of that file
+         only (no global cache drop: other work shares this machine)
+
+Caveats: 2-core VMs shared with other work; freshly allocated page cache is slow to touch the
+first time here (see DESIGN.md), which caps every cold number, the baselines' too.
+
+Needs root and /dev/fuse. Usage:
+  python benchmarks/bench_readahead.py [--size-mib 1024] [--repeats 2] [--ra 128,1024,4096,32768]
+      [--bg 12,64] [--store-dir /dev/shm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import MiB, describe_machine, machine_info, table, write_results  # noqa: E402
+
+import casfs  # noqa: E402
+from casfs.fuse.mount import control  # noqa: E402
+
+GiB = 1 << 30
+
+
+def read_file(path: str, block: int = MiB) -> float:
+    """Seconds to read ``path`` start to end with ``block``-sized readinto calls."""
+    buf = bytearray(block)
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(mv):
+            pass
+    return time.perf_counter() - t0
+
+
+def drop_file_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def make_source(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ra", default="128,1024,4096,32768", help="read_ahead_kb values")
+    ap.add_argument("--bg", default="12,64", help="max_background values")
+    ap.add_argument("--store-dir", default="/dev/shm")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    started = time.time()
+    machine = machine_info()
+    print(describe_machine(machine))
+    size = args.size_mib * MiB
+    work = tempfile.mkdtemp(prefix="bench-ra-")
+    shm = tempfile.mkdtemp(prefix="bench-ra-", dir=args.store_dir)
+    os.environ["CASFS_RUNTIME_DIR"] = os.path.join(work, "run")
+    mnt = os.path.join(work, "mnt")
+    emnt = os.path.join(work, "erofs")
+    os.makedirs(mnt)
+    os.makedirs(emnt)
+    src = os.path.join(work, "src")
+    os.makedirs(src)
+    fname = "weights.bin"
+    rows = []
+    try:
+        make_source(os.path.join(src, fname), size)
+        store = casfs.open_store(os.path.join(shm, "store"))
+        t0 = time.perf_counter()
+        casfs.build(store, src, tag="bench", progress=False)
+        print(f"built {args.size_mib} MiB image in {time.perf_counter() - t0:.1f} s")
+        image = store.open_image("bench")
+        store.close()
+        gib = size / GiB
+
+        def best(fn, n=args.repeats) -> float:
+            return min(fn() for _ in range(n))
+
+        # -- baselines
+        disk = os.path.join(src, fname)
+        read_file(disk)
+        disk_warm = best(lambda: read_file(disk))
+        disk_cold = best(lambda: (drop_file_cache(disk), read_file(disk))[1])
+        rows.append({"fs": "disk (ext4)", "read_ahead_kb": "default", "max_background": "",
+                     "cold GiB/s": gib / disk_cold, "warm GiB/s": gib / disk_warm})
+        eimg = os.path.join(shm, "img.erofs")
+        if shutil.which("mkfs.erofs"):
+            subprocess.run(["mkfs.erofs", "-d0", eimg, src], check=True, capture_output=True)
+
+            def erofs_round() -> tuple[float, float]:
+                subprocess.run(["mount", "-t", "erofs", "-o", "ro", eimg, emnt], check=True, capture_output=True)
+                try:
+                    cold = read_file(os.path.join(emnt, fname))
+                    warm = read_file(os.path.join(emnt, fname))
+                finally:
+                    subprocess.run(["umount", emnt], check=True)
+                return cold, warm
+
+            res = [erofs_round() for _ in range(args.repeats)]
+            rows.append({"fs": "erofs (file-backed)", "read_ahead_kb": "default", "max_background": "",
+                         "cold GiB/s": gib / min(c for c, _ in res), "warm GiB/s": gib / min(w for _, w in res)})
+            os.unlink(eimg)
+
+        # -- casfs sweep
+        configs = [(ra, bg, True) for ra in map(int, args.ra.split(",")) for bg in map(int, args.bg.split(","))]
+        configs.append((1024, 64, False))  # user-space readahead off
+        for ra, bg, user_ra in configs:
+            colds, warms, reqs = [], [], []
+            for _ in range(args.repeats):
+                image = casfs.open_store(os.path.join(shm, "store")).open_image("bench")
+                casfs.mount(image, mnt, read_ahead_kb=ra, max_background=bg, readahead=user_ra,
+                            replay_profile=False)
+                try:
+                    path = os.path.join(mnt, fname)
+                    colds.append(read_file(path))
+                    s = control(mnt, "stats")["mount"]
+                    reqs.append(s["read_bytes"] / max(1, s["reads"]))
+                    warms.append(read_file(path))
+                finally:
+                    casfs.unmount(mnt)
+            rows.append({"fs": "casfs" + ("" if user_ra else " (no user readahead)"), "read_ahead_kb": ra,
+                         "max_background": bg, "cold GiB/s": gib / min(colds), "warm GiB/s": gib / min(warms),
+                         "avg request KiB": sum(reqs) / len(reqs) / 1024})
+            print(f"  ra={ra} bg={bg} user_ra={user_ra}: cold {gib / min(colds):.2f} GiB/s, "
+                  f"warm {gib / min(warms):.2f} GiB/s", flush=True)
+    finally:
+        if os.path.ismount(emnt):
+            subprocess.run(["umount", emnt], check=False)
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    cols = ["fs", "read_ahead_kb", "max_background", "cold GiB/s", "warm GiB/s", "avg request KiB"]
+    print(f"sequential read of a {args.size_mib} MiB file, best of {args.repeats}; store in {args.store_dir}")
+    print(table(rows, cols))
+    path = write_results("bench_readahead", {"size_mib": args.size_mib, "repeats": args.repeats,
+                                             "store_dir": args.store_dir}, rows, started=started,
+                         out=args.out, machine=machine)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
