@@ -34,7 +34,6 @@ Everything here runs as root (CRIU needs CAP_SYS_ADMIN and friends).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -95,8 +94,9 @@ class SpawnedProcess:
     """
 
     def __init__(self, launcher: subprocess.Popen, pid: int, ready_path: str, control_dir: str,
-                 stdout: str | None) -> None:
+                 stdout: str | None, cmd: list[str] | None = None) -> None:
         self.launcher = launcher
+        self.cmd = cmd or []
         self.pid = pid
         self.ready_path = ready_path
         self.control_dir = control_dir
@@ -110,7 +110,9 @@ class SpawnedProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the process to exit; returns its exit status (``unshare`` passes it on)."""
-        return self.launcher.wait(timeout)
+        rc = self.launcher.wait(timeout)
+        shutil.rmtree(self.control_dir, ignore_errors=True)
+        return rc
 
     def kill(self) -> None:
         """Kill the whole tree (SIGKILL to the namespace's init) and reap the launcher."""
@@ -203,7 +205,7 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
         if err_fd != out_fd:
             os.close(err_fd)
     pid = _first_child(launcher)
-    return SpawnedProcess(launcher, pid, ready_path, control, stdout)
+    return SpawnedProcess(launcher, pid, ready_path, control, stdout, list(cmd))
 
 
 def _first_child(launcher: subprocess.Popen, timeout: float = 10.0) -> int:
@@ -254,15 +256,23 @@ def _mapped_files(pids: list[int]) -> dict[str, int]:
 
 
 def _dist_version(name: str, where: str) -> str | None:
-    """Version of distribution ``name`` installed in the directory ``where`` (None if none)."""
+    """Version of distribution ``name`` installed in the directory ``where`` (None if none).
+
+    Read from the ``<name>-<version>.dist-info`` directory name (one listdir, no metadata
+    parsing: this runs on every restore).
+    """
     if not where:
         return None
+    norm = name.lower().replace("-", "_").replace(".", "_")
     try:
-        for d in importlib.metadata.distributions(path=[where]):
-            if (d.metadata.get("Name") or "").lower().replace("_", "-") == name.replace("_", "-"):
-                return d.version
-    except Exception:  # noqa: BLE001 - broken metadata means "unknown", never a crash
+        entries = os.listdir(where)
+    except OSError:
         return None
+    for entry in entries:
+        if entry.endswith(".dist-info"):
+            dist, _, version = entry[:-len(".dist-info")].partition("-")
+            if dist.lower().replace("-", "_").replace(".", "_") == norm and version:
+                return version
     return None
 
 
@@ -396,6 +406,7 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
     else:
         pid = int(proc)
     pids = criumod.process_tree(pid)
+    cmd = proc.cmd if isinstance(proc, SpawnedProcess) else _cmdline(pid)
     problems = criumod.tree_rule_problems(pid)
     if problems:
         if strict:
@@ -438,6 +449,7 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
             "criu": {"version": criu.version_text, "dump_flags": DUMP_FLAGS + (
                 ["--leave-running"] if leave_running else []), "restore_flags": RESTORE_FLAGS},
             "root_pid": pid, "ready": report,
+            "cmd": cmd,
             "open_files": [{"path": f["target"], "flags": f["flags"], "size": f["size"],
                             "fd": f["fd"], "pid": f["pid"]}
                            for f in files if f["regular"] and not f["deleted"]],
@@ -463,6 +475,14 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
     return SnapshotRef(res.image_id, tag, meta, store.url,
                        {"dump": t_dump, "store": t_store, "new_bytes": res.pack.bytes_new_raw,
                         "bytes": res.pack.bytes_in})
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def _link_remaps(d: str) -> list[str]:
@@ -644,7 +664,7 @@ def _prepare_host(meta: dict, imgdir: str) -> None:
 class RestoredProcess:
     """A process tree restored by ``restore``.
 
-    ``criu restore`` stays its parent (so it is reaped and its status known); ``pid`` is the
+    A small reaper process stays its parent (so it is reaped and its status known); ``pid`` is the
     restored tree's root (outer PID), ``ready_pid`` the process woken from ``ready()``.
     ``timings`` (seconds): ``open`` (index + metadata + key check), ``fetch`` (images out of
     casfs), ``criu`` (restore until the tree runs), ``total``.
@@ -692,7 +712,7 @@ class RestoredProcess:
         return self.criu_proc.poll()
 
     def wait(self, timeout: float | None = None) -> int:
-        """Wait for the restored tree to exit; returns ``criu restore``'s status (the tree's).
+        """Wait for the restored tree to exit; returns its root's exit status (128+N: signal N).
 
         Raises:
             subprocess.TimeoutExpired: after ``timeout`` seconds.
@@ -807,8 +827,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
                 time.sleep(0.0005)
             args.append("--lazy-pages")
         t2 = time.perf_counter()
-        proc = criumod.start(criu, args, log=os.path.join(work, "restore.log"),
-                             stderr_path=os.path.join(work, "restore.err"))
+        proc = criumod.start_restore(criu, args, log=os.path.join(work, "restore.log"),
+                                     stderr_path=os.path.join(work, "restore.err"))
         pid = _wait_pidfile(proc, pidfile, timeout)
         if pid is None:
             if proc.poll() is None:

@@ -20,6 +20,7 @@ This module knows three things about it and nothing about casfs:
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -113,8 +114,54 @@ def candidates() -> list[str]:
     return out
 
 
+def _check_cache_path() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base, f"casfs-criu-check-{os.getuid()}.json")
+
+
+def _check_cache_key(path: str) -> str:
+    st = os.stat(path)
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{boot}"
+
+
+def _cached_check(path: str) -> Criu | None:
+    """A CRIU that passed ``criu check`` since this boot (the binary unchanged), else None."""
+    try:
+        with open(_check_cache_path(), encoding="utf-8") as f:
+            hit = json.load(f).get(_check_cache_key(path))
+        if hit:
+            v = hit["version_text"]
+            return Criu(path, tuple(int(x) for x in v.split(".")), v, dict(hit["features"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _save_check(c: Criu) -> None:
+    p = _check_cache_path()
+    try:
+        try:
+            with open(p, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data[_check_cache_key(c.path)] = {"version_text": c.version_text, "features": c.features}
+        tmp = f"{p}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.rename(tmp, p)
+    except OSError:
+        pass
+
+
 def find_criu(*, refresh: bool = False) -> Criu:
-    """The first usable CRIU (see the module docstring); cached per process.
+    """The first usable CRIU (see the module docstring); cached per process, and the result of
+    ``criu check`` cached per boot in ``$XDG_RUNTIME_DIR`` (or /tmp) unless ``refresh``.
 
     Raises:
         CriuUnavailable: listing what was found and why it was passed over, and how to build one.
@@ -129,6 +176,10 @@ def find_criu(*, refresh: bool = False) -> Criu:
             if not (os.path.isfile(path) and os.access(path, os.X_OK)):
                 passed.append(f"{path}: not an executable")
                 continue
+            hit = None if refresh else _cached_check(path)
+            if hit is not None and hit.version >= MIN_VERSION:
+                _found = hit
+                return hit
             v = criu_version(path)
             if v is None:
                 passed.append(f"{path}: `criu --version` failed")
@@ -148,6 +199,7 @@ def find_criu(*, refresh: bool = False) -> Criu:
                 r = subprocess.run([path, "check", "--feature", feat], capture_output=True, timeout=30)
                 feats[feat] = r.returncode == 0
             _found = Criu(path, v[0], v[1], feats)
+            _save_check(_found)
             return _found
         detail = "; ".join(passed) if passed else "no criu found"
         err = CriuUnavailable(f"no usable CRIU >= 4.2 ({detail}): {BUILD_HINT}")
@@ -185,6 +237,44 @@ def start(criu: Criu, args: list[str], *, log: str, stderr_path: str,
     try:
         return subprocess.Popen(criu.cmd(*args, "-v4", "--log-file", log), stdin=subprocess.DEVNULL,
                                 stdout=err, stderr=err, pass_fds=pass_fds, close_fds=True)
+    finally:
+        err.close()
+
+
+# The parent of a restored tree: becomes a child subreaper (prctl PR_SET_CHILD_SUBREAPER),
+# runs `criu restore -d`, adopts the tree's root when criu exits, and exits with the root's
+# status (128+N for signal N). CRIU itself always exits 0 after the tree it waited on ends.
+_REAPER = """
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:
+    sys.exit(254)
+c = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
+_, st = os.waitpid(c, 0)
+if os.waitstatus_to_exitcode(st) != 0:
+    os._exit(255)
+code = 0
+first = True
+while True:
+    try:
+        _, st = os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    if first:
+        code, first = os.waitstatus_to_exitcode(st), False
+os._exit(128 - code if code < 0 else code)
+"""
+
+
+def start_restore(criu: Criu, args: list[str], *, log: str, stderr_path: str) -> subprocess.Popen:
+    """Start ``criu restore ARGS -d`` under a small reaper process that stays the restored
+    tree's parent: the returned Popen's ``wait()`` gives the tree's exit status."""
+    err = open(stderr_path, "ab")
+    import sys
+
+    try:
+        return subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER,
+                                 *criu.cmd(*args, "-d", "-v4", "--log-file", log)],
+                                stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True)
     finally:
         err.close()
 
@@ -277,7 +367,9 @@ def explain_log(text: str, limit: int = 4) -> list[str]:
         for pat, explanation in _KNOWN:
             m = pat.search(line)
             if m:
-                groups = [g or "" for g in m.groups()] + [""] * 4
+                # CRIU logs file paths relative to the root ("tmp/x"): show them absolute
+                groups = [("/" + g if "/" in g and not g.startswith("/") and " " not in g else g)
+                          for g in (g or "" for g in m.groups())] + [""] * 4
                 msg = explanation.format(*groups)
                 if msg not in known:
                     known.append(msg)

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "casfs.cli.run",
     "casfs.cli.cacheserver",
     "casfs.cli.serve",
+    "casfs.cli.snapshot",
 ]
 
 DESCRIPTION = """\
