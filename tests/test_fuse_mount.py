@@ -554,10 +554,14 @@ def test_a_store_without_a_memory_tier_serves_multi_chunk_files(tree_image, moun
     bare = casfs.open_store(store.url, memory_bytes=0)
     try:
         mnt = str(tmp_path / "mnt")
-        mounts(bare.open_image("tree"), mnt)
+        mounts(bare.open_image("tree"), mnt, read_ahead_kb=4)  # 4 KiB requests: many per chunk
         for rel in ("usr/lib/libbig.so", "usr/lib/zeros", "usr/lib/exact.bin"):
-            with open(os.path.join(mnt, rel), "rb") as f:
-                assert f.read() == files[rel]
+            fd = os.open(os.path.join(mnt, rel), os.O_RDONLY)
+            try:
+                got = b"".join(iter(lambda: os.read(fd, 4096), b""))
+            finally:
+                os.close(fd)
+            assert got == files[rel]
         s = control(mnt, "stats")
         assert [t["tier"] for t in s["tiers"]][0] == "blob"
         assert s["mount"]["inline_hits"] > 0  # the kernel's requests inside one chunk shared a fetch
