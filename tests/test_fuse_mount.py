@@ -567,3 +567,39 @@ def test_a_store_without_a_memory_tier_serves_multi_chunk_files(tree_image, moun
         assert s["mount"]["inline_hits"] > 0  # the kernel's requests inside one chunk shared a fetch
     finally:
         bare.close()
+
+
+def test_umount_cleans_up_after_a_killed_daemon(tree_image, runtime, tmp_path):
+    store, image, src, files, has_x = tree_image
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    info = casfs.mount(image, mnt)
+    os.kill(info.pid, signal.SIGKILL)
+    _wait(lambda: _gone(info.pid), "the daemon to die")
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt)
+    assert e.value.errno == errno.ENOTCONN  # a stale mount, as left by a crash
+    env = dict(os.environ, CASFS_RUNTIME_DIR=runtime)
+    _cli("umount", mnt, env=env)
+    assert not is_mounted(mnt) and read_record(mnt) is None
+    assert os.listdir(mnt) == []
+
+
+def test_recorded_permissions_are_enforced_for_other_users(tree_image, mounts):
+    """With allow_other, another user reads what the recorded modes allow, and nothing else."""
+    store, image, src, files, has_x = tree_image
+    base = tempfile.mkdtemp(prefix="cfp", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        mnt = os.path.join(base, "mnt")
+        mounts(image, mnt, allow_other=True)
+        nobody = dict(user=65534, group=65534, capture_output=True)
+        ok = subprocess.run(["cat", os.path.join(mnt, "usr/lib/python3/os.py")], **nobody)
+        assert ok.returncode == 0 and ok.stdout == files["usr/lib/python3/os.py"]
+        denied = subprocess.run(["cat", os.path.join(mnt, "etc/hosts")], **nobody)  # 0600, uid 1234
+        assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+        assert subprocess.run(["cat", os.path.join(mnt, "etc/hosts")], capture_output=True).returncode == 0
+    finally:
+        if is_mounted(os.path.join(base, "mnt")):
+            casfs.unmount(os.path.join(base, "mnt"))
+        subprocess.run(["rm", "-rf", base], check=False)
