@@ -361,10 +361,31 @@ def fork(image: "Image", mountpoint: str, opts: MountOptions, r: int, w: int, lo
         if os.fork():
             os._exit(0)
         os.chdir("/")
+        _close_inherited_pipes(keep=w)
         code = daemon_body(image, mountpoint, opts, w, log_path)
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def _close_inherited_pipes(keep: int) -> None:
+    """Close the caller's pipes and terminals (a daemon holding a pipe open keeps its reader
+    from ever seeing EOF). Files and sockets stay: the store may be using them."""
+    import stat
+
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd <= 2 or fd == keep:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISFIFO(mode) or os.isatty(fd):
+                os.close(fd)
+        except OSError:
+            continue
 
 
 _spawned: list[subprocess.Popen] = []  # kept so that Python reaps them
