@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-background", type=int, metavar="N", default=None,
                    help="FUSE background requests in flight (default 64)")
     p.add_argument("--record-profile", type=float, nargs="?", const=30.0, default=None, metavar="SECONDS",
-                   help="record a startup profile for SECONDS (default 30) or until `casfs profile stop`")
+                   help="record a startup profile for SECONDS (default 30; without SECONDS put the flag "
+                        "after MOUNTPOINT) or until `casfs profile stop MOUNTPOINT`")
     p.add_argument("--no-profile", action="store_true", help="do not replay the image's startup profile")
     p.add_argument("--no-readahead", action="store_true", help="no user-space readahead or safetensors prefetch")
     p.add_argument("--log-file", metavar="PATH", default=None, help="daemon log (default: in the runtime dir)")
