@@ -374,6 +374,22 @@ def _shm_segments(pids: list[int]) -> list[str]:
     return seen
 
 
+def _deleted_mapping_dirs(pids: list[int]) -> set[str]:
+    """Directories of deleted files that ``pids`` only map (no fd): CRIU's --link-remap puts
+    link_remap files there too (vLLM's EngineCore maps an unlinked glibc semaphore in /dev/shm)."""
+    dirs: set[str] = set()
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].startswith("/") and parts[5].rstrip().endswith("(deleted)"):
+                        dirs.add(os.path.dirname(parts[5].rstrip()[:-len(" (deleted)")]))
+        except OSError:
+            continue
+    return dirs
+
+
 def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, *,
                leave_running: bool = False, wait_ready: bool = True, ready_timeout: float = 300.0,
                strict: bool = True, chunk_size: int = casfs.DEFAULT_CHUNK_SIZE,
@@ -419,6 +435,7 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
     shm = _shm_segments(pids)
     deleted_dirs = {os.path.dirname(f["target"][:-len(" (deleted)")]) for f in files
                     if f["regular"] and f["deleted"] and f["target"].startswith("/")}
+    deleted_dirs |= _deleted_mapping_dirs(pids)  # mapped-only (e.g. glibc semaphores in /dev/shm)
     before_remap = {d: set(_link_remaps(d)) for d in deleted_dirs}
 
     tmp = dump_dir or tempfile.mkdtemp(prefix="casfs-dump-")
@@ -438,7 +455,8 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
         for d in deleted_dirs:
             for name in sorted(set(_link_remaps(d)) - before_remap[d]):
                 path = os.path.join(d, name)
-                link_remap.append({"path": path, "stored": _copy_extra(path, tmp, "link_remap")})
+                link_remap.append({"path": path, "stored": _copy_extra(path, tmp, "link_remap"),
+                                   "mode": statmod.S_IMODE(os.stat(path).st_mode)})  # CRIU checks it
         shm_list = []
         for path in shm:
             with contextlib.suppress(OSError):
@@ -639,6 +657,7 @@ def _prepare_host(meta: dict, imgdir: str) -> None:
             os.makedirs(os.path.dirname(item["path"]), exist_ok=True)
             tmp = f"{item['path']}.casfs-{os.getpid()}"
             shutil.copyfile(os.path.join(imgdir, item["stored"]), tmp)
+            os.chmod(tmp, item.get("mode", 0o600))  # restore refuses a link_remap whose mode differs
             with contextlib.suppress(OSError):
                 os.link(tmp, item["path"])
             os.unlink(tmp)
