@@ -9,16 +9,19 @@ Phases, in order (each timed in seconds, exported in /metrics as
                  readable: a lazy FUSE mount (chunks fetched on first read) or, where FUSE is
                  unusable, a full export. Shared: a replica reuses a mount already there.
     restore      (snapshot boots) the replica process tree restored from a CPU snapshot, until
-                 it answers /health; the post-restore hook (reseed, re-listen) included.
+                 it answers /health; its post-restore work (reseed, listen) included.
     init         (cold boots) worker process start, imports, engine construction (KV cache,
                  torch.compile unless eager), excluding the weights load below.
     weights      (cold boots) loading the checkpoint into the model, as vLLM times it.
     warmup       (cold boots) one short generation inside the worker.
     first_token  a streamed completion request over HTTP until its first token arrives.
 
-``total`` is the wall time from the start of the pipeline to the first token. With
-``create_snapshot`` the ready replica is then snapshotted (``snapshot_create`` in the report,
-not part of ``total``) and keeps serving.
+    snapshot     (``create_snapshot`` boots, after warmup) the warm worker, not yet
+                 listening, dumped with CRIU (which ends it) and stored as a casfs image,
+                 then restored at once (``restore``) to serve: every snapshot is proven
+                 restorable when it is made. Details in the report's ``snapshot_create``.
+
+``total`` is the wall time from the start of the pipeline to the first token.
 
 The replica itself runs in a child process (serve.worker) started in its own session with
 stdio redirected to an append-only log: the shape CRIU needs to dump and restore it. Snapshots
@@ -47,6 +50,7 @@ log = logging.getLogger("serve.boot")
 
 PROBE_PROMPT = "The quick brown fox"
 CONTROL_HEADER = "X-Casfs-Control"
+PHASE_ORDER = ("gpu_health", "mount", "init", "weights", "warmup", "snapshot", "restore", "first_token")
 
 
 class BootError(CasfsError):
@@ -229,6 +233,14 @@ def http_json(listen: str, method: str, path: str, body: dict | None = None, *, 
         conn.close()
 
 
+def _gone(proc: Any, log_path: str) -> str | None:
+    """None while ``proc`` (Popen, or snapshot.cpu's process handles) runs, else why it is gone."""
+    rc = proc.poll()
+    if rc is None:
+        return None
+    return f"the replica exited with status {rc} while booting; last lines of {log_path}:\n{_log_tail(log_path)}"
+
+
 def wait_ready(listen: str, timeout: float, alive: Callable[[], str | None]) -> None:
     """Poll GET /health until 200. ``alive()`` returns None while the replica runs, else why it
     is gone. Raises BootError on death or timeout."""
@@ -281,7 +293,7 @@ def first_token(listen: str, model: str, prompt: str = PROBE_PROMPT, timeout: fl
 class Replica:
     """A booted replica: its worker process, address, boot report; ``stop()`` ends it."""
 
-    def __init__(self, cfg: BootConfig, report: BootReport, pid: int, proc: subprocess.Popen | None,
+    def __init__(self, cfg: BootConfig, report: BootReport, pid: int, proc: Any,
                  log_path: str, mounted: str | None, token: str) -> None:
         self.cfg = cfg
         self.report = report
@@ -312,6 +324,8 @@ class Replica:
         """SIGTERM the worker's process group (SIGKILL after ``timeout``), then unmount the model
         if this replica mounted it."""
         _terminate(self.pid, self.proc, timeout)
+        if self.proc is not None and not isinstance(self.proc, subprocess.Popen):
+            self.proc.kill()  # snapshot.cpu's handles: reap the launcher/criu, remove work dirs
         if unmount and self.mounted:
             from casfs.fuse.mount import unmount as do_unmount
 
@@ -371,6 +385,7 @@ def worker_env(cfg: BootConfig, token: str) -> dict[str, str]:
     if cfg.fast_boot:
         env.update(VLLM_FAST_BOOT_ENV)
     env.setdefault("VLLM_CACHE_ROOT", os.path.join(_workdir(cfg), "vllm-cache"))
+    env.pop("CASFS_SNAPSHOT_READY", None)  # only snapshot.cpu.spawn may ask for snapshot.ready()
     env["CASFS_SERVE_CONTROL_TOKEN"] = token
     env["CASFS_SERVE_SPAWNED_AT"] = repr(time.time())
     env.update(cfg.env)
@@ -450,31 +465,38 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         if mode == "restore":
             assert backend is not None and cfg.snapshot
             with timer.phase("restore"):
-                restored = backend.restore(store, cfg.snapshot, model_dir=model_dir, listen=cfg.listen)
-                pid, token = restored.pid, restored.control_token
-                wait_ready(cfg.listen, cfg.boot_timeout,
-                           lambda: None if _pid_alive(pid) else f"the restored replica (pid {pid}) exited")
-                status, body = http_json(cfg.listen, "POST", "/_casfs/restored", {"seed": time.time_ns()},
-                                         headers={CONTROL_HEADER: token})
-                if status != 200:
-                    raise BootError(f"restore phase: the post-restore hook answered {status}: {body}")
+                restored = backend.restore(store, cfg.snapshot, listen=cfg.listen, seed=secrets.randbits(63),
+                                           token=token)
+                proc, pid = restored.process, restored.pid
+                wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
             report.details["restore"] = restored.detail
-            log_path = restored.log_path or log_path
+            _, boot = http_json(cfg.listen, "GET", "/boot")
+            w = boot.get("worker", {}) if isinstance(boot, dict) else {}
+            report.details["worker"] = w
+            log_path = w.get("log") or log_path
         else:
             t_spawn = time.monotonic()
             env = worker_env(cfg, token)
             argv = worker_argv(cfg, model_dir, name, log_path)
-            proc = backend.spawn(argv, env, log_path) if backend is not None else spawn_worker(argv, env, log_path)
-            pid = proc.pid
-
-            def alive() -> str | None:
-                if proc.poll() is None:
-                    return None
-                return (f"the replica exited with status {proc.returncode} while booting; "
-                        f"last lines of {log_path}:\n{_log_tail(log_path)}")
-
-            wait_ready(cfg.listen, cfg.boot_timeout, alive)
-            ready = time.monotonic() - t_spawn
+            if cfg.create_snapshot:
+                assert backend is not None and cfg.snapshot
+                proc = backend.spawn(argv, env, log_path)
+                pid = proc.pid
+                backend.wait_ready(proc, cfg.boot_timeout)  # engine loaded and warm, not listening yet
+                ready = time.monotonic() - t_spawn
+                with timer.phase("snapshot"):  # the dump ends the worker ...
+                    report.snapshot_create = backend.create(proc, store, cfg.snapshot)
+                with timer.phase("restore"):  # ... which goes on serving from its snapshot
+                    restored = backend.restore(store, cfg.snapshot, listen=cfg.listen,
+                                               seed=secrets.randbits(63), token=token)
+                    proc, pid = restored.process, restored.pid
+                    wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
+                report.details["restore"] = restored.detail
+            else:
+                proc = spawn_worker(argv, env, log_path)
+                pid = proc.pid
+                wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
+                ready = time.monotonic() - t_spawn
             _, boot = http_json(cfg.listen, "GET", "/boot")
             w = boot.get("worker", {}) if isinstance(boot, dict) else {}
             wp, vllm = w.get("phases", {}), w.get("vllm", {})
@@ -489,12 +511,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
             _, text = first_token(cfg.listen, name)
         report.first_token_text = text
         report.total = time.monotonic() - t_start
-        if cfg.create_snapshot:
-            assert backend is not None and cfg.snapshot
-            t = time.monotonic()
-            info = backend.create(store, cfg.snapshot, pid=pid, model_dir=model_dir, listen=cfg.listen,
-                                  control_token=token, log_path=log_path, image_id=image.id)
-            report.snapshot_create = {"seconds": time.monotonic() - t, **info}
+        report.phases = {k: report.phases[k] for k in PHASE_ORDER if k in report.phases}
     except BaseException:
         if pid:
             _terminate(pid, proc, 10)

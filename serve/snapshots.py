@@ -1,57 +1,189 @@
-"""CPU snapshots of a replica, for serve.boot: the bridge to ``snapshot.cpu``.
+"""CPU snapshots of a replica, for serve.boot: the bridge to ``snapshot.cpu`` (CRIU).
 
-A :class:`SnapshotBackend` starts the worker so that it can be snapshotted (``spawn``),
-snapshots a ready replica into the casfs store under a tag (``create``), and restores one
-(``restore``). :func:`open_backend` returns the CRIU backend when ``snapshot.cpu`` is
-available, else raises :class:`SnapshotUnavailable` saying what is missing.
+How a replica is snapshotted and restored:
+
+* **create** (``casfs serve IMG --snapshot TAG --create``): the worker is started with
+  ``snapshot.cpu.spawn`` (PID 1 of its own PID namespace, setsid, stdio to an append-only
+  log). It loads the engine and warms it up, then calls ``snapshot.ready()`` *before* opening
+  its listening socket, so the snapshot holds no socket tied to a port. The supervisor dumps it
+  with ``snapshot.cpu.checkpoint`` (stored as a casfs image tagged TAG; the dump ends the
+  process) and restores it at once, as below, to serve. Not ``leave_running``: with CRIU's
+  ``--leave-running`` CRIU deletes its link_remap files at the end of the dump, and vLLM's
+  EngineCore maps an unlinked glibc semaphore that needs one.
+* **restore** (``casfs serve IMG --snapshot TAG``): after the model image is mounted at the same
+  path as at create time (the path depends on the image id only), ``snapshot.cpu.restore``
+  brings the tree back and wakes it; ``ready()`` returns True in the worker, which then waits
+  for its *restore instructions*: a JSON file ``<runtime dir>/serve-restore/<outer pid>.json``
+  written here (listen address, random seed, control token). The worker reseeds, binds the
+  address it is given and serves. Because each restore gets its own PID namespace and no socket is carried
+  in the snapshot, several restores of one snapshot can serve on one host at once, each on its
+  own port.
+
+:func:`open_backend` returns the backend, or raises :class:`SnapshotUnavailable` saying what
+is missing (snapshot.cpu, a usable CRIU).
 """
 
 from __future__ import annotations
 
-import subprocess
+import json
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from .boot import BootError
+
+INSTRUCTIONS_TIMEOUT_S = 60.0
 
 
 class SnapshotUnavailable(BootError):
     """Snapshots cannot be taken or restored on this host or checkout; the message says why."""
 
 
+def instructions_path(outer_pid: int) -> str:
+    """Where the supervisor leaves a restored worker's instructions (see the module docstring)."""
+    from casfs.fuse.mount import runtime_dir
+
+    d = os.path.join(runtime_dir(), "serve-restore")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return os.path.join(d, f"{outer_pid}.json")
+
+
+def outer_pid() -> int:
+    """This process's PID as the host sees it (first NSpid entry; /proc is the host's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.getpid()
+
+
+def wait_instructions(timeout: float = INSTRUCTIONS_TIMEOUT_S) -> dict:
+    """(Worker side, after a restore) the instructions the supervisor wrote for this process.
+
+    Raises:
+        TimeoutError: when none arrive within ``timeout`` seconds.
+    """
+    path = instructions_path(outer_pid())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            os.unlink(path)
+            return data
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no restore instructions at {path} after {timeout:.0f} s")
+        time.sleep(0.002)
+
+
+def _write_instructions(pid: int, data: dict) -> str:
+    path = instructions_path(pid)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.rename(tmp, path)
+    return path
+
+
 @dataclass
 class Restored:
-    """A restored replica: the root pid of its tree, its control token, log, and details."""
+    """A restored replica: ``process`` (snapshot.cpu.RestoredProcess: poll/wait/kill), the
+    root ``pid`` of its tree, and timings/details for the boot report."""
 
+    process: Any
     pid: int
-    control_token: str
-    log_path: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-class SnapshotBackend(Protocol):
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen:
-        """Start the worker the way a later ``create`` needs it started."""
+class CriuBackend:
+    """Snapshots through snapshot.cpu (see the module docstring)."""
 
-    def create(self, store: Any, tag: str, *, pid: int, model_dir: str, listen: str, control_token: str,
-               log_path: str, image_id: str) -> dict:
-        """Snapshot the ready replica ``pid`` into ``store`` as ``tag``; it keeps serving.
-        Returns details (sizes, durations) for the boot report."""
+    def __init__(self, lazy: bool = False, source: str = "export") -> None:
+        from snapshot import cpu
 
-    def restore(self, store: Any, tag: str, *, model_dir: str, listen: str) -> Restored:
-        """Restore the replica snapshotted as ``tag``; returns once its processes run."""
+        self.cpu = cpu
+        self.lazy = lazy
+        self.source = source
+
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: str) -> Any:
+        """Start the worker for a later ``create`` (returns snapshot.cpu.SpawnedProcess)."""
+        return self.cpu.spawn(argv, stdout=log_path, stderr=True, env=env, cwd="/")
+
+    def wait_ready(self, proc: Any, timeout: float) -> dict:
+        """Block until the worker called snapshot.ready() (engine loaded and warm)."""
+        from snapshot.criu import CriuError
+
+        try:
+            return proc.wait_ready(timeout)
+        except CriuError as e:
+            raise BootError(f"the replica did not become ready for its snapshot: {e}") from None
+
+    def create(self, proc: Any, store: Any, tag: str) -> dict:
+        """Snapshot the ready worker as ``tag`` (the dump ends it). Returns details."""
+        from snapshot.criu import CriuError
+
+        try:
+            ref = self.cpu.checkpoint(proc, store, tag, leave_running=False)
+        except CriuError as e:
+            raise BootError(f"snapshot {tag} could not be taken: {e}") from None
+        meta = ref.meta
+        return {"tag": tag, "image_id": ref.image_id, "timings": ref.timings,
+                "pages_bytes": meta.get("pages_bytes"), "shm_segments": len(meta.get("shm") or []),
+                "link_remap": len(meta.get("link_remap") or [])}
+
+    def restore(self, store: Any, tag: str, *, listen: str, seed: int, token: str) -> Restored:
+        """Restore ``tag`` and hand the worker its instructions (listen address, random seed,
+        the supervisor's control token).
+
+        Raises:
+            SnapshotUnavailable: the snapshot cannot be restored on this host (incompatible,
+                missing); fall back to a cold boot.
+            BootError: CRIU failed.
+        """
+        import casfs
+        from snapshot.compat import IncompatibleHost
+        from snapshot.criu import CriuError
+
+        try:
+            live = self.cpu.restore(tag, store, lazy=self.lazy, source=self.source)
+        except IncompatibleHost as e:
+            raise SnapshotUnavailable(f"snapshot {tag} does not fit this host: {e}") from None
+        except casfs.ImageNotFound:
+            raise SnapshotUnavailable(f"no snapshot {tag} in the store: create one with "
+                                      f"`casfs serve IMAGE --snapshot {tag} --create`") from None
+        except ValueError as e:
+            raise SnapshotUnavailable(str(e)) from None
+        except CriuError as e:
+            raise BootError(f"restoring snapshot {tag} failed: {e}") from None
+        _write_instructions(live.pid, {"listen": listen, "seed": seed, "control_token": token})
+        return Restored(live, live.pid, {"timings": live.timings, "lazy": self.lazy, "source": self.source,
+                                         "image_id": live.image_id})
 
 
-def open_backend() -> SnapshotBackend:
+def open_backend(*, lazy: bool = False, source: str = "export") -> CriuBackend:
     """The CPU snapshot backend.
 
     Raises:
-        SnapshotUnavailable: snapshot.cpu is not importable, or CRIU is not usable here.
+        SnapshotUnavailable: snapshot.cpu is not importable or no usable CRIU is found (the
+            message lists what was tried and how to build one).
     """
     try:
-        import snapshot.cpu  # noqa: F401
+        from snapshot import cpu  # noqa: F401
+        from snapshot.criu import CriuUnavailable, find_criu
     except ImportError as e:
         raise SnapshotUnavailable(
             "replica snapshots need snapshot.cpu (CRIU 4.2.1: scripts/build_criu.sh), which this "
-            f"checkout does not have yet ({e}); boot without --snapshot") from None
-    raise SnapshotUnavailable("serve has no adapter for this version of snapshot.cpu yet; boot without --snapshot")
+            f"checkout does not have ({e}); boot without --snapshot") from None
+    try:
+        find_criu()
+    except CriuUnavailable as e:
+        raise SnapshotUnavailable(f"replica snapshots need CRIU >= 4.2: {e}") from None
+    if os.geteuid() != 0:
+        raise SnapshotUnavailable("replica snapshots need root (CRIU dumps and restores process trees)")
+    return CriuBackend(lazy=lazy, source=source)

@@ -11,15 +11,17 @@ start and serve's imports, measured from $CASFS_SERVE_SPAWNED_AT, a wall-clock t
 parent sets), ``import`` (importing vLLM), ``engine`` (engine start, the import included: weights, KV
 cache, compile),
 ``warmup`` (one short generation, so the first real request does not pay one-off costs),
-``listen``. vLLM's own timings (weights, compile) are parsed from the log (vLLM logs them from
+``snapshot_wait`` (blocked while a snapshot is taken), ``listen``. vLLM's own timings (weights, compile) are parsed from the log (vLLM logs them from
 its EngineCore process). /health answers 200 once all of it is done.
 
 Snapshot-friendliness (CRIU dumps this process tree): stdio is /dev/null and the log file is
 opened O_APPEND by the parent; the event loop is asyncio's own (epoll, no io_uring); no pipes or
-sockets to the parent stay open. After a restore, the parent calls ``POST /_casfs/restored``
-(with the control token) and the post-restore work runs: reseed random generators and, when
-asked, move the listening socket to a new address. ``POST /_casfs/report`` hands over the
-supervisor's boot report, which /boot and /metrics then show.
+sockets to the parent stay open; when a snapshot supervisor started it (snapshot.cpu.spawn),
+it calls ``snapshot.ready()`` after the warmup and *before* listening, so the snapshot carries
+no listening socket. After a restore it takes the supervisor's instructions (serve.snapshots:
+listen address, random seed, control token), reseeds and listens. ``POST /_casfs/report``
+(with the control token) hands over the supervisor's boot report, which /boot and /metrics
+then show.
 
 Exit: SIGTERM or SIGINT closes the server and the engine and exits 0; an engine that fails to
 start exits 3 with the reason in the log.
@@ -99,13 +101,16 @@ class Worker:
         self.phases: dict[str, float] = {}
         self.vllm: dict[str, float] = {}
         self.restores = 0
+        self.restored_phases: dict[str, float] = {}
         self.boot: dict | None = None
         self.spawned_at = float(os.environ.get("CASFS_SERVE_SPAWNED_AT", WORKER_T0))
 
     def _own_report(self) -> dict:
-        return {"worker": {"pid": os.getpid(), "phases": self.phases, "vllm": self.vllm,
+        from .snapshots import outer_pid
+
+        return {"worker": {"pid": outer_pid(), "log": self.args.log, "phases": self.phases, "vllm": self.vllm,
                            "engine": self.args.engine, "eager": self.args.eager,
-                           "restores": self.restores}}
+                           "restores": self.restores, "after_restore": self.restored_phases}}
 
     def report(self) -> dict:
         """/boot: the supervisor's whole-pipeline report once handed over, plus this process's view."""
@@ -134,32 +139,42 @@ class Worker:
             self.app.metrics.record_boot({k: float(v) for k, v in phases.items()}, body.get("total"),
                                          str(body.get("mode", "")), str(body.get("snapshot") or ""))
             return Response(200, b'{"ok":true}')
-        if req.path == CONTROL_PREFIX + "restored":
-            return await self._restored(body)
         return error_response(404, f"no route {req.method} {req.path}", code="not_found")
 
-    async def _restored(self, body: dict) -> Response:
-        """The post-restore hook (snap=False work): reseed, optionally re-listen elsewhere."""
-        self.restores += 1
-        seed = int(body.get("seed", time.time_ns()))
-        random.seed(seed)
-        try:
-            import numpy as np
+    def snapshot_point(self) -> None:
+        """Where a snapshot is taken (when a snapshot supervisor started this process).
 
-            np.random.seed(seed % (2 ** 32))
+        Blocks in ``snapshot.ready()`` while the supervisor dumps this process. After a restore
+        it applies the supervisor's instructions: the listen address, a fresh random seed, the
+        control token. Without a supervisor it returns at once.
+        """
+        try:
+            from snapshot import lifecycle
         except ImportError:
-            pass
-        moved = None
-        if body.get("listen"):
-            host, port = parse_listen(body["listen"])
-            if (host, port) != self.server.address:
-                old = self.server
-                self.server = HttpServer(self._handle, on_error=lambda s, m: error_response(s, m))
-                moved = await self.server.start(host, port)
-                # the old listener stops accepting; this request's connection finishes normally
-                asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(old.close()))
-        return Response(200, json.dumps({"ok": True, "pid": os.getpid(), "seed": seed,
-                                         "listen": list(moved) if moved else None}).encode())
+            return
+        if not lifecycle.supervised():
+            return
+        t = time.monotonic()
+        restored = lifecycle.ready()
+        self.phases["snapshot_wait"] = time.monotonic() - t
+        if not restored:
+            return
+        from .snapshots import wait_instructions
+
+        t = time.monotonic()
+        instr = wait_instructions()
+        self.restores += 1
+        self.args.listen = instr.get("listen") or self.args.listen
+        self.args.control_token = instr.get("control_token") or self.args.control_token
+        seed = int(instr.get("seed", time.time_ns()))
+        random.seed(seed)
+        for name in ("numpy", "torch"):
+            mod = sys.modules.get(name)
+            if name == "numpy" and mod is not None:
+                mod.random.seed(seed % (2 ** 32))
+            elif mod is not None:
+                mod.manual_seed(seed)
+        self.restored_phases = {"instructions": time.monotonic() - t}
 
     async def run(self) -> int:
         args = self.args
@@ -180,6 +195,7 @@ class Worker:
                     self.vllm = parse_vllm_timings(f.read())
             except OSError:
                 pass
+        self.snapshot_point()
         t = time.monotonic()
         host, port = parse_listen(args.listen)
         self.app.set_engine(engine, ready=True)
