@@ -164,7 +164,7 @@ def _open_append(path: str | None) -> int:
 
 def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None | bool = True,
           cwd: str | None = None, env: dict[str, str] | None = None,
-          randomize_layout: bool = True, ready: bool = True) -> SpawnedProcess:
+          deterministic: bool = False, ready: bool = True) -> SpawnedProcess:
     """Start ``cmd`` so that it can be checkpointed (see the module docstring).
 
     Args:
@@ -172,9 +172,12 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
         stdout: file its stdout is appended to (opened ``O_WRONLY|O_APPEND``); None: /dev/null.
         stderr: a file path, True (same file as stdout), or None (/dev/null).
         cwd, env: as for subprocess (``env`` default: this process's environment).
-        randomize_layout: False starts it without address-space randomisation (``setarch
-            -R``), so snapshots of separate runs of one program lay out memory alike and
-            deduplicate better in the store.
+        deterministic: start it without address-space randomisation (``setarch -R``) and
+            with ``PYTHONHASHSEED=0`` (unless ``env`` sets it), so that snapshots of separate
+            runs of one program lay out memory alike and deduplicate in the store (measured:
+            the second snapshot of a torch process stored 35 MB of 159 MB with 256 KiB chunks,
+            against 159 MB without). Every restore of one snapshot shares its layout and hash
+            seed anyway; this makes separate snapshots share them too.
         ready: tell the process a supervisor waits for its ``snapshot.ready()`` (False: that
             call returns at once, as in a process never snapshotted).
 
@@ -192,8 +195,9 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
     else:
         penv.pop(lifecycle.ENV_READY, None)
     argv = ["unshare", "-p", "-f", "setsid"]
-    if not randomize_layout:
+    if deterministic:
         argv += ["setarch", "-R"]
+        penv.setdefault("PYTHONHASHSEED", "0")
     argv += list(cmd)
     out_fd = _open_append(stdout)
     err_fd = out_fd if stderr is True else _open_append(stderr if isinstance(stderr, str) else None)
@@ -702,9 +706,11 @@ class RestoredProcess:
         self.timings = timings
         self._cleanup_lock = threading.Lock()
         self._cleaned = False
+        self._releaser: threading.Thread | None = None
         if lazy_proc is not None or mountpoint is not None:
-            threading.Thread(target=self._release_sources, daemon=True,
-                             name=f"snapshot-restore-{pid}").start()
+            self._releaser = threading.Thread(target=self._release_sources, daemon=True,
+                                              name=f"snapshot-restore-{pid}")
+            self._releaser.start()
 
     def __repr__(self) -> str:
         return f"<RestoredProcess pid={self.pid} running={self.poll() is None}>"
@@ -757,6 +763,8 @@ class RestoredProcess:
         if self.lazy_proc is not None and self.lazy_proc.poll() is None:
             self.lazy_proc.kill()
             self.lazy_proc.wait()
+        if self._releaser is not None:
+            self._releaser.join(30)  # the mount under the work dir is gone before it is removed
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

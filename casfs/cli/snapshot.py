@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep CMD running after the dump, and wait for it")
     c.add_argument("--ready-timeout", type=float, default=300.0, metavar="S",
                    help="seconds to wait for snapshot.ready() (default 300)")
-    c.add_argument("--no-aslr", action="store_true",
-                   help="start CMD without address-space randomisation (snapshots of separate "
-                        "runs deduplicate better)")
+    c.add_argument("--deterministic", action="store_true",
+                   help="start CMD without address-space randomisation and with PYTHONHASHSEED=0 "
+                        "(snapshots of separate runs deduplicate in the store)")
     c.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run")
     c.set_defaults(func=cmd_create)
     r = s.add_parser("restore", help="restore snapshot TAG and wait for it",
@@ -70,7 +70,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise ValueError("give the command after --: casfs snapshot create -t TAG -- CMD ...")
     store = open_store_from_args(args)
     try:
-        proc = snapshot.spawn(cmd, stdout=args.output, randomize_layout=not args.no_aslr)
+        proc = snapshot.spawn(cmd, stdout=args.output, deterministic=args.deterministic)
         try:
             ref = snapshot.checkpoint(proc, store, args.tag, leave_running=args.leave_running,
                                       ready_timeout=args.ready_timeout)
