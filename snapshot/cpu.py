@@ -649,21 +649,17 @@ def _prepare_host(meta: dict, imgdir: str) -> None:
     Raises:
         CriuError: when a file the process had open read-only is missing here.
     """
-    for item in meta.get("shm") or []:
-        if not os.path.exists(item["path"]):
-            tmp = f"{item['path']}.casfs-{os.getpid()}"
-            shutil.copyfile(os.path.join(imgdir, item["stored"]), tmp)
-            os.chmod(tmp, item.get("mode", 0o600))
-            with contextlib.suppress(OSError):
-                os.rename(tmp, item["path"])
-    for item in meta.get("link_remap") or []:
-        if not os.path.exists(item["path"]):
+    for kind in ("shm", "link_remap"):
+        for item in meta.get(kind) or []:
+            if os.path.exists(item["path"]):
+                continue
             os.makedirs(os.path.dirname(item["path"]), exist_ok=True)
-            tmp = f"{item['path']}.casfs-{os.getpid()}"
+            # unique per thread too: concurrent restores may run in one process
+            tmp = f"{item['path']}.casfs-{os.getpid()}-{threading.get_ident()}"
             shutil.copyfile(os.path.join(imgdir, item["stored"]), tmp)
             os.chmod(tmp, item.get("mode", 0o600))  # restore refuses a link_remap whose mode differs
             with contextlib.suppress(OSError):
-                os.link(tmp, item["path"])
+                os.link(tmp, item["path"])  # never replaces one a concurrent restore put back
             os.unlink(tmp)
     missing = []
     for f in meta.get("open_files") or []:
