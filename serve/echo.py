@@ -42,6 +42,7 @@ class EchoEngine:
         self.finished: list[str] = []
         self.aborted: list[str] = []
         self.healthy = True
+        self.seed: int | None = None
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         ids = [ord(c) + OFFSET for c in text]
@@ -109,6 +110,9 @@ class EchoEngine:
     async def check_health(self) -> None:
         if not self.healthy:
             raise EngineError("echo engine is marked unhealthy")
+
+    async def reseed(self, seed: int) -> None:
+        self.seed = seed  # nothing random here: recorded for tests
 
     async def close(self) -> None:
         self.healthy = False

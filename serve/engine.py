@@ -97,6 +97,10 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Return if the engine can serve; raise EngineError if not."""
 
+    async def reseed(self, seed: int) -> None:
+        """Reseed every random generator sampling uses (after a snapshot restore, so that
+        replicas restored from one snapshot do not draw the same random numbers)."""
+
     async def close(self) -> None:
         """Stop the engine and free its resources."""
 
@@ -111,6 +115,8 @@ VLLM_CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
+    # lets VllmEngine.reseed send a function to the EngineCore process (local IPC only)
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
 }
 
 #: The fast-boot flags (2-core CI): the model runs inside the EngineCore process and OpenMP
@@ -252,8 +258,35 @@ class VllmEngine:
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"vLLM engine is not healthy: {type(e).__name__}: {e}") from e
 
+    async def reseed(self, seed: int) -> None:
+        """Reseed Python, numpy and torch generators in this process and in vLLM's model
+        workers (the EngineCore process), where unseeded sampling draws its randomness."""
+        _reseed_process(seed)
+        try:
+            await self._llm.collective_rpc(_reseed_worker, args=(seed,))
+        except Exception as e:  # noqa: BLE001
+            raise EngineError(f"could not reseed vLLM's workers: {type(e).__name__}: {e}") from e
+
     async def close(self) -> None:
         self._llm.shutdown()
+
+
+def _reseed_process(seed: int) -> None:
+    import random
+    import sys
+
+    random.seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % (1 << 32))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def _reseed_worker(worker: Any, seed: int) -> None:
+    """Runs inside each vLLM worker (collective_rpc passes the worker first)."""
+    _reseed_process(seed)
 
 
 def _token_logprob(token_id: int, entry: dict, top: int) -> TokenLogprob:

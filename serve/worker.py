@@ -35,7 +35,6 @@ import hmac
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import time
@@ -102,6 +101,7 @@ class Worker:
         self.vllm: dict[str, float] = {}
         self.restores = 0
         self.restored_phases: dict[str, float] = {}
+        self.restore_seed: int | None = None
         self.boot: dict | None = None
         self.spawned_at = float(os.environ.get("CASFS_SERVE_SPAWNED_AT", WORKER_T0))
 
@@ -145,8 +145,8 @@ class Worker:
         """Where a snapshot is taken (when a snapshot supervisor started this process).
 
         Blocks in ``snapshot.ready()`` while the supervisor dumps this process. After a restore
-        it applies the supervisor's instructions: the listen address, a fresh random seed, the
-        control token. Without a supervisor it returns at once.
+        it takes the supervisor's instructions: the listen address, a fresh random seed (applied
+        by ``run`` through ``Engine.reseed``), the control token. Without a supervisor it returns at once.
         """
         try:
             from snapshot import lifecycle
@@ -166,14 +166,7 @@ class Worker:
         self.restores += 1
         self.args.listen = instr.get("listen") or self.args.listen
         self.args.control_token = instr.get("control_token") or self.args.control_token
-        seed = int(instr.get("seed", time.time_ns()))
-        random.seed(seed)
-        for name in ("numpy", "torch"):
-            mod = sys.modules.get(name)
-            if name == "numpy" and mod is not None:
-                mod.random.seed(seed % (2 ** 32))
-            elif mod is not None:
-                mod.manual_seed(seed)
+        self.restore_seed = int(instr.get("seed", time.time_ns()))
         self.restored_phases = {"instructions": time.monotonic() - t}
 
     async def run(self) -> int:
@@ -196,6 +189,10 @@ class Worker:
             except OSError:
                 pass
         self.snapshot_point()
+        if self.restore_seed is not None:
+            t = time.monotonic()
+            await engine.reseed(self.restore_seed)
+            self.restored_phases["reseed"] = time.monotonic() - t
         t = time.monotonic()
         host, port = parse_listen(args.listen)
         self.app.set_engine(engine, ready=True)
