@@ -12,14 +12,27 @@ Frame layout (little-endian), 48-byte header then payload::
 
 Decoding checks every field against hard bounds before touching the payload and verifies the
 digest of what it produced, so a frame from any tier is either the right bytes or an error.
+
+Two ways to decode:
+
+* ``decode(frame)`` returns a new ``bytes`` object (one copy of a raw payload, made under the
+  GIL). It is what ``TieredStore.get`` and every caller that keeps chunk bytes use.
+* ``decode_into(frame, buf)`` and ``read_frame_into(fd, offset, buf)`` write the chunk into a
+  caller's buffer (e.g. pinned host memory) and verify it there. ``read_frame_into`` reads a
+  raw payload straight from a file with ``os.preadv`` (no GIL, no intermediate object);
+  zstd payloads decompress straight into the buffer. Both leave ``buf`` holding unspecified
+  bytes when they raise.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import struct
 import threading
 from dataclasses import dataclass
 
+import blake3
 import zstandard
 
 from .digest import DIGEST_SIZE, digest_bytes
@@ -68,10 +81,12 @@ class FrameHeader:
         return HEADER_SIZE + self.payload_len
 
 
-def encode(data: bytes | memoryview, digest: bytes | None = None, *, compress: bool = True) -> tuple[bytes, bytes]:
+def encode(data: bytes | memoryview, digest: bytes | None = None, *, compress: bool = True,
+           min_saving: float | None = None) -> tuple[bytes, bytes]:
     """Encode ``data`` as a frame.
 
-    Returns ``(digest, frame)``. zstd is used only when it saves at least ``MIN_SAVING``.
+    Returns ``(digest, frame)``. With ``compress``, zstd is used only when it saves at least
+    ``min_saving`` of the bytes (default ``MIN_SAVING``; 0 keeps zstd whenever it is smaller).
 
     Raises:
         ValueError: when ``data`` is larger than ``MAX_RAW_LEN``.
@@ -85,7 +100,8 @@ def encode(data: bytes | memoryview, digest: bytes | None = None, *, compress: b
     codec = CODEC_RAW
     if compress and n >= 64:
         z = _compressor().compress(data)
-        if len(z) <= n * (1.0 - MIN_SAVING):
+        keep = MIN_SAVING if min_saving is None else min_saving
+        if len(z) < n and len(z) <= n * (1.0 - keep):
             payload, codec = z, CODEC_ZSTD
     header = HEADER.pack(MAGIC, VERSION, codec, 0, n, len(payload), digest)
     return digest, header + bytes(payload)
@@ -156,6 +172,177 @@ def decode(frame: bytes | memoryview, expect: bytes | None = None) -> bytes:
 def frame_digest(frame: bytes | memoryview) -> bytes:
     """The digest a frame claims (unverified: use ``decode`` to verify)."""
     return parse_header(frame).digest
+
+
+# -- decoding into a caller's buffer ---------------------------------------------------------
+
+
+def writable_view(buf: object) -> memoryview:
+    """``buf`` as a flat, writable byte memoryview (no copy).
+
+    Raises:
+        ValueError: when ``buf`` is read-only or not contiguous.
+    """
+    mv = memoryview(buf)  # type: ignore[arg-type]
+    if mv.readonly:
+        raise ValueError("the destination buffer is read-only")
+    if not mv.c_contiguous:
+        raise ValueError("the destination buffer must be contiguous")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
+
+
+def _address(mv: memoryview) -> int:
+    """Address of the first byte of a writable, non-empty memoryview."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+
+
+def copy_into(out: memoryview, src: bytes | bytearray | memoryview, offset: int = 0,
+              length: int | None = None) -> int:
+    """Copy ``src[offset:offset+length]`` to the start of ``out``; returns the byte count.
+
+    A ``bytes`` source is copied with ``ctypes.memmove``, which releases the GIL (a memoryview
+    slice assignment would hold it for the whole copy).
+
+    Raises:
+        ValueError: when ``out`` is too small.
+    """
+    n = len(src) - offset if length is None else length
+    if n > len(out):
+        raise ValueError(f"a {n}-byte chunk does not fit a {len(out)}-byte buffer")
+    if n <= 0:
+        return 0
+    if isinstance(src, bytes):
+        base = ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value or 0
+        ctypes.memmove(_address(out), base + offset, n)
+    else:
+        out[:n] = memoryview(src).cast("B")[offset:offset + n]
+    return n
+
+
+def _check_fit(h: FrameHeader, out: memoryview, expect: bytes | None) -> memoryview:
+    if expect is not None and h.digest != expect:
+        raise CorruptChunk(f"chunk frame holds {h.digest.hex()[:16]}…, wanted {expect.hex()[:16]}…")
+    if h.raw_len > len(out):
+        raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… holds {h.raw_len} bytes, more than the "
+                           f"{len(out)}-byte buffer its index entry sized")
+    return out[:h.raw_len]
+
+
+def _verify_view(h: FrameHeader, view: memoryview, hash_threads: int) -> None:
+    if hash_threads > 0:
+        got = blake3.blake3(view, max_threads=hash_threads).digest()
+    else:
+        got = digest_bytes(view)
+    if got != h.digest:
+        raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… failed digest verification (corrupted bytes)")
+
+
+def _decompress_into(h: FrameHeader, payload: bytes | memoryview, view: memoryview) -> None:
+    """Decompress a zstd payload straight into ``view`` (exactly ``h.raw_len`` bytes)."""
+    try:
+        declared = zstandard.frame_content_size(payload)
+        if declared not in (-1, h.raw_len):
+            raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… zstd frame declares {declared} bytes, "
+                               f"its header {h.raw_len}")
+        reader = _decompressor().stream_reader(payload)
+        got = 0
+        while got < h.raw_len:
+            n = reader.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        extra = reader.read(1) if got == h.raw_len else b""
+    except zstandard.ZstdError as e:
+        raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… does not decompress: {e}") from None
+    if got != h.raw_len or extra:
+        raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… decompressed to "
+                           f"{got}{'+' if extra else ''} bytes, expected {h.raw_len}")
+
+
+def decode_into(frame: bytes | memoryview, buf: object, expect: bytes | None = None, *,
+                hash_threads: int = 0) -> int:
+    """Decode one frame into the start of ``buf`` and verify the bytes there.
+
+    Args:
+        frame: exactly one frame (trailing bytes are an error).
+        buf: a writable buffer of at least the chunk's length.
+        expect: the digest the caller asked for; when given, the frame must carry it.
+        hash_threads: blake3 threads for the check (0: ``digest_bytes``' default; 1 is best
+            when many threads decode at once).
+
+    Returns the chunk's length; ``buf[:length]`` holds its verified bytes.
+
+    Raises:
+        CorruptChunk: a malformed, truncated or mismatching frame, or a chunk larger than
+            ``buf`` (``buf``'s contents are then unspecified).
+        ValueError: ``buf`` is read-only or not contiguous.
+    """
+    out = writable_view(buf)
+    h = parse_header(frame)
+    if len(frame) != h.frame_len:
+        raise CorruptChunk(f"chunk frame is {len(frame)} bytes, header says {h.frame_len}")
+    view = _check_fit(h, out, expect)
+    if h.codec == CODEC_RAW:
+        copy_into(view, frame if isinstance(frame, bytes) else memoryview(frame), HEADER_SIZE, h.raw_len)
+    else:
+        _decompress_into(h, memoryview(frame)[HEADER_SIZE:], view)
+    _verify_view(h, view, hash_threads)
+    return h.raw_len
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> int:
+    """``os.preadv`` into all of ``view``, looping over short reads; returns bytes read."""
+    got = 0
+    n = len(view)
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            break
+        got += k
+    return got
+
+
+def read_frame_into(fd: int, offset: int, buf: object, expect: bytes | None = None, *,
+                    frame_len: int | None = None, hash_threads: int = 0) -> FrameHeader:
+    """Read the frame at ``offset`` of open file ``fd`` into ``buf`` and verify it there.
+
+    A raw payload goes from the file into ``buf`` with ``os.preadv`` (no copy, no GIL held);
+    a zstd payload is read, then decompressed into ``buf``. The blake3 check runs over ``buf``.
+
+    Args:
+        frame_len: the frame's length when it sits inside a larger file (a pack); None when
+            the frame is the whole file from ``offset`` (trailing bytes are then an error).
+        hash_threads: as ``decode_into``.
+
+    Returns the frame's header; ``buf[:header.raw_len]`` holds the verified bytes.
+
+    Raises:
+        CorruptChunk: a malformed, truncated, mismatching or oversized frame (``buf``'s
+            contents are then unspecified).
+        OSError: the file could not be read.
+        ValueError: ``buf`` is read-only or not contiguous.
+    """
+    out = writable_view(buf)
+    head = os.pread(fd, HEADER_SIZE, offset)
+    h = parse_header(head)
+    if frame_len is not None and h.frame_len != frame_len:
+        raise CorruptChunk(f"chunk frame is {frame_len} bytes in its pack, header says {h.frame_len}")
+    view = _check_fit(h, out, expect)
+    pos = offset + HEADER_SIZE
+    if h.codec == CODEC_RAW:
+        got = _pread_exact(fd, view, pos)
+        if got != h.raw_len:
+            raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… is truncated: {got} of {h.raw_len} bytes")
+    else:
+        payload = os.pread(fd, h.payload_len, pos)
+        if len(payload) != h.payload_len:
+            raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… is truncated: {len(payload)} of "
+                               f"{h.payload_len} payload bytes")
+        _decompress_into(h, payload, view)
+    if frame_len is None and os.pread(fd, 1, pos + h.payload_len):
+        raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… file has bytes after its {h.frame_len}-byte frame")
+    _verify_view(h, view, hash_threads)
+    return h
 
 
 assert HEADER_SIZE == 16 + DIGEST_SIZE

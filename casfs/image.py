@@ -96,6 +96,64 @@ class Image:
         lo = offset - first * cs
         return buf[lo:lo + (end - offset)]
 
+    def read_into(self, entry: int, offset: int, buf: object, *, fill_memory: bool = False,
+                  hash_threads: int = 0) -> int:
+        """Read regular file ``entry`` from ``offset`` into the writable buffer ``buf``.
+
+        The zero-copy read (``TieredStore.get_into``): every whole chunk the range covers is
+        read from the store straight into ``buf`` and verified there, so ``buf`` may be pinned
+        host memory or a tensor's storage. Chunks are read one after another: callers that
+        want throughput split a file over threads (e.g. one chunk-aligned range each).
+
+        Args:
+            buf: writable, contiguous; fills ``min(len(buf), size - offset)`` bytes.
+            fill_memory: also keep the chunks in the store's memory tier (off: a one-pass
+                stream should not evict what other readers use).
+            hash_threads: blake3 threads per chunk check (1 when many threads read at once).
+
+        Returns the bytes read (short only at end of file). On an error ``buf`` holds
+        unspecified bytes.
+
+        Raises:
+            ChunkUnavailable, NotAFile, CorruptIndex (a chunk's length disagrees with the
+            file's), ValueError (negative offset, read-only buffer).
+        """
+        from . import chunk as chunkmod
+        from .errors import CorruptIndex
+
+        ix = self.index
+        if not statmod.S_ISREG(ix.mode(entry)):
+            raise NotAFile(f"{ix.path(entry)!r} is not a regular file")
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        out = chunkmod.writable_view(buf)
+        fsize = ix.size(entry)
+        n = max(0, min(len(out), fsize - offset))
+        cs = ix.chunk_size
+        chunks = self.store.chunks
+        done = 0
+        while done < n:
+            pos = offset + done
+            j = pos // cs
+            ref = ix.file_chunk(entry, j)
+            want = min(cs, fsize - j * cs)
+            if ref.raw_len != want:
+                raise CorruptIndex(f"{ix.path(entry)!r}: chunk {j} is {ref.raw_len} bytes, the file needs {want}")
+            lo = pos - j * cs
+            take = min(want - lo, n - done)
+            if lo == 0 and take == want:
+                got = chunks.get_into(ref, out[done:done + take], ix.pack_members,
+                                      fill_memory=fill_memory, hash_threads=hash_threads)
+            else:  # a partial chunk: whole into scratch, then the slice
+                scratch = bytearray(want)
+                got = chunks.get_into(ref, scratch, ix.pack_members, fill_memory=fill_memory,
+                                      hash_threads=hash_threads)
+                out[done:done + take] = memoryview(scratch)[lo:lo + take]
+            if got != want:
+                raise CorruptIndex(f"{ix.path(entry)!r}: chunk {j} holds {got} bytes, the file needs {want}")
+            done += take
+        return n
+
     def read(self, path: str, offset: int = 0, size: int = -1) -> bytes:
         """Read bytes of the regular file at ``path`` (follows no symlinks)."""
         return self.read_entry(self.index.lookup(path), offset, size)

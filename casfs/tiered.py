@@ -11,6 +11,16 @@ Packs: when a packed chunk has to come from the blob tier, the whole span of the
 holds this image's chunks is fetched in one ranged read; its other frames are staged in a
 bounded buffer (and written to the ssd tier in the background), so the many small files that
 travel in one pack cost one round trip.
+
+Zero-copy reads: ``get_into`` fills a caller's buffer (pinned host memory for a GPU copy, a
+tensor's storage) with a chunk's verified bytes. Tiers backed by local files (``ssd``, a
+local-directory blob store, packs included) expose ``supports_read_into`` and
+``read_into(ref, buf, hash_threads=)``: a raw payload goes from the file into the buffer with
+``os.preadv`` and is hashed there, so nothing is copied under the GIL. Other tiers (S3, HTTP,
+cache servers) answer with a frame that is decoded into the buffer. ``get_into`` keeps the
+guarantees of ``get`` (verification, eviction of bad copies, single flight with ``get``
+callers, per-tier stats, background fills of the ssd tier) but by default does not put what it
+read into the memory tier: a one-pass stream of weights would only churn it.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import chunk as chunkmod
 from .errors import ChunkUnavailable, CorruptChunk
@@ -62,6 +72,14 @@ class _Staged:
                 self._used -= len(f)
 
 
+class _Flight(Future):
+    """One in-flight fetch; ``waiters`` counts the readers that joined it (under the lock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters = 0
+
+
 class TieredStore:
     """Reads verified chunks through a list of tiers, fastest first.
 
@@ -80,7 +98,7 @@ class TieredStore:
             raise ValueError("a TieredStore needs at least one tier")
         self.tiers = list(tiers)
         self.retries = retries
-        self._inflight: dict[bytes, Future] = {}
+        self._inflight: dict[bytes, _Flight] = {}
         self._span_inflight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="casfs-io")
@@ -106,24 +124,63 @@ class TieredStore:
             data = top.get(ref)
             if data is not None:
                 return data
-        with self._lock:
-            fut = self._inflight.get(ref.digest)
-            owner = fut is None
-            if owner:
-                fut = self._inflight[ref.digest] = Future()
+        fut, owner = self._join(ref.digest)
         if not owner:
             return fut.result()
         try:
-            data = self._fetch(ref, pack_members)
+            data = self._fetch(ref, lambda errors: self._walk(ref, pack_members, errors))
         except BaseException as e:
-            fut.set_exception(e)
+            self._land(ref.digest, fut, error=e)
             raise
-        else:
-            fut.set_result(data)
-            return data
-        finally:
-            with self._lock:
-                self._inflight.pop(ref.digest, None)
+        self._land(ref.digest, fut, result=data)
+        return data
+
+    def get_into(self, ref: ChunkRef, buf: object, pack_members: PackMembers | None = None, *,
+                 fill_memory: bool = False, hash_threads: int = 0) -> int:
+        """Write the verified bytes of ``ref`` to the start of ``buf``; returns their length.
+
+        The zero-copy read: from a tier backed by local files a raw chunk is read straight into
+        ``buf`` and its blake3 checked there; a zstd chunk is decompressed into ``buf``; a
+        memory-tier hit and a frame from a remote tier are copied in. A copy that fails
+        verification is handled as in ``get`` (counted, evicted, the next tier tried), so a
+        return always means ``buf[:n]`` holds the right bytes. Concurrent ``get``/``get_into``
+        calls for one chunk share one fetch. Slower writable tiers (ssd) are filled in the
+        background as ``get`` fills them.
+
+        Args:
+            buf: a writable, contiguous buffer of at least ``ref.raw_len`` bytes (a
+                ``bytearray``, or a memoryview over pinned memory or a tensor's storage).
+            pack_members: as ``get``.
+            fill_memory: also put the chunk into the memory tier (one extra copy). Off by
+                default: a one-pass stream (weights) should not evict what the mount uses.
+            hash_threads: blake3 threads per verification (0: the default of
+                ``casfs.digest``; use 1 when many threads call ``get_into`` at once).
+
+        Raises:
+            ChunkUnavailable: when no tier holds a verified copy (``buf`` then holds
+                unspecified bytes).
+            ValueError: ``buf`` is read-only, not contiguous, or smaller than ``ref.raw_len``.
+        """
+        out = chunkmod.writable_view(buf)
+        if len(out) < ref.raw_len:
+            raise ValueError(f"buffer of {len(out)} bytes is smaller than chunk "
+                             f"{ref.digest.hex()[:16]}… ({ref.raw_len} bytes)")
+        top = self.tiers[0]
+        if top.decoded:
+            data = top.get(ref)
+            if data is not None and len(data) <= len(out):
+                return chunkmod.copy_into(out, data)
+        fut, owner = self._join(ref.digest)
+        if not owner:
+            return chunkmod.copy_into(out, fut.result())
+        try:
+            n = self._fetch(ref, lambda errors: self._walk_into(ref, pack_members, out, errors,
+                                                                fill_memory, hash_threads))
+        except BaseException as e:
+            self._land(ref.digest, fut, error=e)
+            raise
+        self._land(ref.digest, fut, view=out[:n])
+        return n
 
     def get_many(self, refs: Iterable[ChunkRef], pack_members: PackMembers | None = None) -> list[bytes]:
         """Fetch several chunks concurrently; results in input order."""
@@ -167,12 +224,36 @@ class TieredStore:
         except Exception as e:  # noqa: BLE001 - prefetch is best effort
             log.warning("prefetch of chunk %s failed: %s", ref.digest.hex()[:16], e)
 
-    def _fetch(self, ref: ChunkRef, pack_members: PackMembers | None) -> bytes:
+    def _join(self, digest: bytes) -> tuple[_Flight, bool]:
+        """The in-flight fetch of ``digest`` and whether the caller owns (must perform) it."""
+        with self._lock:
+            fut = self._inflight.get(digest)
+            if fut is None:
+                fut = self._inflight[digest] = _Flight()
+                return fut, True
+            fut.waiters += 1
+            return fut, False
+
+    def _land(self, digest: bytes, fut: _Flight, *, result: bytes | None = None,
+              view: memoryview | None = None, error: BaseException | None = None) -> None:
+        """Finish an owned fetch. A ``get_into`` owner (``view``) copies its bytes out only
+        when some reader joined it: the caller's buffer is reused once we return."""
+        with self._lock:
+            self._inflight.pop(digest, None)
+            waiters = fut.waiters
+        if error is not None:
+            fut.set_exception(error)
+        elif view is not None:
+            fut.set_result(bytes(view) if waiters else None)
+        else:
+            fut.set_result(result)
+
+    def _fetch(self, ref: ChunkRef, walk: Callable[[list[str]], object]) -> Any:
         errors: list[str] = []
         for attempt in range(self.retries + 1):
-            data = self._walk(ref, pack_members, errors)
-            if data is not None:
-                return data
+            got = walk(errors)
+            if got is not None:
+                return got
             if not any("error" in e for e in errors[-len(self.tiers):]):
                 break  # every tier answered "miss": retrying will not help
             time.sleep(0.05 * (2 ** attempt))
@@ -220,21 +301,99 @@ class TieredStore:
         try:
             data = chunkmod.decode(frame, expect=ref.digest)
         except CorruptChunk as e:
-            self.verify_failures += 1
-            name = tier.name if tier is not None else "pack-staging"
-            errors.append(f"{name}: error corrupt ({e})")
-            log.error("corrupt chunk %s from tier %s: %s", ref.digest.hex()[:16], name, e)
-            if tier is not None:
-                tier.stats().record_error()
-                if tier.writable:
-                    try:
-                        tier.delete(ref)
-                    except Exception:  # noqa: BLE001
-                        pass
-                elif hasattr(tier, "rejected"):
-                    tier.rejected(ref)  # a read-only tier learns that its source sent bad bytes
+            self._corrupt(ref, tier, e, errors)
             return None
         return data
+
+    def _corrupt(self, ref: ChunkRef, tier: Tier | None, e: CorruptChunk, errors: list[str]) -> None:
+        """Count a copy that failed verification and evict it (or tell its read-only tier)."""
+        self.verify_failures += 1
+        name = tier.name if tier is not None else "pack-staging"
+        errors.append(f"{name}: error corrupt ({e})")
+        log.error("corrupt chunk %s from tier %s: %s", ref.digest.hex()[:16], name, e)
+        if tier is not None:
+            tier.stats().record_error()
+            if tier.writable:
+                try:
+                    tier.delete(ref)
+                except Exception:  # noqa: BLE001
+                    pass
+            elif hasattr(tier, "rejected"):
+                tier.rejected(ref)  # a read-only tier learns that its source sent bad bytes
+
+    def _walk_into(self, ref: ChunkRef, pack_members: PackMembers | None, out: memoryview,
+                   errors: list[str], fill_memory: bool, hash_threads: int) -> int | None:
+        """``_walk`` for ``get_into``: the first verified copy lands in ``out``."""
+        staged = self._staged.pop(ref.digest)
+        if staged is not None:
+            try:
+                n = chunkmod.decode_into(staged, out, ref.digest, hash_threads=hash_threads)
+            except CorruptChunk as e:
+                self._corrupt(ref, None, e, errors)
+            else:
+                self._staged.stats.record_get(True, len(staged), 0.0)
+                if fill_memory:
+                    self._fill_memory(ref, out[:n], len(self.tiers))
+                return n  # its frame is already queued for the ssd tier
+        for i, tier in enumerate(self.tiers):
+            if tier.decoded and i == 0:
+                continue  # checked by get_into() already
+            frame = None
+            try:
+                if getattr(tier, "supports_read_into", False):
+                    n = tier.read_into(ref, out, hash_threads=hash_threads)  # type: ignore[attr-defined]
+                    if n is None:
+                        errors.append(f"{tier.name}: miss")
+                        continue
+                    if fill_memory:
+                        self._fill_memory(ref, out[:n], i)
+                    self._fill_frames_from(ref, out[:n], i)
+                    return n
+                if ref.pack is not None and pack_members is not None and not tier.writable \
+                        and hasattr(tier, "get_span"):
+                    frame = self._get_pack_span(tier, ref, pack_members, i)
+                else:
+                    frame = tier.get(ref)
+                if frame is None:
+                    errors.append(f"{tier.name}: miss")
+                    continue
+                if tier.decoded:
+                    n = chunkmod.copy_into(out, frame)
+                else:
+                    n = chunkmod.decode_into(frame, out, ref.digest, hash_threads=hash_threads)
+            except CorruptChunk as e:
+                self._corrupt(ref, tier, e, errors)
+                continue
+            except Exception as e:  # noqa: BLE001 - a failing tier is skipped, not fatal
+                tier.stats().record_error()
+                errors.append(f"{tier.name}: error {e}")
+                log.warning("tier %s failed for chunk %s: %s", tier.name, ref.digest.hex()[:16], e)
+                continue
+            if fill_memory:
+                self._fill_memory(ref, out[:n], i)
+            if not tier.decoded:
+                self._queue_fill(ref, frame, i)
+            else:
+                self._fill_frames_from(ref, out[:n], i)
+            return n
+        return None
+
+    def _fill_memory(self, ref: ChunkRef, view: memoryview, upto: int) -> None:
+        for tier in self.tiers[:upto]:
+            if tier.decoded and tier.writable:
+                tier.put(ref, bytes(view))
+                return
+
+    def _fill_frames_from(self, ref: ChunkRef, view: memoryview, upto: int) -> None:
+        """Queue a raw frame of ``view`` for the frame tiers above ``upto`` (copied now: the
+        caller reuses its buffer), unless there are none or the writeback queue is full."""
+        if not any(not t.decoded and t.writable for t in self.tiers[:upto]):
+            return
+        with self._lock:
+            if self._wb_pending + len(view) + chunkmod.HEADER_SIZE > self._wb_limit:
+                return
+        _, frame = chunkmod.encode(view, ref.digest, compress=False)
+        self._queue_fill(ref, frame, upto)
 
     def _get_pack_span(self, tier: Tier, ref: ChunkRef, pack_members: PackMembers, level: int) -> bytes | None:
         members = pack_members(ref.pack)  # type: ignore[arg-type]
@@ -258,6 +417,12 @@ class TieredStore:
                 pass
             return self._staged.pop(ref.digest) or tier.get(ref)
         try:
+            # a span fetch that ended after our walk looked at staging has staged our frame:
+            # take it rather than fetch (and stage) the whole span a second time
+            early = self._staged.pop(ref.digest)
+            if early is not None:
+                fut.set_result(None)
+                return early
             span = tier.get_span(ref.pack, start, end - start)  # type: ignore[attr-defined]
             mine = None
             if span is not None:

@@ -1,16 +1,19 @@
 """Stream safetensors weights from a casfs image straight into tensors on the CPU or a GPU.
 
 The file is never read through FUSE and never staged whole: its chunk references come from the
-image index, ``concurrency`` worker threads fetch verified chunks from the store's tiers
-(``image.store.chunks.get``: memory -> ssd -> cache servers -> blob, every byte checked against
-its blake3 digest) in file order, and each chunk's bytes go where they belong as soon as they
-arrive:
+image index, and ``concurrency`` worker threads read verified chunks from the store's tiers in
+file order with ``Image.read_into`` (``TieredStore.get_into``: memory -> ssd -> cache servers
+-> blob, every byte checked against its blake3 digest, nothing put into the memory tier). Each
+chunk is read straight into where its bytes go:
 
-* CPU destinations: one ``memmove`` (no GIL) from the chunk into the tensor's memory.
-* CUDA destinations: one ``memmove`` into a pinned staging slot (a ring of two slots per worker),
-  then asynchronous host-to-device copies on one of several CUDA streams; an event per slot
-  says when the slot may be refilled. Pageable memory would cap the copy near 3 GB/s; pinned
-  slots run at PCIe speed.
+* CUDA destinations: into a pinned staging slot (a ring of two slots per worker; a raw chunk
+  from a local file goes from the page cache into the slot with one ``preadv`` and is hashed
+  there), then asynchronous host-to-device copies on one of several CUDA streams; an event per
+  slot says when the slot may be refilled. Pageable memory would cap the copy near 3 GB/s;
+  pinned slots run at PCIe speed.
+* CPU destinations: a chunk that lies inside one contiguous tensor is read straight into the
+  tensor's memory; a chunk that spans tensors is read into a per-worker buffer and moved with
+  ``memmove`` (no GIL).
 
 A safetensors file is untrusted input: an 8-byte little-endian header length, a JSON header,
 then the data region. ``parse_header`` bounds the header length, rejects duplicate keys,
@@ -21,11 +24,10 @@ can only produce ``InvalidSafetensors``, never an out-of-bounds copy.
 Because chunks are content-addressed, a file (or the chunk-aligned parts of one) that two
 models share is fetched from the blob tier once: the second load is served by the upper tiers.
 
-Speed (H100 machine, docs/benchmarks.md): the loader runs at the speed of the store's chunk
-read path (``TieredStore.get``: ~4-5.8 GiB/s warm with 16 workers, bound by zstd decompression
-and the payload copy in ``casfs.chunk.decode``), not yet at the pinned-copy ceiling. A store
-opened for a one-pass weights stream should use a small memory tier: a large one keeps every
-just-read chunk alive and makes each new read fault in fresh pages.
+Speed (H100 machine, docs/benchmarks.md): with weights stored raw (``casfs.build``'s default
+``compress="auto"``) the loader is bound by ``preadv`` + blake3 into pinned memory, not by
+copies under the GIL; zstd chunks decompress at ~0.55 GiB/s a core and stay much slower. On an
+error, destination tensors hold unspecified bytes.
 """
 
 from __future__ import annotations
@@ -338,9 +340,16 @@ def _byte_view(t: "torch.Tensor") -> "torch.Tensor":
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def _address(data: bytes) -> int:
-    """Address of a bytes object's buffer (valid while ``data`` is alive)."""
+def _address(data: bytes | bytearray) -> int:
+    """Address of a bytes or bytearray object's buffer (valid while ``data`` is alive)."""
+    if isinstance(data, bytearray):
+        return ctypes.addressof(ctypes.c_char.from_buffer(data)) if data else 0
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
+def _memory(ptr: int, n: int) -> memoryview:
+    """A writable byte memoryview over ``n`` bytes at address ``ptr`` (pinned or tensor memory)."""
+    return memoryview((ctypes.c_char * n).from_address(ptr)).cast("B")
 
 
 # ------------------------------------------------------------------------------------------
@@ -358,7 +367,8 @@ class _Copy:
 @dataclass(slots=True)
 class _Job:
     image: "casfs.Image"
-    ref: "casfs.ChunkRef"
+    entry: int
+    offset: int  # of the chunk in the file
     length: int  # expected decoded length of the chunk
     copies: list[_Copy]
 
@@ -383,7 +393,7 @@ def _plan(image: "casfs.Image", path: str, header: SafetensorsHeader,
         for j in range(s // cs, (e - 1) // cs + 1):
             lo, hi = max(s, j * cs), min(e, (j + 1) * cs)
             per_chunk.setdefault(j, []).append(_Copy(lo - j * cs, hi - lo, dst, lo - s))
-    return [_Job(image, refs[j], min(cs, header.file_size - j * cs), per_chunk[j])
+    return [_Job(image, entry, j * cs, min(cs, header.file_size - j * cs), per_chunk[j])
             for j in sorted(per_chunk)]
 
 
@@ -428,13 +438,23 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
     if dev is not None:
         with torch.cuda.device(dev):
             stream_list = [torch.cuda.Stream(dev) for _ in range(max(1, min(streams, workers)))]
-            slot_bytes = max(max(c.src + c.n for c in j.copies) for j in jobs)
+            slot_bytes = max(j.length for j in jobs if any(c.dst.is_cuda for c in j.copies))
             slots = [[(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
                       for _ in range(SLOTS_PER_WORKER)] for _ in range(workers)]
+
+    hash_threads = 1 if workers > 1 else 0  # many hashers at once: one thread each scales best
+    scratch_bytes = max(j.length for j in jobs)
+
+    def read(job: _Job, ptr: int) -> None:
+        got = job.image.read_into(job.entry, job.offset, _memory(ptr, job.length), hash_threads=hash_threads)
+        if got != job.length:
+            raise casfs.CorruptIndex(f"chunk at offset {job.offset} holds {got} bytes where the "
+                                     f"file needs {job.length}")
 
     def work(w: int) -> None:
         nslot = 0
         stream = stream_list[w % len(stream_list)] if stream_list else None
+        scratch: bytearray | None = None
         try:
             if dev is not None:
                 torch.cuda.set_device(dev)
@@ -444,31 +464,30 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
                 except queue.Empty:
                     break
                 job = jobs[i]
-                data = job.image.store.chunks.get(job.ref, job.image.index.pack_members)
-                if len(data) != job.length:
-                    raise casfs.CorruptIndex(f"chunk {job.ref.digest.hex()[:16]} holds {len(data)} "
-                                             f"bytes where the file needs {job.length}")
-                if not isinstance(data, bytes):
-                    data = bytes(data)
-                src = _address(data)
-                gpu = []
-                for c in job.copies:
-                    if c.dst.is_cuda:
-                        gpu.append(c)
-                    else:
-                        ctypes.memmove(c.dst.data_ptr() + c.dst_off, src + c.src, c.n)
+                gpu = [c for c in job.copies if c.dst.is_cuda]
+                cpu = [c for c in job.copies if not c.dst.is_cuda]
                 if gpu:
                     pinned, ev = slots[w][nslot % SLOTS_PER_WORKER]
                     nslot += 1
                     ev.synchronize()  # the copies that last read this slot are done
-                    lo = min(c.src for c in gpu)
-                    hi = max(c.src + c.n for c in gpu)
-                    ctypes.memmove(pinned.data_ptr() + lo, src + lo, hi - lo)
+                    read(job, pinned.data_ptr())
+                    src = pinned.data_ptr()
                     with torch.cuda.stream(stream):
                         for c in gpu:
                             c.dst[c.dst_off:c.dst_off + c.n].copy_(pinned[c.src:c.src + c.n], non_blocking=True)
                         ev.record(stream)
-                moved[w] += len(data)
+                elif len(cpu) == 1 and cpu[0].src == 0 and cpu[0].n == job.length:
+                    c = cpu[0]  # the whole chunk lies in one tensor: read it in place
+                    read(job, c.dst.data_ptr() + c.dst_off)
+                    cpu = []
+                else:
+                    if scratch is None:
+                        scratch = bytearray(scratch_bytes)
+                    src = _address(scratch)
+                    read(job, src)
+                for c in cpu:
+                    ctypes.memmove(c.dst.data_ptr() + c.dst_off, src + c.src, c.n)
+                moved[w] += job.length
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
             stop.set()

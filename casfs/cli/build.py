@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", "-t", required=True, metavar="NAME", help="tag for the new image")
     p.add_argument("--chunk-size", default="4M", metavar="SIZE",
                    help="chunk size, a power of two from 4K to 256M (default 4M)")
+    p.add_argument("--compress", choices=("auto", "always", "never"), default="auto",
+                   help="codec policy: auto (default) stores model weights (.safetensors .bin .pt .pth "
+                        ".gguf .onnx .npy) raw for zero-copy reads and zstd-compresses other chunks "
+                        "that shrink by >= 10%%; always: zstd wherever it shrinks a chunk; never: all raw")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(func=cmd_build)
 
@@ -28,7 +32,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     store = open_store_from_args(args)
     r = casfs.build(store, args.src, tag=args.tag, chunk_size=parse_size(args.chunk_size),
-                    progress=False if args.no_progress else None)
+                    progress=False if args.no_progress else None, compress=args.compress)
     p = r.pack
     print(f"built {args.tag} {r.image_id}")
     print(f"  {r.entries} entries, {human(p.bytes_in)} in {r.seconds:.2f} s ({r.mb_per_s:.0f} MB/s)")

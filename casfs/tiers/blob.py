@@ -9,14 +9,18 @@ Object names (keys)::
     profiles/<hex>  a startup access profile
 
 ``ObjectStore`` is the backend protocol (local directory, S3, HTTP); ``BlobTier`` adapts one to
-the chunk ``Tier`` protocol.
+the chunk ``Tier`` protocol. A backend whose objects are local files may also offer
+``local_path(key) -> str``; ``BlobTier.read_into`` then reads frames (loose or inside a pack)
+straight from those files into a caller's buffer.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterator, Protocol, runtime_checkable
 
+from .. import chunk as chunkmod
 from ..index import ChunkRef
 from .base import TierStats
 
@@ -68,6 +72,40 @@ class BlobTier:
             return None
         self._stats.record_get(True, len(data), time.perf_counter() - t0)
         return data
+
+    @property
+    def supports_read_into(self) -> bool:
+        """True when the backend's objects are local files (``read_into`` works)."""
+        return callable(getattr(self.objects, "local_path", None))
+
+    def read_into(self, ref: ChunkRef, buf: memoryview, *, hash_threads: int = 0) -> int | None:
+        """Read ``ref``'s frame from a local-file backend into ``buf`` and verify it there.
+
+        Returns the chunk's length, or None on a miss. Only for ``supports_read_into``
+        backends.
+
+        Raises:
+            CorruptChunk: the stored frame is bad (``buf`` then holds unspecified bytes).
+            OSError: the object's file could not be read.
+        """
+        t0 = time.perf_counter()
+        if ref.pack is None:
+            path, offset, frame_len = self.objects.local_path(chunk_key(ref.digest)), 0, None  # type: ignore[attr-defined]
+        else:
+            path, offset, frame_len = (self.objects.local_path(pack_key(ref.pack)),  # type: ignore[attr-defined]
+                                       ref.pack_off, ref.stored_len)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._stats.record_get(False, 0, time.perf_counter() - t0)
+            return None
+        try:
+            h = chunkmod.read_frame_into(fd, offset, buf, ref.digest, frame_len=frame_len,
+                                         hash_threads=hash_threads)
+        finally:
+            os.close(fd)
+        self._stats.record_get(True, h.frame_len, time.perf_counter() - t0)
+        return h.raw_len
 
     def get_span(self, pack: bytes, offset: int, length: int) -> bytes | None:
         """A contiguous byte range of a pack (many frames in one request)."""

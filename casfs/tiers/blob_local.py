@@ -45,6 +45,15 @@ class LocalObjectStore:
         kind, _, name = check_key(key).partition("/")
         return os.path.join(self.root, kind, name[:2], name)
 
+    def local_path(self, key: str) -> str:
+        """The file that holds object ``key`` (it may not exist). Lets readers ``pread`` an
+        object's bytes straight into their own buffers (``BlobTier.read_into``).
+
+        Raises:
+            ValueError: for an invalid key.
+        """
+        return self._path(key)
+
     def get(self, key: str) -> bytes:
         try:
             with open(self._path(key), "rb") as f:

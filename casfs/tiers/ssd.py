@@ -7,6 +7,9 @@ same job with one rename per put and no database to corrupt. Crash safety: a fra
 to a temporary name, fsynced, then renamed into place, so a crash leaves either nothing or a
 whole file; a torn or bit-rotted file still fails digest verification in the store, which then
 deletes it here and refetches from the next tier.
+
+``read_into`` serves ``TieredStore.get_into``: the frame's payload goes from the file straight
+into the caller's buffer (``casfs.chunk.read_frame_into``) and is verified there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from .. import chunk as chunkmod
 from ..index import ChunkRef
 from .base import TierStats
 
@@ -26,6 +30,7 @@ class SsdTier:
 
     decoded = False
     writable = True
+    supports_read_into = True
 
     def __init__(self, root: str, capacity: int = 50 << 30, *, fsync: bool = True, name: str = "ssd") -> None:
         if capacity <= 0:
@@ -91,6 +96,39 @@ class SsdTier:
             pass
         self._stats.record_get(True, len(data), time.perf_counter() - t0)
         return data
+
+    def read_into(self, ref: ChunkRef, buf: memoryview, *, hash_threads: int = 0) -> int | None:
+        """Read ``ref``'s frame into ``buf`` and verify it there; None on a miss.
+
+        Returns the chunk's length. Raises CorruptChunk for a bad file (the store then deletes
+        it and goes on to the next tier); ``buf`` then holds unspecified bytes.
+        """
+        t0 = time.perf_counter()
+        p = self._path(ref.digest)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            self._stats.record_get(False, 0, time.perf_counter() - t0)
+            return None
+        except OSError:
+            self._stats.record_error()
+            return None
+        try:
+            h = chunkmod.read_frame_into(fd, 0, buf, ref.digest, hash_threads=hash_threads)
+        except OSError:
+            self._stats.record_error()
+            return None
+        finally:
+            os.close(fd)
+        with self._lock:
+            if ref.digest in self._lru:
+                self._lru.move_to_end(ref.digest)
+        try:
+            os.utime(p)
+        except OSError:
+            pass
+        self._stats.record_get(True, h.frame_len, time.perf_counter() - t0)
+        return h.raw_len
 
     def put(self, ref: ChunkRef, data: bytes) -> None:
         """Store a frame. A full disk or any write error skips the write (counted as an error)."""
