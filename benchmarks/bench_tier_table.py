@@ -45,7 +45,7 @@ from casfs.store import Store  # noqa: E402
 from casfs.tiers.azcache import AzCacheTier  # noqa: E402
 from casfs.tiers.blob_http import HttpObjectStore  # noqa: E402
 from casfs.tiers.blob_local import LocalObjectStore  # noqa: E402
-from servers import nginx_static  # noqa: E402
+from servers import NGINX, missing_binary, nginx_static  # noqa: E402
 
 PY = sys.executable
 LAMBDA_SPLIT = {"local": 67.0, "az": 32.0, "s3": 0.1}  # AWS Lambda container loader (paper), % of chunk reads
@@ -86,10 +86,21 @@ def cache_server(store_url: str, memory: str = "3G", extra: list[str] | None = N
         m = re.search(r" on (http://127\.0\.0\.1:\d+/)", proc.stdout.readline())
         if not m:
             raise RuntimeError("cache-server did not start")
+        _PIDS[m.group(1)] = proc.pid
         yield m.group(1)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+_PIDS: dict[str, int] = {}  # server URL -> its process id (for CPU accounting)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def port_of(url: str) -> int:
@@ -362,27 +373,35 @@ def stdlib_server(store_dir: str, nodelay: bool) -> Iterator[str]:
     code = _STDLIB_SERVER.format(root=ROOT, store=store_dir, nodelay=nodelay)
     proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        yield f"http://127.0.0.1:{int(proc.stdout.readline())}/"
+        url = f"http://127.0.0.1:{int(proc.stdout.readline())}/"
+        _PIDS[url] = proc.pid
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 def http_load(url: str, paths: list[tuple[str, dict]], threads: int, seconds: float) -> tuple[float, float]:
-    """(requests/s, bytes/s) of ``threads`` keep-alive clients cycling through ``paths``."""
+    """(requests/s, bytes/s) of ``threads`` keep-alive clients (one process, ``http.client``,
+    reading into reused buffers) cycling through ``paths``."""
     host, port = url.split("//")[1].rstrip("/").split(":")
     stop = time.perf_counter() + seconds
     counts = []
 
     def client(k: int) -> None:
         c = http.client.HTTPConnection(host, int(port), timeout=30)
+        buf = memoryview(bytearray(8 * MiB))  # reused: the client's page faults stay out of it
         n = nbytes = 0
         i = k
         while time.perf_counter() < stop:
             p, h = paths[i % len(paths)]
             c.request("GET", p, headers=h)
             r = c.getresponse()
-            nbytes += len(r.read())
+            while True:
+                got = r.readinto(buf)
+                if not got:
+                    break
+                nbytes += got
             n += 1
             i += threads
         counts.append((n, nbytes))
@@ -409,14 +428,22 @@ def http_stacks(store_dir: str, refs: dict, seconds: float) -> list[dict]:
               ("stdlib ThreadingHTTPServer", lambda: stdlib_server(store_dir, False)),
               ("stdlib ThreadingHTTPServer + TCP_NODELAY", lambda: stdlib_server(store_dir, True)),
               ("nginx static (C, sendfile; reference)", lambda: nginx_static(store_dir))]
+    if missing_binary(NGINX):
+        stacks.pop()
     for name, start in stacks:
         with start() as url:
             http_load(url, big + small, 2, 2.0)  # warm: fill memory / page cache
+            pid = _PIDS.get(url)
             for threads in (1, 4):
+                c0 = cpu_seconds(pid) if pid else 0.0
                 rq, bps = http_load(url, big, threads, seconds)
+                c1 = cpu_seconds(pid) if pid else 0.0
                 rq4, _ = http_load(url, small, threads, seconds)
+                c2 = cpu_seconds(pid) if pid else 0.0
                 row = {"server": name, "client_threads": threads, "4MiB_GiB_per_s": bps / GiB,
-                       "4MiB_req_per_s": rq, "4KiB_range_req_per_s": rq4}
+                       "4MiB_req_per_s": rq, "4KiB_range_req_per_s": rq4,
+                       "server_cpu_us_per_4MiB": (c1 - c0) / (rq * seconds) * 1e6 if pid else None,
+                       "server_cpu_us_per_4KiB": (c2 - c1) / (rq4 * seconds) * 1e6 if pid else None}
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
     return rows
@@ -450,7 +477,8 @@ def plot(rows: list[dict], split: dict | None, path: str, note: str) -> None:
     ax.barh([i - 0.2 for i in y], [r["seq_MiB_per_s"] / 1024 for r in rows], 0.4, label="sequential file read")
     ax.set_yticks(list(y), [""] * len(rows))
     ax.invert_yaxis()
-    ax.set_xlabel("throughput, GiB/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("throughput, GiB/s (log)")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     if split:

@@ -78,32 +78,43 @@ class CacheApp:
 
     def __call__(self, req: Request) -> Response:
         t0 = time.perf_counter()
-        resp = self._route(req)
+        resp, is_object = self._route(req)
         self.metrics.inc("casfs_cache_requests_total", code=str(resp.status))
         if resp.status in (200, 206) and req.method == "GET":
             self.metrics.inc("casfs_cache_bytes_sent_total", len(resp.body))
-        if _OBJECT.match(req.path):
+        if is_object:
             self.metrics.observe("casfs_cache_request_seconds", time.perf_counter() - t0)
         return resp
 
-    def _route(self, req: Request) -> Response:
+    def _route(self, req: Request) -> tuple[Response, bool]:
+        """The response, and whether the request named an object (for the latency histogram)."""
+        m = _OBJECT.match(req.path)
+        if m:
+            if req.method not in ("GET", "HEAD"):
+                return Response(405, b"only GET and HEAD\n", _TEXT + [("Allow", "GET, HEAD")]), False
+            if not self._authorized(req):
+                return self._unauthorized(), False
+            kind, fan, name = m.groups()
+            if fan is not None and fan != name[:2]:
+                return Response(404, b"fan-out directory does not match the name\n", _TEXT), False
+            return self._object(req, f"{kind}/{name}", name), True
+        return self._other(req), False
+
+    def _unauthorized(self) -> Response:
+        return Response(401, b"missing or wrong bearer token\n",
+                        _TEXT + [("WWW-Authenticate", 'Bearer realm="casfs"')])
+
+    def _other(self, req: Request) -> Response:
         if req.method not in ("GET", "HEAD"):
             return Response(405, b"only GET and HEAD\n", _TEXT + [("Allow", "GET, HEAD")])
         if req.path == "/health":
             return Response(200, b'{"status": "ok"}\n', [("Content-Type", "application/json")])
         if not self._authorized(req):
-            return Response(401, b"missing or wrong bearer token\n",
-                            _TEXT + [("WWW-Authenticate", 'Bearer realm="casfs"')])
+            return self._unauthorized()
         if req.path == "/metrics":
             return Response(200, self.render_metrics().encode(),
                             [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
-        m = _OBJECT.match(req.path)
-        if not m:
-            return Response(404, f"no such path; objects live at /<{'|'.join(KINDS)}>/<hh>/<hex>\n".encode(), _TEXT)
-        kind, fan, name = m.groups()
-        if fan is not None and fan != name[:2]:
-            return Response(404, b"fan-out directory does not match the name\n", _TEXT)
-        return self._object(req, f"{kind}/{name}", name)
+        return Response(404, f"no such path; objects live at /<{'|'.join(KINDS)}>/<hh>/<hex>\n".encode(), _TEXT)
 
     def _authorized(self, req: Request) -> bool:
         if self._expected_auth is None:
