@@ -112,6 +112,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rtt", type=float, default=100.0, help="blob round trip in ms (default 100)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, no dedup section")
+    ap.add_argument("--tiers", default="local,ssd,blob", help="comma-separated subset of local,ssd,blob")
+    ap.add_argument("--no-dedup", action="store_true", help="skip the dedup section")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     repeats = 1 if args.quick else args.repeats
@@ -160,6 +162,7 @@ def main() -> int:
                    "min_s": min(r["ready"] for r in runs),
                    "running_s": med([r["running"] for r in runs]),
                    "open_s": med([r["open"] for r in runs]), "fetch_s": med([r["fetch"] for r in runs]),
+                   "lazy_start_s": med([r["lazy_start"] for r in runs]),
                    "criu_s": med([r["criu"] for r in runs])}
             row["speedup"] = f"{cold_med / row['ready_s']:.1f}x"
             results["cases"].append(row | {"runs": runs})
@@ -171,33 +174,36 @@ def main() -> int:
 
         cached = os.path.join(work, "export-cache")
         restore_run(store, "bench", out, lazy=False, source="export", cache_dir=cached)  # warm
-        for lazy in (False, True):
+        tiers = set(args.tiers.split(","))
+        for lazy in ((False, True) if "local" in tiers else ()):
             run_case("local", "export", lazy, lambda: casfs.open_store(blobdir), fresh_dir)
             run_case("local", "export-cached", lazy, lambda: casfs.open_store(blobdir), lambda: cached)
             run_case("local", "mount", lazy, lambda: casfs.open_store(blobdir), fresh_dir)
 
-        with nginx_static(blobdir) as url:
+        with nginx_static(blobdir) if tiers & {"ssd", "blob"} else contextlib.nullcontext() as url:
             ssd = os.path.join(work, "ssd")
-            with casfs.open_store(url, cache_dir=ssd) as s:  # fill the ssd tier
-                cpu.export_image(s.open_image("bench"), fresh_dir())
-            for lazy in (False, True):
+            if "ssd" in tiers:
+                with casfs.open_store(url, cache_dir=ssd) as s:  # fill the ssd tier
+                    cpu.export_image(s.open_image("bench"), fresh_dir())
+            for lazy in ((False, True) if "ssd" in tiers else ()):
                 for src in ("export", "mount"):
                     run_case("ssd", src, lazy,
                              lambda: casfs.open_store(url, cache_dir=ssd), fresh_dir)
-            port = int(url.rstrip("/").rsplit(":", 1)[1])
-            with FaultProxy(port) as proxy:
-                proxy.set_latency(up=args.rtt / 2000, down=args.rtt / 2000)
-                purl = proxy.url + "/"
-                for lazy in (False, True):
+            port = int(url.rstrip("/").rsplit(":", 1)[1]) if "blob" in tiers else 0
+            with FaultProxy(port) if port else contextlib.nullcontext() as proxy:
+                if proxy is not None:
+                    proxy.set_latency(up=args.rtt / 2000, down=args.rtt / 2000)
+                    purl = proxy.url + "/"
+                for lazy in ((False, True) if port else ()):
                     for src in ("export", "mount"):
                         run_case("blob", src, lazy,
                                  lambda: casfs.open_store(purl, cache_dir=""), fresh_dir)
 
-        if not args.quick:
+        if not (args.quick or args.no_dedup):
             results["dedup"] = dedup(prog, work)
 
         cols = ["tier", "source", "mode", "ready_s", "min_s", "speedup", "running_s", "open_s",
-                "fetch_s", "criu_s"]
+                "fetch_s", "lazy_start_s", "criu_s"]
         print()
         print(table(results["cases"], cols))
         params = {"repeats": repeats, "rtt_ms": args.rtt, "criu": crit.version_text,

@@ -686,7 +686,8 @@ class RestoredProcess:
     A small reaper process stays its parent (so it is reaped and its status known); ``pid`` is the
     restored tree's root (outer PID), ``ready_pid`` the process woken from ``ready()``.
     ``timings`` (seconds): ``open`` (index + metadata + key check), ``fetch`` (images out of
-    casfs), ``criu`` (restore until the tree runs), ``total``.
+    casfs, or the mount), ``lazy_start`` (the lazy-pages daemon up; 0 when eager), ``criu``
+    (restore until the tree runs), ``total``; ``cached`` says the export was reused.
     """
 
     def __init__(self, criu_proc: subprocess.Popen, pid: int, ready_pid: int, workdir: str,
@@ -837,6 +838,7 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
         flags = list((meta.get("criu") or {}).get("restore_flags") or RESTORE_FLAGS)
         pidfile = os.path.join(work, "pid")
         args = ["restore", "-D", imgdir, "-W", work, "--pidfile", pidfile, *flags]
+        t_lazy = time.perf_counter()
         if lazy:
             sock = os.path.join(work, "lazy-pages.socket")
             lazy_proc = criumod.start(criu, ["lazy-pages", "-D", imgdir, "-W", work],
@@ -850,6 +852,7 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
                 time.sleep(0.0005)
             args.append("--lazy-pages")
         t2 = time.perf_counter()
+        t_lazy = t2 - t_lazy
         proc = criumod.start_restore(criu, args, log=os.path.join(work, "restore.log"),
                                      stderr_path=os.path.join(work, "restore.err"))
         pid = _wait_pidfile(proc, pidfile, timeout)
@@ -874,7 +877,7 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
     if meta.get("ready"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(ready_pid, lifecycle.SIG_RESTORED)
-    timings = {"open": t_open, "fetch": t_fetch, "criu": t_criu, "cached": cached,
+    timings = {"open": t_open, "fetch": t_fetch, "lazy_start": t_lazy, "criu": t_criu, "cached": cached,
                "total": time.perf_counter() - t0}
     return RestoredProcess(proc, pid, ready_pid, work, lazy_proc, mountpoint, image.id, timings)
 
