@@ -5,7 +5,8 @@ import casfs
 EXPECTED = {
     "BuildError", "BuildResult", "CasfsError", "ChunkRef", "ChunkUnavailable", "CorruptChunk",
     "CorruptIndex", "DEFAULT_CHUNK_SIZE", "Image", "ImageNotFound", "NotAFile", "PathNotFound",
-    "Stat", "Store", "StoreError", "build", "default_store_url", "open_source", "open_store",
+    "Stat", "Store", "StoreError", "build", "default_store_url", "mount", "open_source", "open_store",
+    "unmount",
 }
 
 
