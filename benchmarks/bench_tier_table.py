@@ -477,8 +477,7 @@ def plot(rows: list[dict], split: dict | None, path: str, note: str) -> None:
     ax.barh([i - 0.2 for i in y], [r["seq_MiB_per_s"] / 1024 for r in rows], 0.4, label="sequential file read")
     ax.set_yticks(list(y), [""] * len(rows))
     ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("throughput, GiB/s (log)")
+    ax.set_xlabel("throughput, GiB/s")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     if split:
