@@ -4,11 +4,14 @@ and the local disk on the same bytes.
 A ``--size`` file (default 1 GiB, random bytes: stored raw, like float weights) is built into an
 image with 4 MiB chunks in a store under ``--store-dir`` (default /dev/shm: RAM-backed, so the
 numbers are about the read path, not the disk). Then for each ``read_ahead_kb`` x
-``max_background`` pair, ``--repeats`` times (best kept):
+``max_background`` pair, in ``--repeats`` interleaved rounds (best and median kept):
 
   cold   a fresh mount (nothing in casfs's memory tier or the mount's page cache; the store's
          files are in RAM) read start to end with 1 MiB ``readinto`` calls
   warm   the same file read again on the same mount (keep_cache: served by the page cache)
+  mem-hot  read a third time after ``posix_fadvise(DONTNEED)`` of the mount's file: the page
+         cache is cold but every chunk sits in the daemon's memory tier (sized to hold the
+         file), so this is the FUSE path alone, without the store's fetch and verification
 
 Baselines measured in the same run the same way:
 
@@ -70,6 +73,8 @@ def make_source(path: str, size: int) -> None:
             n = min(left, 64 * MiB)
             f.write(os.urandom(n))
             left -= n
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: posix_fadvise(DONTNEED) can then drop them
 
 
 def main() -> int:
@@ -95,7 +100,8 @@ def main() -> int:
     src = os.path.join(work, "src")
     os.makedirs(src)
     fname = "weights.bin"
-    rows = []
+    rows: list[dict] = []
+    params_load: list[float] = []
     try:
         make_source(os.path.join(src, fname), size)
         store = casfs.open_store(os.path.join(shm, "store"))
@@ -106,66 +112,86 @@ def main() -> int:
         store.close()
         gib = size / GiB
 
-        def best(fn, n=args.repeats) -> float:
-            return min(fn() for _ in range(n))
-
-        # -- baselines
         disk = os.path.join(src, fname)
-        read_file(disk)
-        disk_warm = best(lambda: read_file(disk))
-        disk_cold = best(lambda: (drop_file_cache(disk), read_file(disk))[1])
-        rows.append({"fs": "disk (ext4)", "read_ahead_kb": "default", "max_background": "",
-                     "cold GiB/s": gib / disk_cold, "warm GiB/s": gib / disk_warm})
         eimg = os.path.join(shm, "img.erofs")
-        if shutil.which("mkfs.erofs"):
+        have_erofs = bool(shutil.which("mkfs.erofs"))
+        if have_erofs:
             subprocess.run(["mkfs.erofs", "-d0", eimg, src], check=True, capture_output=True)
 
-            def erofs_round() -> tuple[float, float]:
-                subprocess.run(["mount", "-t", "erofs", "-o", "ro", eimg, emnt], check=True, capture_output=True)
-                try:
-                    cold = read_file(os.path.join(emnt, fname))
-                    warm = read_file(os.path.join(emnt, fname))
-                finally:
-                    subprocess.run(["umount", emnt], check=True)
-                return cold, warm
+        def disk_round() -> tuple[float, float, float, float]:
+            drop_file_cache(disk)
+            cold = read_file(disk)
+            return cold, read_file(disk), 0.0, 0.0
 
-            res = [erofs_round() for _ in range(args.repeats)]
-            rows.append({"fs": "erofs (file-backed)", "read_ahead_kb": "default", "max_background": "",
-                         "cold GiB/s": gib / min(c for c, _ in res), "warm GiB/s": gib / min(w for _, w in res)})
-            os.unlink(eimg)
+        def erofs_round() -> tuple[float, float, float, float]:
+            subprocess.run(["mount", "-t", "erofs", "-o", "ro", eimg, emnt], check=True, capture_output=True)
+            try:
+                cold = read_file(os.path.join(emnt, fname))
+                return cold, read_file(os.path.join(emnt, fname)), 0.0, 0.0
+            finally:
+                subprocess.run(["umount", emnt], check=True)
 
-        # -- casfs sweep
-        configs = [(ra, bg, True) for ra in map(int, args.ra.split(",")) for bg in map(int, args.bg.split(","))]
-        configs.append((1024, 64, False))  # user-space readahead off
-        for ra, bg, user_ra in configs:
-            colds, warms, reqs = [], [], []
-            for _ in range(args.repeats):
-                image = casfs.open_store(os.path.join(shm, "store")).open_image("bench")
-                casfs.mount(image, mnt, read_ahead_kb=ra, max_background=bg, readahead=user_ra,
-                            replay_profile=False)
-                try:
-                    path = os.path.join(mnt, fname)
-                    colds.append(read_file(path))
-                    s = control(mnt, "stats")["mount"]
-                    reqs.append(s["read_bytes"] / max(1, s["reads"]))
-                    warms.append(read_file(path))
-                finally:
-                    casfs.unmount(mnt)
-            rows.append({"fs": "casfs" + ("" if user_ra else " (no user readahead)"), "read_ahead_kb": ra,
-                         "max_background": bg, "cold GiB/s": gib / min(colds), "warm GiB/s": gib / min(warms),
-                         "avg request KiB": sum(reqs) / len(reqs) / 1024})
-            print(f"  ra={ra} bg={bg} user_ra={user_ra}: cold {gib / min(colds):.2f} GiB/s, "
-                  f"warm {gib / min(warms):.2f} GiB/s", flush=True)
+        def casfs_round(ra: int, bg: int, user_ra: bool) -> tuple[float, float, float, float]:
+            # a memory tier that holds the whole file, so that the third read measures FUSE alone
+            image = casfs.open_store(os.path.join(shm, "store"), memory_bytes=size + 256 * MiB).open_image("bench")
+            casfs.mount(image, mnt, read_ahead_kb=ra, max_background=bg, readahead=user_ra, replay_profile=False)
+            try:
+                path = os.path.join(mnt, fname)
+                cold = read_file(path)
+                s = control(mnt, "stats")["mount"]
+                warm = read_file(path)
+                drop_file_cache(path)  # the mount's page cache only: chunks stay in the memory tier
+                hot = read_file(path)
+                return cold, warm, s["read_bytes"] / max(1, s["reads"]), hot
+            finally:
+                casfs.unmount(mnt)
+
+        # every configuration once per round, rounds repeated: load changes on a shared machine
+        # then spread over all configurations instead of favouring whichever ran in a quiet spell
+        configs: list[tuple[dict, object]] = [
+            ({"fs": "disk (ext4)", "read_ahead_kb": "default", "max_background": ""}, disk_round)]
+        if have_erofs:
+            configs.append(({"fs": "erofs (file-backed)", "read_ahead_kb": "default", "max_background": ""},
+                            erofs_round))
+        for ra in map(int, args.ra.split(",")):
+            for bg in map(int, args.bg.split(",")):
+                configs.append(({"fs": "casfs", "read_ahead_kb": ra, "max_background": bg},
+                                lambda ra=ra, bg=bg: casfs_round(ra, bg, True)))
+        configs.append(({"fs": "casfs (no user readahead)", "read_ahead_kb": 1024, "max_background": 64},
+                        lambda: casfs_round(1024, 64, False)))
+        samples: list[list[tuple[float, float, float, float]]] = [[] for _ in configs]
+        loads = []
+        for rnd in range(args.repeats):
+            loads.append(os.getloadavg()[0])
+            for k, (_, fn) in enumerate(configs):
+                samples[k].append(fn())  # type: ignore[operator]
+            print(f"  round {rnd + 1}/{args.repeats} done (load {os.getloadavg()[0]:.1f})", flush=True)
+        for (row, _), got in zip(configs, samples):
+            colds = sorted(gib / g[0] for g in got)
+            warms = sorted(gib / g[1] for g in got)
+            row = dict(row)
+            row.update({"cold GiB/s": colds[-1], "cold median": colds[len(colds) // 2],
+                        "warm GiB/s": warms[-1], "warm median": warms[len(warms) // 2]})
+            if row["fs"].startswith("casfs"):
+                hots = sorted(gib / g[3] for g in got)
+                row["mem-hot GiB/s"] = hots[-1]
+                row["mem-hot median"] = hots[len(hots) // 2]
+                row["avg request KiB"] = sum(g[2] for g in got) / len(got) / 1024
+            rows.append(row)
+        params_load = loads
     finally:
         if os.path.ismount(emnt):
             subprocess.run(["umount", emnt], check=False)
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    cols = ["fs", "read_ahead_kb", "max_background", "cold GiB/s", "warm GiB/s", "avg request KiB"]
-    print(f"sequential read of a {args.size_mib} MiB file, best of {args.repeats}; store in {args.store_dir}")
+    cols = ["fs", "read_ahead_kb", "max_background", "cold GiB/s", "cold median", "warm GiB/s", "warm median",
+            "mem-hot GiB/s", "mem-hot median", "avg request KiB"]
+    print(f"sequential read of a {args.size_mib} MiB file: best and median of {args.repeats} interleaved rounds; "
+          f"store in {args.store_dir}; load at round starts {params_load}")
     print(table(rows, cols))
     path = write_results("bench_readahead", {"size_mib": args.size_mib, "repeats": args.repeats,
-                                             "store_dir": args.store_dir}, rows, started=started,
+                                             "store_dir": args.store_dir, "load_at_rounds": params_load},
+                         rows, started=started,
                          out=args.out, machine=machine)
     print(f"results: {path}")
     return 0
