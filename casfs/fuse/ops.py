@@ -345,33 +345,45 @@ class CasfsOperations(pyfuse3.Operations):
         c1 = (end - 1) // cs
         if self.recorder is not None and self.recorder.active:
             self.recorder.touch(h.entry, c0, c1)
-        if h.ra is not None:
-            ahead = h.ra.on_read(off, end - off)
-            if ahead:
-                self._prefetch(h, ahead)
         try:
+            if h.ra is not None:
+                ahead = h.ra.on_read(off, end - off)
+                if ahead:
+                    try:
+                        self._prefetch(h, ahead)
+                    except Exception as e:  # noqa: BLE001 - readahead is best effort, the read is not
+                        log.warning("readahead of %s skipped: %s", self._path(h.entry), e)
             if c0 == c1:
                 data = await self._chunk(h, c0)
                 if h.safetensors and c0 == 0:
                     self._safetensors(h, data)
                 lo = off - c0 * cs
-                return memoryview(data)[lo:lo + (end - off)]
+                return memoryview(data)[lo:lo + (end - off)]  # zero copy
             parts = await self._chunks(h, c0, c1)
             if h.safetensors and c0 == 0:
                 self._safetensors(h, parts[0])
-            lo = off - c0 * cs
-            buf = b"".join(parts)
-            return memoryview(buf)[lo:lo + (end - off)]
+            pieces = []
+            for k, part in enumerate(parts):
+                base = (c0 + k) * cs
+                pieces.append(memoryview(part)[max(0, off - base):end - base])
+            return b"".join(pieces)
         except pyfuse3.FUSEError:
             raise
         except (CasfsError, OSError) as e:
             c["eio"] += 1
-            log.error("read of %r at %d (%d bytes) failed: %s", self.index.path(h.entry), off, size, e)
+            log.error("read of %s at %d (%d bytes) failed: %s", self._path(h.entry), off, size, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:  # noqa: BLE001 - the mount must keep serving
             c["eio"] += 1
-            log.exception("read of %r at %d failed", self.index.path(h.entry), off)
+            log.exception("read of %s at %d failed", self._path(h.entry), off)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _path(self, entry: int) -> str:
+        """The entry's path for a log line (never raises, even on a corrupt index)."""
+        try:
+            return repr(self.index.path(entry))
+        except Exception:  # noqa: BLE001
+            return f"<entry {entry}>"
 
     def _ref(self, h: _Handle, j: int) -> "ChunkRef":
         ref = h.refs.get(j)
@@ -467,7 +479,7 @@ class CasfsOperations(pyfuse3.Operations):
             if ahead:
                 self._prefetch(h, ahead)
         except Exception as e:  # noqa: BLE001 - a hint is best effort
-            log.warning("safetensors prefetch of %r skipped: %s", self.index.path(h.entry), e)
+            log.warning("safetensors prefetch of %s skipped: %s", self._path(h.entry), e)
 
     # -- writes: refused --------------------------------------------------------------------
 
