@@ -466,6 +466,11 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
             with contextlib.suppress(OSError):
                 shm_list.append({"path": path, "stored": _copy_extra(path, tmp, "shm"),
                                  "mode": statmod.S_IMODE(os.stat(path).st_mode)})
+        if leave_running and isinstance(proc, SpawnedProcess) and report is not None:
+            # everything outside CRIU's images is copied: the process may go on (not waiting
+            # for the store) and ready() returns False in it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(_ready_pid(pid, report), lifecycle.SIG_CONTINUE)
         meta = {
             "format": META_FORMAT, "kind": "cpu", "created": time.time(), "key": key,
             "criu": {"version": criu.version_text, "dump_flags": DUMP_FLAGS + (
@@ -488,12 +493,8 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
         if dump_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(logs, ignore_errors=True)
-    if isinstance(proc, SpawnedProcess):
-        if leave_running and report is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(_ready_pid(pid, report), lifecycle.SIG_CONTINUE)
-        elif not leave_running:
-            shutil.rmtree(proc.control_dir, ignore_errors=True)
+    if isinstance(proc, SpawnedProcess) and not leave_running:
+        shutil.rmtree(proc.control_dir, ignore_errors=True)
     return SnapshotRef(res.image_id, tag, meta, store.url,
                        {"dump": t_dump, "store": t_store, "new_bytes": res.pack.bytes_new_raw,
                         "bytes": res.pack.bytes_in})
