@@ -569,11 +569,10 @@ def test_a_store_without_a_memory_tier_serves_multi_chunk_files(tree_image, moun
         bare.close()
 
 
-def test_umount_cleans_up_after_a_killed_daemon(tree_image, runtime, tmp_path):
+def test_umount_cleans_up_after_a_killed_daemon(tree_image, mounts, runtime, tmp_path):
     store, image, src, files, has_x = tree_image
     mnt = str(tmp_path / "mnt")
-    os.makedirs(mnt)
-    info = casfs.mount(image, mnt)
+    info = mounts(image, mnt)
     os.kill(info.pid, signal.SIGKILL)
     _wait(lambda: _gone(info.pid), "the daemon to die")
     with pytest.raises(OSError) as e:
