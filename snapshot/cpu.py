@@ -174,10 +174,11 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
         cwd, env: as for subprocess (``env`` default: this process's environment).
         deterministic: start it without address-space randomisation (``setarch -R``) and
             with ``PYTHONHASHSEED=0`` (unless ``env`` sets it), so that snapshots of separate
-            runs of one program lay out memory alike and deduplicate in the store (measured:
-            the second snapshot of a torch process stored 35 MB of 159 MB with 256 KiB chunks,
-            against 159 MB without). Every restore of one snapshot shares its layout and hash
-            seed anyway; this makes separate snapshots share them too.
+            runs of one program lay out memory alike and deduplicate in the store (measured,
+            second snapshot of a separate run, 256 KiB chunks: a small single-threaded torch
+            program stored 35 MB of 159 MB, the benchmark's program 130 MB of 160 MB; without
+            this, all of it: docs/benchmarks.md). Every restore of one snapshot shares its
+            layout and hash seed anyway; this makes separate snapshots share them too.
         ready: tell the process a supervisor waits for its ``snapshot.ready()`` (False: that
             call returns at once, as in a process never snapshotted).
 
