@@ -27,7 +27,7 @@ _LAZY = {
     "compatibility_problems": "compat", "check_compatible": "compat", "IncompatibleHost": "compat",
     "spawn": "cpu", "checkpoint": "cpu", "restore": "cpu", "restore_or_start": "cpu",
     "SnapshotRef": "cpu", "SpawnedProcess": "cpu", "RestoredProcess": "cpu", "Started": "cpu",
-    "list_snapshots": "cpu", "read_meta": "cpu", "restore_problems": "cpu",
+    "list_snapshots": "cpu", "read_meta": "cpu", "restore_problems": "cpu", "drop_export": "cpu",
     "CriuError": "criu", "CriuUnavailable": "criu", "RuleViolation": "criu", "find_criu": "criu",
     "ready": "lifecycle", "after_restore": "lifecycle", "reseed_random": "lifecycle",
     "restored": "lifecycle", "supervised": "lifecycle",

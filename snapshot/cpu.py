@@ -62,6 +62,7 @@ __all__ = [
     "Started",
     "checkpoint",
     "cpu_snapshot_key",
+    "drop_export",
     "list_snapshots",
     "read_meta",
     "restore",
@@ -645,6 +646,19 @@ def _materialize(image: casfs.Image, cache_dir: str | None) -> tuple[str, bool]:
     return final, False
 
 
+def drop_export(image_id: str, cache_dir: str | None = None) -> bool:
+    """Remove the per-host export of snapshot image ``image_id`` (True if there was one).
+
+    Exports are kept until removed (they make repeat restores fast). Do not drop one that a
+    lazy restore still reads (``RestoredProcess.lazy_done()``).
+    """
+    path = os.path.join(cache_dir or snapshot_cache_dir(), image_id)
+    if not os.path.isdir(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
 def _prepare_host(meta: dict, imgdir: str) -> None:
     """Put back what CRIU does not carry: /dev/shm segments, link_remap files, missing logs.
 
@@ -901,7 +915,8 @@ class Started:
 
 
 def restore_or_start(store: casfs.Store, tag: str, cmd: Sequence[str], *, lazy: bool = False,
-                     create: bool = True, source: str = "export", stdout: str | None = None,
+                     create: bool = True, source: str = "export", cache_dir: str | None = None,
+                     stdout: str | None = None,
                      stderr: str | None | bool = True, cwd: str | None = None,
                      env: dict[str, str] | None = None, ready_timeout: float = 300.0) -> Started:
     """Restore snapshot ``tag``; when it is missing or cannot restore here, start ``cmd`` cold.
@@ -915,7 +930,7 @@ def restore_or_start(store: casfs.Store, tag: str, cmd: Sequence[str], *, lazy: 
         CriuError/RuleViolation: only from the snapshot taken on a cold start.
     """
     try:
-        return Started(restore(tag, store, lazy=lazy, source=source), True)
+        return Started(restore(tag, store, lazy=lazy, source=source, cache_dir=cache_dir), True)
     except (IncompatibleHost, CriuError, casfs.CasfsError, ValueError) as e:
         reason = str(e)
         log.warning("snapshot %s not restored, starting cold: %s", tag, reason)

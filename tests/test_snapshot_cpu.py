@@ -264,12 +264,12 @@ def test_a_restore_that_trips_the_append_rule_explains_crius_failure(tiny):
 def test_restore_or_start_starts_cold_and_snapshots_then_restores(tiny):
     out = tiny["tmp"] / "out.log"
     cmd = [sys.executable, tiny["prog"], "plain"]
-    first = cpu.restore_or_start(tiny["store"], "tiny-app", cmd, stdout=str(out))
+    first = cpu.restore_or_start(tiny["store"], "tiny-app", cmd, stdout=str(out), cache_dir=tiny["cache"])
     tiny["procs"].append(first.process)
     assert not first.restored and "tiny-app" in (first.reason or "")
     assert first.snapshot is not None
     assert first.process.wait(60) == 5             # kept running after the dump, then exited
-    second = cpu.restore_or_start(tiny["store"], "tiny-app", cmd, stdout=str(out))
+    second = cpu.restore_or_start(tiny["store"], "tiny-app", cmd, stdout=str(out), cache_dir=tiny["cache"])
     tiny["procs"].append(second.process)
     assert second.restored and second.reason is None
     assert second.process.wait(60) == 5
@@ -298,7 +298,10 @@ def test_the_snapshot_cli_creates_lists_restores_and_removes(tiny, capsys, monke
     assert "cli-app" in listing and os.path.basename(sys.executable) in listing
     assert main(["--store", store_url, "snapshot", "restore", "cli-app"]) == 5
     assert "tiny True 11 1" in out.read_text()
+    image_id = casfs.open_store(store_url).resolve("cli-app")
+    assert os.path.isdir(os.path.join(tiny["cache"], image_id))
     assert main(["--store", store_url, "snapshot", "rm", "cli-app"]) == 0
+    assert not os.path.exists(os.path.join(tiny["cache"], image_id))   # its export went too
     capsys.readouterr()
     main(["--store", store_url, "snapshot", "ls"])
     assert "cli-app" not in capsys.readouterr().out

@@ -131,5 +131,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     image = store.open_image(args.tag)
     snapshot.read_meta(image)  # ValueError when TAG is not a snapshot
     store.untag(args.tag)
-    print(f"removed snapshot {args.tag} (its chunks stay until `casfs gc`)")
+    dropped = snapshot.drop_export(image.id)
+    print(f"removed snapshot {args.tag}{' and its export on this host' if dropped else ''} "
+          "(its chunks stay until `casfs gc`)")
     return 0
