@@ -26,6 +26,7 @@ import re
 import shutil
 import stat as statmod
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -269,8 +270,6 @@ def start_restore(criu: Criu, args: list[str], *, log: str, stderr_path: str) ->
     """Start ``criu restore ARGS -d`` under a small reaper process that stays the restored
     tree's parent: the returned Popen's ``wait()`` gives the tree's exit status."""
     err = open(stderr_path, "ab")
-    import sys
-
     try:
         return subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER,
                                  *criu.cmd(*args, "-d", "-v4", "--log-file", log)],
