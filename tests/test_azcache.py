@@ -12,6 +12,7 @@ import pwd
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Iterator
 
@@ -98,7 +99,7 @@ def test_three_hosts_sharing_cache_servers_fetch_each_object_from_the_blob_store
         n_objects = len(list(objects.list("chunks/"))) + len(list(objects.list("packs/")))
         hosts, fills = [], []
         for i in range(3):
-            tier = AzCacheTier([s.url for s in servers])
+            tier = AzCacheTier([s.url for s in servers], fill_hedge_default=30.0)
             with host(built[0], tier, cache_dir=str(tmp_path / f"host{i}")) as h:
                 read_all(h, built[1])
                 hosts.append(tier_stats(h))
@@ -109,6 +110,44 @@ def test_three_hosts_sharing_cache_servers_fetch_each_object_from_the_blob_store
     finally:
         for s in servers:
             s.close()
+
+
+def test_a_hedge_during_a_slow_fill_asks_only_for_cached_bytes_and_the_blob_is_read_once(built):
+    """Both servers fill from real LocalObjectStores that count gets and hold them until the
+    test has seen the hedge: the hedged node answers 504 (only-if-cached) instead of fetching."""
+    release = threading.Event()
+    gets = []
+
+    class GatedStore(LocalObjectStore):
+        def get(self, key):
+            gets.append(key)
+            release.wait(10)
+            return super().get(key)
+
+    a = CacheServer(GatedStore(built[0])).start()
+    b = CacheServer(GatedStore(built[0])).start()
+    try:
+        tier = AzCacheTier([a.url, b.url], hedge_default=0.01, fill_hedge_default=30.0, hedge_ratio=1.0)
+        with host(built[0], tier) as s:
+            image = s.open_image("t")
+            ref = image.chunk_refs(image.lookup("big"))[0]
+            got = []
+            t = threading.Thread(target=lambda: got.append(s.chunks.get(ref)))
+            t.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(
+                    srv.metrics.value("casfs_cache_requests_total", code="504") for srv in (a, b)):
+                time.sleep(0.01)
+            release.set()
+            t.join(10)
+            assert got == [built[1]["big"][:CHUNK]]
+        assert len(gets) == 1  # one blob fetch, by the primary
+        assert sum(srv.metrics.value("casfs_cache_requests_total", code="504") for srv in (a, b)) == 1
+        tier.close()
+    finally:
+        release.set()
+        a.close()
+        b.close()
 
 
 def test_when_every_node_is_down_the_store_reads_the_blob_tier(built):

@@ -206,6 +206,16 @@ def test_unknown_paths_missing_objects_and_other_methods_are_refused(server):
     assert status == 405 and h["allow"] == "GET, HEAD"
 
 
+def test_only_if_cached_requests_never_fill_and_get_504_until_the_object_is_cached(built, server):
+    key = fanout(built[2]["packs"][0])
+    oic = {"Cache-Control": "only-if-cached", "Range": "bytes=0-99"}
+    assert request(server.url, "GET", key, oic)[0] == 504
+    assert server.metrics.value("casfs_cache_misses_total") == 0
+    assert request(server.url, "GET", key)[0] == 200
+    status, h, body = request(server.url, "GET", key, oic)
+    assert status == 206 and body == LocalObjectStore(built[0]).get(built[2]["packs"][0])[:100]
+
+
 def test_head_reports_the_size_without_filling_the_cache(built, server):
     key = built[2]["chunks"][0]
     status, h, body = request(server.url, "HEAD", fanout(key))

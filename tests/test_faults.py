@@ -147,8 +147,8 @@ def test_a_hung_node_is_bypassed_by_hedged_requests_then_skipped_as_slow(built):
         def make():
             return FaultProxy(a.port).start(), b.url
 
-        proxy, tier, refs = pair_with_primary(built, make, timeout=5.0, hedge_default=0.05, slow_strikes=2,
-                                              hedge_ratio=1.0, down_base=30.0)
+        proxy, tier, refs = pair_with_primary(built, make, timeout=5.0, hedge_default=0.05, fill_hedge_default=0.1,
+                                              slow_strikes=2, hedge_ratio=1.0, down_base=30.0)
         with proxy, host(built[0], tier) as s:
             proxy.hang()
             for _ in range(3):  # no memory or ssd tier here: every read asks the AZ tier again

@@ -9,8 +9,9 @@ Path layout (what any HTTP cache must offer to work as the ``azcache`` tier):
 - ``Range: bytes=a-b`` (one range; ``a-`` and ``-n`` too) answers 206 with ``Content-Range``;
   packed chunks and pack spans are read that way. A multi-range request gets the whole object.
 
-A GET fills from the blob store on a miss; a HEAD only looks (caches, then the blob store's
-size) and never fills. Objects are immutable: replies carry ``Cache-Control: immutable`` and
+A GET fills from the blob store on a miss, except with ``Cache-Control: only-if-cached``
+(the azcache tier's first-stage hedges), which gets 504 when no local tier holds the object;
+a HEAD only looks (caches, then the blob store's size) and never fills. Objects are immutable: replies carry ``Cache-Control: immutable`` and
 an ``ETag`` equal to the digest. ``X-Casfs-Source`` says which tier answered (memory, ssd,
 host, blob). ``/health`` is always open; everything else needs ``Authorization: Bearer
 <token>`` when the server has a token.
@@ -131,7 +132,13 @@ class CacheApp:
                 if size is None:
                     return Response(404, b"", _TEXT)
                 return Response(200, b"", headers, length=size)
-            data, source = self.cache.get(key)
+            if "only-if-cached" in req.headers.get("cache-control", ""):
+                got = self.cache.get_cached(key)
+                if got is None:  # RFC 9111: 504 when not stored here; nothing is fetched
+                    return Response(504, b"not cached here (only-if-cached)\n", _TEXT)
+                data, source = got
+            else:
+                data, source = self.cache.get(key)
         except KeyError:
             return Response(404, f"{key} is not in the blob store\n".encode(), _TEXT)
         except CorruptChunk as e:

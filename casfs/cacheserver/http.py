@@ -37,7 +37,7 @@ REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Req
            401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-           505: "HTTP Version Not Supported"}
+           504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 
 
 class BadRequest(Exception):

@@ -149,6 +149,28 @@ class ObjectCache:
             with self._lock:
                 self._inflight.pop(key, None)
 
+    def get_cached(self, key: str) -> tuple[bytes, str] | None:
+        """Like ``get`` but None when no local tier holds ``key`` (for ``Cache-Control:
+        only-if-cached``); only an ssd copy that fails verification is refetched."""
+        ref = _slot(key)
+        if self.memory is not None:
+            data = self.memory.get(ref)
+            if data is not None:
+                self.metrics.inc("casfs_cache_hits_total", tier="memory")
+                return data, "memory"
+        if (self.ssd is not None and self.ssd.contains(ref)) or self._host_has(key):
+            try:
+                return self.get(key)  # a local tier has it: the normal path, single flight
+            except KeyError:
+                return None
+        return None
+
+    def _host_has(self, key: str) -> bool:
+        if not self.host_chunks or not key.startswith("chunks/"):
+            return False
+        name = key[7:]
+        return os.path.exists(os.path.join(self.host_chunks, name[:2], name))
+
     def size(self, key: str) -> int | None:
         """The size of object ``key`` without filling anything (None when the blob lacks it).
 

@@ -20,10 +20,15 @@ Behaviour:
   retried once at once.
 - **Timeouts**: ``connect_timeout`` to connect, ``timeout`` for a whole request (socket reads
   and, with more than one node, the caller's wait).
-- **Hedging**: when a request has not answered after the recent p95 latency of requests of its
-  size class, a second request goes to the next node in rank; the first good answer wins.
-  Hedges are rationed (a token bucket: at most ~``hedge_ratio`` of requests). An error or a
-  connection failure moves on to the next node at once.
+- **Hedging**, in two stages so that a slow *fill* is not mistaken for a slow *node*: when a
+  request has not answered after the recent p95 latency of cache hits of its size class, the
+  next node in rank is asked with ``Cache-Control: only-if-cached`` (a casfs server answers
+  504 rather than fetch from the blob store); if that node does not hold it and the first
+  still has not answered after the p95 latency of fills (answers marked ``X-Casfs-Source:
+  blob`` or ``X-Cache-Status: MISS``), the next node is asked to fill it too. The first good
+  answer wins. So a cold start does not fetch each object from the blob store twice, and a
+  hung node still costs about one fill time. Hedges are rationed (a token bucket: at most
+  ~``hedge_ratio`` of requests). An error or a connection failure moves on at once.
 - **Health**: a node that fails to connect, times out or breaks a transfer is skipped for a
   backoff (1 s doubling to 30 s), then tried again; one that loses ``slow_strikes`` hedges in a
   row is skipped as slow; one that returns wrong bytes (caught here by length and frame-header
@@ -60,7 +65,8 @@ ENV = "CASFS_AZCACHE"
 TOKEN_ENV = "CASFS_AZCACHE_TOKEN"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _NET_ERRORS = (OSError, http.client.HTTPException)
-_SIZE_CLASSES = (64 << 10, 1 << 20)  # latency classes: <= 64 KiB, <= 1 MiB, larger
+_SIZE_CLASSES = (64 << 10, 1 << 20)  # latency classes of hits: <= 64 KiB, <= 1 MiB, larger
+_FILL = len(_SIZE_CLASSES) + 1  # the latency class of answers the node had to fill first
 _SAMPLES = 512
 _MIN_SAMPLES = 20
 
@@ -81,7 +87,7 @@ class NodeStats:
     last_error: str = ""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class _Node:
     url: str
     host: str
@@ -108,15 +114,16 @@ class _Node:
 class _Outcome:
     """What one request to one node gave: ``kind`` is ok, miss, error, timeout or corrupt."""
 
-    __slots__ = ("node", "kind", "data", "detail", "seconds")
+    __slots__ = ("node", "kind", "data", "detail", "seconds", "filled")
 
     def __init__(self, node: _Node, kind: str, data: bytes | None = None, detail: str = "",
-                 seconds: float = 0.0) -> None:
+                 seconds: float = 0.0, filled: bool = False) -> None:
         self.node = node
-        self.kind = kind
+        self.kind = kind  # ok, miss, uncached (an only-if-cached hedge), error, timeout, corrupt
         self.data = data
         self.detail = detail
         self.seconds = seconds
+        self.filled = filled  # the node fetched it from the blob store for this answer
 
 
 def parse_node_url(url: str) -> tuple[str, int, str, bool]:
@@ -153,7 +160,8 @@ class AzCacheTier:
         connect_timeout: seconds to open a connection.
         hedge: send hedged requests (needs two or more nodes).
         hedge_min, hedge_default: lower bound of the hedge delay, and the delay used before
-            enough latency samples exist (seconds).
+            enough latency samples of hits exist (seconds).
+        fill_hedge_default: the second-stage delay before enough samples of fills exist.
         hedge_ratio: long-run most hedges per request.
         slow_strikes: hedges lost in a row after which a node is skipped as slow.
         down_base, down_max: backoff (seconds) for a failing node: doubles per failure.
@@ -170,7 +178,8 @@ class AzCacheTier:
 
     def __init__(self, urls: list[str], *, token: str | None = None, timeout: float = 2.0,
                  connect_timeout: float = 0.5, hedge: bool = True, hedge_min: float = 0.002,
-                 hedge_default: float = 0.05, hedge_ratio: float = 0.1, slow_strikes: int = 3,
+                 hedge_default: float = 0.05, fill_hedge_default: float = 0.5,
+                 hedge_ratio: float = 0.1, slow_strikes: int = 3,
                  down_base: float = 1.0, down_max: float = 30.0, bad_seconds: float = 60.0,
                  pool_size: int = 32, workers: int = 64, name: str = "azcache") -> None:
         urls = [u for u in (u.strip() for u in urls) if u]
@@ -190,6 +199,7 @@ class AzCacheTier:
         self.hedge = hedge and len(self.nodes) > 1
         self.hedge_min = hedge_min
         self.hedge_default = hedge_default
+        self.fill_hedge_default = fill_hedge_default
         self.hedge_ratio = hedge_ratio
         self.slow_strikes = slow_strikes
         self.down_base = down_base
@@ -198,9 +208,9 @@ class AzCacheTier:
         self.pool_size = pool_size
         self._stats = TierStats(name)
         self._lock = threading.Lock()
-        self._samples = [deque(maxlen=_SAMPLES) for _ in range(len(_SIZE_CLASSES) + 1)]
-        self._p95: list[float | None] = [None] * (len(_SIZE_CLASSES) + 1)
-        self._since_p95 = [0] * (len(_SIZE_CLASSES) + 1)
+        self._samples = [deque(maxlen=_SAMPLES) for _ in range(_FILL + 1)]
+        self._p95: list[float | None] = [None] * (_FILL + 1)
+        self._since_p95 = [0] * (_FILL + 1)
         self._hedge_tokens = 2.0
         self._served: OrderedDict[str, _Node] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casfs-azcache") \
@@ -276,11 +286,19 @@ class AzCacheTier:
                  "down_for_s": max(0.0, n.down_until - now), **vars(n.stats)} for n in self.nodes]
 
     def hedge_delay(self, nbytes: int) -> float:
-        """Seconds to wait before hedging a request for ``nbytes`` (recent p95 of its class)."""
+        """Seconds before a cached-only hedge of a request for ``nbytes`` (recent p95 of hits
+        of its size class)."""
         c = self._class(nbytes)
         with self._lock:
             p95 = self._p95[c]
         d = self.hedge_default if p95 is None else p95
+        return min(max(d, self.hedge_min), self.timeout / 2)
+
+    def fill_hedge_delay(self) -> float:
+        """Seconds before the second, filling hedge (1.5 x the recent p95 of fills)."""
+        with self._lock:
+            p95 = self._p95[_FILL]
+        d = self.fill_hedge_default if p95 is None else 1.5 * p95
         return min(max(d, self.hedge_min), self.timeout / 2)
 
     def close(self) -> None:
@@ -328,72 +346,97 @@ class AzCacheTier:
         for node in ranked[:3]:
             last = self._request(node, key, headers, rng, check)
             if last.kind == "ok":
-                self._sample(nbytes, last.seconds)
+                self._sample(nbytes, last)
             if last.kind in ("ok", "miss"):
                 return last
         return last
 
     def _hedged(self, ranked: list[_Node], key: str, headers: dict, rng, nbytes: int, check) -> _Outcome | None:
-        """Primary first; a hedge to the next node after the hedge delay; on an error or a
+        """The primary first. After the hit-p95 delay, a cached-only hedge to the next node;
+        if that node lacks it, a filling hedge to it after the fill-p95 delay. On an error or a
         request past its own ``timeout``, the next node at once. Up to three nodes."""
         queue = list(ranked[:3])
-        hedge_at = time.monotonic() + self.hedge_delay(nbytes) if self.hedge else float("inf")
+        t0 = time.monotonic()
+        stage1_at = t0 + self.hedge_delay(nbytes) if self.hedge else float("inf")
+        stage2_at = t0 + self.fill_hedge_delay() if self.hedge else float("inf")
+        stage = 0
         with self._lock:
             self._hedge_tokens = min(10.0, self._hedge_tokens + self.hedge_ratio)
-        pending: dict[Future, tuple[_Node, float]] = {}
+        pending: dict[Future, tuple[_Node, float, bool]] = {}  # node, due, cached-only
+        cached_only = {**headers, "Cache-Control": "only-if-cached"}
 
-        def launch() -> None:
-            node = queue.pop(0)
-            fut = self._pool.submit(self._request, node, key, headers, rng, check)  # type: ignore[union-attr]
-            pending[fut] = (node, time.monotonic() + self.timeout)
+        def launch(node: _Node, only_cached: bool = False) -> None:
+            hdrs = cached_only if only_cached else headers
+            fut = self._pool.submit(self._request, node, key, hdrs, rng, check)  # type: ignore[union-attr]
+            pending[fut] = (node, time.monotonic() + self.timeout, only_cached)
 
-        primary = queue[0]
-        launch()
-        hedged = False
+        def failover() -> None:
+            busy = {n for n, _, c in pending.values() if not c}
+            while queue:
+                node = queue.pop(0)
+                if node not in busy:
+                    launch(node)
+                    return
+
+        primary = queue.pop(0)
+        launch(primary)
         last: _Outcome | None = None
         while pending:
             now = time.monotonic()
-            for fut, (node, due) in list(pending.items()):
+            for fut, (node, due, _) in list(pending.items()):
                 if now >= due:  # abandoned: its thread ends at the socket timeout
                     del pending[fut]
                     last = self._fail(node, "timeout", f"no answer within {self.timeout:.2f} s")
-                    if queue:
-                        launch()
+                    failover()
             if not pending:
                 break
-            wake = min(due for _, due in pending.values())
-            if not hedged and queue:
-                wake = min(wake, hedge_at)
+            wake = min(due for _, due, _ in pending.values())
+            if queue and stage < 2:
+                wake = min(wake, stage1_at if stage == 0 else stage2_at)
             done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
             for fut in done:
-                node, _ = pending.pop(fut)
+                node, _, _ = pending.pop(fut)
                 out = fut.result()
                 if out.kind in ("ok", "miss"):
                     if out.kind == "ok":
-                        self._note_win(node, primary, [n for n, _ in pending.values()], out.seconds, nbytes)
+                        self._note_win(node, primary, [n for n, _, _ in pending.values()], out, nbytes)
                     return out
+                if out.kind == "uncached":  # the hedge node lacks it
+                    if not any(not c for _, _, c in pending.values()):  # and nobody else is filling
+                        if node in queue:
+                            queue.remove(node)
+                        launch(node)
+                    continue
                 last = out
-                if queue:  # failover at once, not waiting for the hedge delay
-                    launch()
-            if not done and not hedged and queue and time.monotonic() >= hedge_at:
-                hedged = True
+                failover()  # at once, not waiting for a hedge delay
+            now = time.monotonic()
+            if stage == 0 and queue and now >= stage1_at:
+                stage = 1
                 with self._lock:
                     allowed = self._hedge_tokens >= 1.0
                     if allowed:
                         self._hedge_tokens -= 1.0
                 if allowed:
-                    launch()
+                    launch(queue[0], only_cached=True)
+                else:
+                    stage = 2  # no budget: no hedging for this request
+            elif stage == 1 and queue and now >= stage2_at:
+                stage = 2
+                if queue[0] not in {n for n, _, _ in pending.values()}:
+                    launch(queue.pop(0))
         return last
 
-    def _note_win(self, winner: _Node, primary: _Node, losers: list[_Node], seconds: float, nbytes: int) -> None:
+    def _note_win(self, winner: _Node, primary: _Node, losers: list[_Node], out: _Outcome, nbytes: int) -> None:
         if winner is primary:
             with primary.lock:
                 primary.slow_strikes = 0
-            self._sample(nbytes, seconds)
+            self._sample(nbytes, out)
             return
         with winner.lock:
             winner.stats.hedges_won += 1
         for node in losers:
+            if node is not primary:
+                continue
             with node.lock:
                 node.stats.hedges_lost += 1
                 node.slow_strikes += 1
@@ -434,6 +477,8 @@ class AzCacheTier:
                 node.stats.misses += 1
                 node.failures = 0
             return _Outcome(node, "miss", seconds=seconds)
+        if status == 504 and "Cache-Control" in headers:
+            return _Outcome(node, "uncached", seconds=seconds)  # only-if-cached: not held there
         if status == 200 and rng is not None:
             body = body[rng[0]:rng[0] + rng[1]]  # the node ignored Range and sent everything
         elif status == 206 and rng is not None:
@@ -449,7 +494,8 @@ class AzCacheTier:
             node.stats.ok += 1
             node.stats.bytes += len(body)
             node.failures = 0
-        return _Outcome(node, "ok", body, seconds=seconds)
+        filled = resp.headers.get("X-Casfs-Source") == "blob" or resp.headers.get("X-Cache-Status") == "MISS"
+        return _Outcome(node, "ok", body, seconds=seconds, filled=filled)
 
     # -- node health -------------------------------------------------------------------------
 
@@ -505,8 +551,9 @@ class AzCacheTier:
                 return i
         return len(_SIZE_CLASSES)
 
-    def _sample(self, nbytes: int, seconds: float) -> None:
-        c = self._class(nbytes)
+    def _sample(self, nbytes: int, out: _Outcome) -> None:
+        c = _FILL if out.filled else self._class(nbytes)
+        seconds = out.seconds
         with self._lock:
             s = self._samples[c]
             s.append(seconds)
