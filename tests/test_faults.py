@@ -10,7 +10,6 @@ mount is covered by the mount tests.)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -34,7 +33,7 @@ from casfs.tiers.blob_local import LocalObjectStore
 from conftest import write_tree
 
 sys.path.insert(0, os.path.dirname(__file__))
-from servers import NGINX, FaultProxy, free_port, missing_binary, moto_server, nginx_static  # noqa: E402
+from servers import NGINX, FaultProxy, missing_binary, moto_server, nginx_static  # noqa: E402
 
 CHUNK = 2 << 20
 
