@@ -89,12 +89,14 @@ class Image:
         refs = self.chunk_refs(entry, offset, end - offset)
         parts = self.store.chunks.get_many(refs, ix.pack_members)
         first = offset // cs
-        if len(parts) == 1:
-            lo = offset - first * cs
-            return parts[0][lo:lo + (end - offset)]
-        buf = b"".join(parts)
         lo = offset - first * cs
-        return buf[lo:lo + (end - offset)]
+        if len(parts) == 1:
+            return parts[0][lo:lo + (end - offset)]
+        # one copy: join views of just the needed slices (not the whole chunks, then a slice)
+        views = [memoryview(p) for p in parts]
+        views[0] = views[0][lo:]
+        views[-1] = views[-1][:end - (first + len(parts) - 1) * cs]
+        return b"".join(views)
 
     def read_into(self, entry: int, offset: int, buf: object, *, fill_memory: bool = False,
                   hash_threads: int = 0) -> int:

@@ -213,8 +213,16 @@ class TieredStore:
         self._wb.submit(lambda: None).result(timeout=timeout)
 
     def close(self) -> None:
+        """Stop the worker threads (queued cache fills are written first) and close the tiers."""
         self._io.shutdown(wait=True, cancel_futures=True)
         self._wb.shutdown(wait=True)
+        for tier in self.tiers:
+            closer = getattr(tier, "close", None)
+            if callable(closer):
+                try:
+                    closer()
+                except Exception as e:  # noqa: BLE001 - closing must not mask the caller's error
+                    log.warning("closing tier %s failed: %s", tier.name, e)
 
     # -- internals --------------------------------------------------------------------------
 
