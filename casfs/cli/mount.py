@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 from .format import human
@@ -69,17 +68,6 @@ def _options(args: argparse.Namespace):
                         log_file=args.log_file, verbose=max(1, args.verbose))
 
 
-def _import_fuse() -> None:
-    try:
-        import pyfuse3  # noqa: F401
-        import trio  # noqa: F401
-
-        import casfs.fuse.daemon  # noqa: F401
-        import casfs.fuse.ops  # noqa: F401
-    except ImportError:
-        pass  # reported by the daemon with advice
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     from casfs.fuse import daemon
     from casfs.fuse.mount import mount
@@ -90,14 +78,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.record_profile is not None and args.record_profile <= 0:
         raise ValueError("--record-profile SECONDS must be > 0")
     t0 = time.perf_counter()
-    # the FUSE stack's imports (~100+ ms, mostly trio) overlap the index load, whose
-    # decompression and hashing release the GIL; the thread ends before any fork
-    preload = threading.Thread(target=_import_fuse, name="casfs-preload", daemon=True)
-    preload.start()
-    try:
-        image = open_store_from_args(args).open_image(args.name)
-    finally:
-        preload.join()
+    image = open_store_from_args(args).open_image(args.name)
     opts = _options(args)
     if args.ready_fd is not None:  # re-executed as a daemon by casfs.fuse.mount.mount()
         return daemon.daemon_body(image, args.mountpoint, opts, args.ready_fd, opts.log_file or os.devnull)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyfuse3
 import trio
 
-from ..errors import CasfsError, ChunkUnavailable
+from ..errors import CasfsError
 from ..prefetch import ProfileRecorder, Readahead, safetensors_header_size, safetensors_region
 
 if TYPE_CHECKING:
@@ -508,4 +508,4 @@ class CasfsOperations(pyfuse3.Operations):
         return out
 
 
-__all__ = ["CasfsOperations", "ChunkUnavailable"]
+__all__ = ["CasfsOperations"]
