@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -136,6 +137,30 @@ def repeat(fn: Callable[..., Any], repeats: int, warmup: int = 1,
     return s
 
 
+class Clock:
+    """Wall and CPU time of a block: ``with Clock() as c: ...; c.wall, c.cpu``.
+
+    ``cpu`` is user+system seconds of this process (all threads) plus its waited-for children.
+    On a shared machine wall time swings with other people's load; CPU seconds per unit of
+    work barely move, so benchmarks report both (e.g. MB/s and MB per CPU-second).
+    """
+
+    __slots__ = ("wall", "cpu", "_w", "_c")
+
+    @staticmethod
+    def _cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def __enter__(self) -> "Clock":
+        self._w, self._c = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._w
+        self.cpu = self._cpu() - self._c
+
+
 def ratio(x: float, base: float) -> str:
     """'2.31x' (x / base), or 'n/a'."""
     if not base:
@@ -170,7 +195,7 @@ def write_results(name: str, params: dict[str, Any], results: Any, *, started: f
     doc = {
         "benchmark": name,
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + sys.argv),
-        "machine": machine,
+        "machine": {**machine, "loadavg_end": list(os.getloadavg())},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "params": params,

@@ -10,16 +10,22 @@ page-cache-warm tree:
 
 Then for each chunk size (default 1, 4 and 16 MiB; a fresh local store each):
 
-  build        ``casfs.build`` of the tree: MB/s of input, stored size vs raw, objects written
-               (packs and loose chunks), chunk count
+  build        ``casfs.build`` of the tree: MB/s of input and MB per CPU-second, stored size vs
+               raw, objects written (packs and loose chunks), chunk count
   rebuild      one mid-sized file (the one closest to ``--change-size``) gets one byte flipped
                in its middle; the tree is built again (deduplicated against the first image's
                tag): what it stores should be about one chunk of that file
   read all     a new Store (no memory or ssd tier, store objects in the page cache) reads every
-               file whole through ``Image.read_entry``: MB/s (vs cat)
+               file whole through ``Image.read_entry``: MB/s (vs cat) and MB per CPU-second
   random 4K    ``--random-reads`` 4 KiB reads at random offsets of files >= 1 MiB, each from a
-               new Store's cold read path (a whole chunk fetched, decompressed and verified):
-               p50/p99 latency, against os.pread of the same offsets
+               new Store's cold read path (a whole chunk, or a pack span, fetched, decompressed
+               and verified): p50/p99 latency, against os.pread of the same offsets
+
+Builds, baselines and whole-tree reads run ``--rounds`` times, interleaved across chunk sizes
+(and each random offset is read from every chunk size in turn), so that load from other
+processes on a shared machine falls on every variant alike; medians are reported. CPU seconds
+(this process and its children, all threads) are reported beside wall time because they barely
+move with other people's load.
 
 Usage: python benchmarks/bench_build.py [--tree DIR] [--chunk-sizes 1,4,16] [--out FILE]
 """
@@ -31,14 +37,15 @@ import os
 import random
 import shutil
 import stat as statmod
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (ROOT, MiB, Samples, describe_machine, human_bytes, machine_info, ratio,  # noqa: E402
-                     table, write_results)
+from _common import (ROOT, Clock, MiB, Samples, describe_machine, human_bytes, machine_info,  # noqa: E402
+                     ratio, table, write_results)
 
 import casfs  # noqa: E402
 
@@ -72,12 +79,12 @@ def scan(tree: str) -> dict:
     }
 
 
-def sh(cmd: str, cwd: str) -> tuple[float, str]:
-    """Run a shell pipeline; (seconds, stdout)."""
-    t0 = time.perf_counter()
-    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=cwd, check=True, capture_output=True,
-                         text=True).stdout
-    return time.perf_counter() - t0, out
+def sh(cmd: str, cwd: str) -> tuple[Clock, str]:
+    """Run a shell pipeline; (its wall/CPU clock, stdout)."""
+    with Clock() as c:
+        out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=cwd, check=True, capture_output=True,
+                             text=True).stdout
+    return c, out
 
 
 def store_usage(path: str) -> dict:
@@ -113,39 +120,41 @@ def restore_link(tree: str, mirror: str, rel: str) -> None:
     os.link(os.path.join(tree, rel), p)
 
 
-def read_all(store_path: str, tag: str) -> tuple[float, int]:
-    """Read every regular file of the image whole, from a new Store: (seconds, bytes)."""
+def read_all(store_path: str, tag: str) -> tuple[Clock, int]:
+    """Read every regular file of the image whole, from a new Store: (clock, bytes)."""
     with casfs.open_store(store_path, memory_bytes=0) as st:
-        t0 = time.perf_counter()
-        img = st.open_image(tag)
-        ix = img.index
-        n = 0
-        for i in range(ix.n_entries):
-            if statmod.S_ISREG(ix.mode(i)) and ix.size(i):
-                n += len(img.read_entry(i))
-        return time.perf_counter() - t0, n
-
-
-def random_reads(store_path: str, tag: str, mirror: str, picks: list[tuple[str, int]]) -> tuple[Samples, Samples]:
-    """4 KiB reads at ``picks`` (path, offset): casfs cold read path vs os.pread (page cache)."""
-    cas, base = Samples(), Samples()
-    for rel, off in picks:
-        with casfs.open_store(store_path, memory_bytes=0) as st:  # nothing cached in-process
+        with Clock() as c:
             img = st.open_image(tag)
-            entry = img.lookup(rel)
-            t0 = time.perf_counter()
-            got = img.read_entry(entry, off, 4096)
-            cas.add(time.perf_counter() - t0)
-        fd = os.open(os.path.join(mirror, rel), os.O_RDONLY)
-        try:
-            t0 = time.perf_counter()
-            want = os.pread(fd, 4096, off)
-            base.add(time.perf_counter() - t0)
-        finally:
-            os.close(fd)
-        if got != want:
-            raise SystemExit(f"read mismatch at {rel}+{off}")
-    return cas, base
+            ix = img.index
+            n = 0
+            for i in range(ix.n_entries):
+                if statmod.S_ISREG(ix.mode(i)) and ix.size(i):
+                    n += len(img.read_entry(i))
+    return c, n
+
+
+def cold_read(store_path: str, tag: str, rel: str, off: int) -> tuple[float, bytes]:
+    """One 4 KiB read from a new Store (nothing cached in-process): (seconds, bytes)."""
+    with casfs.open_store(store_path, memory_bytes=0) as st:
+        img = st.open_image(tag)
+        entry = img.lookup(rel)
+        t0 = time.perf_counter()
+        got = img.read_entry(entry, off, 4096)
+        return time.perf_counter() - t0, got
+
+
+def pread_4k(path: str, off: int) -> tuple[float, bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        data = os.pread(fd, 4096, off)
+        return time.perf_counter() - t0, data
+    finally:
+        os.close(fd)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
 
 
 def main() -> int:
@@ -157,6 +166,8 @@ def main() -> int:
     ap.add_argument("--change-size", type=float, default=40.0,
                     help="MiB: the rebuild changes the file closest to this size (default 40)")
     ap.add_argument("--random-reads", type=int, default=200, help="random 4 KiB reads per chunk size (default 200)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="builds and whole-tree reads per chunk size, interleaved (default 2; medians reported)")
     ap.add_argument("--no-dedup", action="store_true", help="skip the rebuild with one file changed")
     ap.add_argument("--no-read", action="store_true", help="skip the read-back measurements")
     ap.add_argument("--workdir", default=None, help="scratch directory on the tree's filesystem (default: temp)")
@@ -190,89 +201,139 @@ def main() -> int:
 
         # -- baselines (warm the page cache first: every measurement below reads from it)
         sh("find . -type f -print0 | xargs -0 cat > /dev/null", mirror)
-        t_cat, _ = sh("find . -type f -print0 | xargs -0 cat > /dev/null", mirror)
-        t_tz, out = sh("tar cf - . | zstd -1 -T0 -q -c | wc -c", mirror)
         raw = info["bytes"]
-        results["baselines"] = {
-            "cat_s": t_cat, "cat_MBps": raw / 1e6 / t_cat,
-            "tar_zstd1_s": t_tz, "tar_zstd1_MBps": raw / 1e6 / t_tz, "tar_zstd1_bytes": int(out.strip()),
-        }
-        print(f"baselines: cat {raw / 1e6 / t_cat:.0f} MB/s; tar|zstd -1 -T0 {raw / 1e6 / t_tz:.0f} MB/s, "
-              f"{human_bytes(int(out.strip()))} ({raw / int(out.strip()):.2f}x)")
-
         rng = random.Random(args.seed)
         big = [f for f in files if f[1] >= MiB]
         picks = [(rel, rng.randrange(0, size - 4096)) for rel, size in rng.choices(big, k=args.random_reads)] \
             if big and args.random_reads else []
+        cat: list[Clock] = []
+        tz: list[Clock] = []
+        tz_bytes = 0
+        builds: dict[int, list] = {cs: [] for cs in sizes}
+        stores = {cs: os.path.join(work, f"store-{cs}") for cs in sizes}
 
+        # -- builds: rounds interleave chunk sizes and baselines, so that other people's load on
+        #    this shared machine falls on all of them alike; medians over rounds are reported
+        for rnd in range(args.rounds):
+            c, _ = sh("find . -type f -print0 | xargs -0 cat > /dev/null", mirror)
+            cat.append(c)
+            c, out = sh("tar cf - . | zstd -1 -T0 -q -c | wc -c", mirror)
+            tz.append(c)
+            tz_bytes = int(out.strip())
+            print(f"round {rnd + 1}: cat {raw / 1e6 / cat[-1].wall:.0f} MB/s; tar|zstd -1 -T0 "
+                  f"{raw / 1e6 / tz[-1].wall:.0f} MB/s ({raw / 1e6 / tz[-1].cpu:.0f} MB/CPU-s)", flush=True)
+            for cs in sizes:
+                shutil.rmtree(stores[cs], ignore_errors=True)
+                with casfs.open_store(stores[cs], memory_bytes=0) as st:
+                    with Clock() as c:
+                        r1 = casfs.build(st, mirror, tag="first", chunk_size=cs, progress=False)
+                builds[cs].append((c, r1))
+                print(f"  build, {human_bytes(cs)} chunks: {c.wall:.1f} s, {r1.pack.bytes_in / 1e6 / c.wall:.0f} MB/s, "
+                      f"{r1.pack.bytes_in / 1e6 / c.cpu:.0f} MB/CPU-s", flush=True)
+        cat_MBps = med([raw / 1e6 / c.wall for c in cat])
+        tz_MBps = med([raw / 1e6 / c.wall for c in tz])
+        tz_cpu = med([raw / 1e6 / c.cpu for c in tz])
+        results["baselines"] = {
+            "cat_MBps": cat_MBps, "cat_MB_per_cpu_s": med([raw / 1e6 / c.cpu for c in cat]),
+            "tar_zstd1_MBps": tz_MBps, "tar_zstd1_MB_per_cpu_s": tz_cpu, "tar_zstd1_bytes": tz_bytes,
+            "rounds": [{"cat_s": a.wall, "cat_cpu_s": a.cpu, "tar_zstd1_s": b.wall, "tar_zstd1_cpu_s": b.cpu}
+                       for a, b in zip(cat, tz)],
+        }
+
+        rows: dict[int, dict] = {}
         for cs in sizes:
-            store_path = os.path.join(work, f"store-{cs}")
-            shutil.rmtree(store_path, ignore_errors=True)
-            row: dict = {"chunk_size": cs}
-            with casfs.open_store(store_path, memory_bytes=0) as st:
-                r1 = casfs.build(st, mirror, tag="first", chunk_size=cs, progress=False)
-            use = store_usage(store_path)
+            r1 = builds[cs][-1][1]
             p = r1.pack
-            row.update({
-                "build_s": r1.seconds, "build_MBps": r1.mb_per_s, "entries": r1.entries,
-                "bytes_in": p.bytes_in, "stored_bytes": use["bytes"], "stored_vs_raw": use["bytes"] / max(1, p.bytes_in),
-                "chunks": p.chunks_total, "chunks_new": p.chunks_new, "packs": p.packs, "loose": p.loose,
-                "objects": use["objects"], "index_bytes": r1.index_bytes,
-                "vs_tar_zstd": r1.mb_per_s / results["baselines"]["tar_zstd1_MBps"],
-            })
-            print(f"\nchunk size {human_bytes(cs)}: build {r1.seconds:.1f} s, {r1.mb_per_s:.0f} MB/s "
-                  f"({ratio(r1.mb_per_s, results['baselines']['tar_zstd1_MBps'])} tar|zstd), stored "
-                  f"{human_bytes(use['bytes'])} ({use['bytes'] / max(1, p.bytes_in):.3f} of raw), "
-                  f"{p.packs} packs + {p.loose} loose chunks, {p.chunks_total} chunks "
-                  f"({p.chunks_total - p.chunks_new} deduplicated within the tree)")
+            use = store_usage(stores[cs])
+            mbps = med([p.bytes_in / 1e6 / c.wall for c, _ in builds[cs]])
+            mbcpu = med([p.bytes_in / 1e6 / c.cpu for c, _ in builds[cs]])
+            rows[cs] = {
+                "chunk_size": cs, "build_MBps": mbps, "build_MB_per_cpu_s": mbcpu,
+                "build_rounds": [{"s": c.wall, "cpu_s": c.cpu} for c, _ in builds[cs]],
+                "entries": r1.entries, "bytes_in": p.bytes_in, "stored_bytes": use["bytes"],
+                "stored_vs_raw": use["bytes"] / max(1, p.bytes_in), "chunks": p.chunks_total,
+                "chunks_new": p.chunks_new, "packs": p.packs, "loose": p.loose, "objects": use["objects"],
+                "index_bytes": r1.index_bytes, "vs_tar_zstd": mbps / tz_MBps, "cpu_vs_tar_zstd": mbcpu / tz_cpu,
+            }
+            print(f"\nchunk size {human_bytes(cs)}: build {mbps:.0f} MB/s ({ratio(mbps, tz_MBps)} tar|zstd), "
+                  f"{mbcpu:.0f} MB/CPU-s ({ratio(mbcpu, tz_cpu)}); stored {human_bytes(use['bytes'])} "
+                  f"({use['bytes'] / max(1, p.bytes_in):.3f} of raw), {p.packs} packs + {p.loose} loose chunks, "
+                  f"{p.chunks_total} chunks ({p.chunks_total - p.chunks_new} deduplicated within the tree)")
             if not args.no_dedup:
                 change_one_byte(mirror, changed)
                 try:
-                    with casfs.open_store(store_path, memory_bytes=0) as st:
-                        r2 = casfs.build(st, mirror, tag="second", chunk_size=cs, progress=False)
+                    with casfs.open_store(stores[cs], memory_bytes=0) as st:
+                        with Clock() as c:
+                            r2 = casfs.build(st, mirror, tag="second", chunk_size=cs, progress=False)
                 finally:
                     restore_link(tree, mirror, changed)
-                use2 = store_usage(store_path)
+                use2 = store_usage(stores[cs])
                 q = r2.pack
-                row.update({
-                    "rebuild_s": r2.seconds, "rebuild_MBps": r2.mb_per_s,
-                    "rebuild_chunks_new": q.chunks_new, "rebuild_new_raw_bytes": q.bytes_new_raw,
-                    "rebuild_new_stored_bytes": q.bytes_stored,
-                    "rebuild_store_growth_bytes": use2["bytes"] - use["bytes"],
-                    "rebuild_dedup_ratio": r2.dedup_ratio,
+                rows[cs].update({
+                    "rebuild_s": c.wall, "rebuild_cpu_s": c.cpu, "rebuild_chunks_new": q.chunks_new,
+                    "rebuild_new_raw_bytes": q.bytes_new_raw, "rebuild_new_stored_bytes": q.bytes_stored,
+                    "rebuild_store_growth_bytes": use2["bytes"] - use["bytes"], "rebuild_dedup_ratio": r2.dedup_ratio,
                 })
-                print(f"  rebuild, 1 byte of {changed} ({human_bytes(changed_size)}) changed: "
-                      f"{r2.seconds:.1f} s, {q.chunks_new} new chunks, {human_bytes(q.bytes_new_raw)} new raw, "
-                      f"store grew {human_bytes(use2['bytes'] - use['bytes'])} (index included); "
-                      f"dedup {r2.dedup_ratio:.0f}x")
-            if not args.no_read:
-                t_read, n = read_all(store_path, "first")
-                row.update({"read_all_s": t_read, "read_all_MBps": n / 1e6 / t_read,
-                            "read_vs_cat": (n / t_read) / (raw / t_cat)})
-                print(f"  read every file (new Store, objects in page cache): {n / 1e6 / t_read:.0f} MB/s "
-                      f"({ratio(n / t_read, raw / t_cat)} cat)")
-                if picks:
-                    cas, base = random_reads(store_path, "first", mirror, picks)
-                    row.update({"rand4k_ms": cas.summary(1e3), "rand4k_pread_ms": base.summary(1e3)})
-                    print(f"  random 4 KiB cold reads: p50 {cas.median * 1e3:.2f} ms, p99 "
-                          f"{cas.quantile(0.99) * 1e3:.2f} ms (pread p50 {base.median * 1e6:.1f} us)")
-            results["builds"].append(row)
-            shutil.rmtree(store_path, ignore_errors=True)
+                print(f"  rebuild, 1 byte of {changed} ({human_bytes(changed_size)}) changed: {c.wall:.1f} s, "
+                      f"{q.chunks_new} new chunks, {human_bytes(q.bytes_new_raw)} new raw, store grew "
+                      f"{human_bytes(use2['bytes'] - use['bytes'])} (index included); dedup {r2.dedup_ratio:.0f}x")
 
-        cols = ["chunk", "build MB/s", "vs tar|zstd", "stored/raw", "packs", "loose", "rebuild new",
-                "read MB/s", "vs cat", "4K p50 ms", "4K p99 ms"]
-        rows = []
+        if not args.no_read:
+            reads: dict[int, list[tuple[Clock, int]]] = {cs: [] for cs in sizes}
+            for rnd in range(args.rounds):
+                for cs in sizes:
+                    reads[cs].append(read_all(stores[cs], "first"))
+            lat: dict[int, Samples] = {cs: Samples() for cs in sizes}
+            base = Samples()
+            for rel, off in picks:  # each offset read from every chunk size in turn, then pread
+                want = None
+                for cs in sizes:
+                    dt, got = cold_read(stores[cs], "first", rel, off)
+                    lat[cs].add(dt)
+                    want = want if want is not None else got
+                    if got != want:
+                        raise SystemExit(f"read mismatch at {rel}+{off}")
+                dt, got = pread_4k(os.path.join(mirror, rel), off)
+                base.add(dt)
+                if got != want:
+                    raise SystemExit(f"read mismatch against pread at {rel}+{off}")
+            if picks:
+                results["rand4k_pread_ms"] = base.summary(1e3)
+            for cs in sizes:
+                n = reads[cs][0][1]
+                mbps = med([n / 1e6 / c.wall for c, _ in reads[cs]])
+                mbcpu = med([n / 1e6 / c.cpu for c, _ in reads[cs]])
+                rows[cs].update({"read_all_MBps": mbps, "read_all_MB_per_cpu_s": mbcpu,
+                                 "read_vs_cat": mbps / cat_MBps,
+                                 "read_rounds": [{"s": c.wall, "cpu_s": c.cpu} for c, _ in reads[cs]]})
+                line = f"read every file, {human_bytes(cs)} chunks: {mbps:.0f} MB/s ({ratio(mbps, cat_MBps)} cat), " \
+                       f"{mbcpu:.0f} MB/CPU-s"
+                if picks:
+                    rows[cs]["rand4k_ms"] = lat[cs].summary(1e3)
+                    line += f"; cold 4 KiB reads p50 {lat[cs].median * 1e3:.2f} ms, p99 {lat[cs].quantile(0.99) * 1e3:.2f} ms"
+                print(line)
+            if picks:
+                print(f"os.pread 4 KiB (page cache) p50 {base.median * 1e6:.1f} us")
+        results["builds"] = [rows[cs] for cs in sizes]
+        for cs in sizes:
+            shutil.rmtree(stores[cs], ignore_errors=True)
+
+        cols = ["chunk", "build MB/s", "vs tar|zstd", "MB/CPU-s", "cpu vs tar|zstd", "stored/raw", "packs",
+                "loose", "rebuild new", "read MB/s", "vs cat", "read MB/CPU-s", "4K p50 ms", "4K p99 ms"]
+        summary = []
         for r in results["builds"]:
-            rows.append({
+            summary.append({
                 "chunk": human_bytes(r["chunk_size"]), "build MB/s": r["build_MBps"],
-                "vs tar|zstd": f"{r['vs_tar_zstd']:.2f}x", "stored/raw": r["stored_vs_raw"],
+                "vs tar|zstd": f"{r['vs_tar_zstd']:.2f}x", "MB/CPU-s": r["build_MB_per_cpu_s"],
+                "cpu vs tar|zstd": f"{r['cpu_vs_tar_zstd']:.2f}x", "stored/raw": r["stored_vs_raw"],
                 "packs": r["packs"], "loose": r["loose"],
                 "rebuild new": human_bytes(r["rebuild_new_raw_bytes"]) if "rebuild_new_raw_bytes" in r else "",
                 "read MB/s": r.get("read_all_MBps"), "vs cat": f"{r['read_vs_cat']:.2f}x" if "read_vs_cat" in r else "",
+                "read MB/CPU-s": r.get("read_all_MB_per_cpu_s"),
                 "4K p50 ms": r["rand4k_ms"]["median"] if "rand4k_ms" in r else None,
                 "4K p99 ms": r["rand4k_ms"]["p99"] if "rand4k_ms" in r else None,
             })
-        print("\n" + table(rows, cols))
+        print("\n" + table(summary, cols))
         path = write_results("build", vars(args), results, started=started, out=args.out, machine=machine)
         print(f"results: {os.path.relpath(path)}")
     finally:

@@ -15,11 +15,16 @@ read through ``Image.read_entry`` from each tier in turn:
               yardstick for S3 itself)
 
 and the baseline, ``os.pread`` of the same bytes from the original file in the page cache.
-Two patterns: sequential 4 MiB reads over the whole file (MB/s; one read = one whole chunk,
-so each tier's per-chunk cost shows; the memory tier is also read in 1 MiB pieces, the most a
-FUSE request asks for), and ``--random-reads``
-4 KiB reads at random offsets (p50/p99 latency and ops/s; a cold 4 KiB read costs a whole
-chunk: fetch, decompress, verify). ``store.chunks.stats()`` confirms which tier served.
+Two patterns: sequential 4 MiB reads over the whole file (MB/s and MB per CPU-second; one read
+= one whole chunk, so each tier's per-chunk cost shows; the memory tier is also read in 1 MiB
+pieces, the most a FUSE request asks for), and ``--random-reads`` 4 KiB reads at random offsets
+(p50/p99 latency and ops/s; a cold 4 KiB read costs a whole chunk: fetch, decompress, verify).
+``store.chunks.stats()`` confirms which tier served.
+
+All tiers are open at once (one Store each) and measured interleaved: ``--rounds`` sequential
+passes, each pass over every tier in turn, and each random offset read from every tier in turn,
+so that load from other processes on a shared machine falls on every tier alike. Medians of the
+sequential rounds are reported.
 
 Usage: python benchmarks/bench_tiers.py [--size-mib 256] [--kinds random,site-packages] [--out FILE]
 """
@@ -31,17 +36,19 @@ import contextlib
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (ROOT, MiB, Samples, describe_machine, machine_info, ratio, table,  # noqa: E402
+from _common import (ROOT, Clock, MiB, Samples, describe_machine, machine_info, ratio, table,  # noqa: E402
                      write_results)
 
 import casfs  # noqa: E402
 
 SEQ_BLOCK = 4 * MiB
+DATA_NAME = "data.img"  # no weight-file suffix (.bin, .safetensors ...): the build's compress="auto" stores those raw
 RAND_BLOCK = 4096
 SITE = os.path.join(ROOT, ".venv", "lib", "python3.11", "site-packages")
 
@@ -74,27 +81,15 @@ def make_data(kind: str, size: int, path: str) -> None:
         raise SystemExit(f"{SITE} holds less than {size} bytes")
 
 
-def seq_read(read, size: int, block: int = SEQ_BLOCK) -> float:
-    """Seconds to read [0, size) in ``block``-byte reads through ``read(offset, n) -> bytes``."""
-    t0 = time.perf_counter()
+def seq_read(read, size: int, block: int = SEQ_BLOCK) -> Clock:
+    """Read [0, size) in ``block``-byte reads through ``read(offset, n) -> bytes``; its clock."""
     got = 0
-    for off in range(0, size, block):
-        got += len(read(off, block))
-    dt = time.perf_counter() - t0
+    with Clock() as c:
+        for off in range(0, size, block):
+            got += len(read(off, block))
     if got != size:
         raise SystemExit(f"sequential read returned {got} of {size} bytes")
-    return dt
-
-
-def rand_read(read, offsets: list[int]) -> Samples:
-    s = Samples()
-    for off in offsets:
-        t0 = time.perf_counter()
-        n = len(read(off, RAND_BLOCK))
-        s.add(time.perf_counter() - t0)
-        if n != RAND_BLOCK:
-            raise SystemExit(f"random read at {off} returned {n} bytes")
-    return s
+    return c
 
 
 def tier_hits(store) -> dict[str, int]:
@@ -103,7 +98,7 @@ def tier_hits(store) -> dict[str, int]:
 
 @contextlib.contextmanager
 def s3_endpoint():
-    """moto_server on 127.0.0.1 (yields its URL), or None with the reason it is unavailable."""
+    """moto_server on 127.0.0.1: yields (its URL, "") or (None, the reason it is unavailable)."""
     try:
         import casfs.tiers.blob_s3  # noqa: F401
     except ImportError as e:
@@ -120,9 +115,10 @@ def s3_endpoint():
         return
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    old = {k: os.environ.get(k) for k in list(env) + ["AWS_PROFILE", "AWS_ENDPOINT_URL", "CASFS_S3_ENDPOINT"]}
+    unset = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "CASFS_S3_ENDPOINT")
+    old = {k: os.environ.get(k) for k in list(env) + list(unset)}
     os.environ.update(env)
-    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "CASFS_S3_ENDPOINT"):
+    for k in unset:
         os.environ.pop(k, None)
     try:
         with moto_server() as url:
@@ -135,20 +131,136 @@ def s3_endpoint():
                 os.environ[k] = v
 
 
-def measure(name: str, store, tag: str, size: int, offsets: list[int], warm, block: int = SEQ_BLOCK) -> dict:
-    """Warm a tier with ``warm(image, entry)``, then time sequential ``block``-byte reads and
-    random 4 KiB reads from it."""
+class Variant:
+    """One way of reading the data: a tier (through a Store's image) or the pread baseline."""
+
+    def __init__(self, name: str, read, store=None, block: int = SEQ_BLOCK) -> None:
+        self.name, self.read, self.store, self.block = name, read, store, block
+        self.seq: list[Clock] = []
+        self.rand = Samples()
+        self.served: dict[str, int] = {}
+
+    def _count(self, before: dict[str, int]) -> None:
+        if self.store is not None:
+            for k, v in tier_hits(self.store).items():
+                if v - before.get(k, 0):
+                    self.served[k] = self.served.get(k, 0) + v - before.get(k, 0)
+
+    def seq_pass(self, size: int) -> None:
+        before = tier_hits(self.store) if self.store is not None else {}
+        self.seq.append(seq_read(self.read, size, self.block))
+        self._count(before)
+
+    def rand_read(self, off: int) -> bytes:
+        before = tier_hits(self.store) if self.store is not None else {}
+        t0 = time.perf_counter()
+        data = self.read(off, RAND_BLOCK)
+        self.rand.add(time.perf_counter() - t0)
+        self._count(before)
+        return data
+
+    def result(self, size: int) -> dict:
+        mbps = statistics.median(size / 1e6 / c.wall for c in self.seq)
+        mbcpu = statistics.median(size / 1e6 / c.cpu for c in self.seq if c.cpu > 0) if any(
+            c.cpu > 0 for c in self.seq) else 0.0
+        return {"tier": self.name, "seq_MBps": mbps, "seq_MB_per_cpu_s": mbcpu,
+                "seq_rounds": [{"s": c.wall, "cpu_s": c.cpu} for c in self.seq],
+                "rand": self.rand.summary(1e3), "rand_ops": len(self.rand.values) / sum(self.rand.values),
+                "served_by": self.served}
+
+
+def image_reader(store, tag: str = "bench"):
     img = store.open_image(tag)
-    entry = img.lookup("data.bin")
-    read = lambda off, n: img.read_entry(entry, off, n)  # noqa: E731
-    warm(img, entry)
-    before = tier_hits(store)
-    t_seq = seq_read(read, size, block)
-    rnd = rand_read(read, offsets)
-    after = tier_hits(store)
-    served = {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
-    return {"tier": name, "seq_s": t_seq, "seq_MBps": size / 1e6 / t_seq, "rand": rnd.summary(1e3),
-            "rand_ops": len(rnd.values) / sum(rnd.values), "served_by": served}
+    entry = img.lookup(DATA_NAME)
+    return img, entry, (lambda off, n: img.read_entry(entry, off, n))
+
+
+def run_kind(kind: str, args, work: str, s3_url: str | None, rng: random.Random) -> dict:
+    size = args.size_mib * MiB
+    src = os.path.join(work, f"src-{kind}")
+    os.makedirs(src, exist_ok=True)
+    data_path = os.path.join(src, DATA_NAME)
+    make_data(kind, size, data_path)
+    store_path = os.path.join(work, f"store-{kind}")
+    with casfs.open_store(store_path, memory_bytes=0) as st:
+        built = casfs.build(st, src, tag="bench", progress=False)
+    stored = built.pack.bytes_stored
+    print(f"\n{kind}: {args.size_mib} MiB stored as {stored / MiB:.1f} MiB ({size / max(1, stored):.2f}x), "
+          f"{built.pack.chunks_total} chunks of 4 MiB ({built.pack.packs} packs, {built.pack.loose} loose)", flush=True)
+    offsets = [rng.randrange(0, size - RAND_BLOCK) for _ in range(args.random_reads)]
+    cache = os.path.join(work, f"cache-{kind}")
+    with contextlib.ExitStack() as stack:
+        mem = stack.enter_context(casfs.open_store(store_path, memory_bytes=size + 64 * MiB))
+        ssd = stack.enter_context(casfs.open_store(store_path, cache_dir=cache, memory_bytes=0))
+        blob = stack.enter_context(casfs.open_store(store_path, memory_bytes=0))
+        img, entry, mem_read = image_reader(mem)
+        for off in range(0, size, SEQ_BLOCK):  # warm the memory tier
+            img.read_entry(entry, off, SEQ_BLOCK)
+        img, entry, ssd_read = image_reader(ssd)
+        refs = img.chunk_refs(entry)
+        for _ in range(3):  # warm the ssd tier (fills are written in the background)
+            for ref in refs:
+                if not ssd.ssd.contains(ref):
+                    ssd.chunks.get(ref)
+                    ssd.chunks.flush()
+            if all(ssd.ssd.contains(r) for r in refs):
+                break
+        else:
+            raise SystemExit("the ssd tier did not take every chunk")
+        _, _, blob_read = image_reader(blob)
+        fd = os.open(data_path, os.O_RDONLY)
+        stack.callback(os.close, fd)
+        variants = [
+            # a whole-chunk read hands back the cached object itself (no copy); FUSE asks for
+            # at most 1 MiB, which slices (copies) out of the cached chunk
+            Variant("memory", mem_read, mem),
+            Variant("memory, 1 MiB reads", mem_read, mem, block=MiB),
+            Variant("ssd", ssd_read, ssd),
+            Variant("blob-local", blob_read, blob),
+        ]
+        s3 = None
+        t_up = None
+        if s3_url:
+            from casfs.tiers.blob_s3 import S3ObjectStore
+
+            S3ObjectStore("casfs-bench", endpoint_url=s3_url).create_bucket()
+            url = f"s3://casfs-bench/{kind}?endpoint={s3_url}"
+            with casfs.open_store(url, cache_dir="", memory_bytes=0) as up:
+                t0 = time.perf_counter()
+                casfs.build(up, src, tag="bench", progress=False)
+                t_up = time.perf_counter() - t0
+            s3 = stack.enter_context(casfs.open_store(url, cache_dir="", memory_bytes=0))
+            variants.append(Variant("blob-s3 (moto)", image_reader(s3)[2], s3))
+        base = Variant("os.pread (baseline)", lambda off, n: os.pread(fd, n, off))
+        variants.append(base)
+        seq_read(base.read, size)  # page cache warm for the baseline
+        for _ in range(args.rounds):
+            for v in variants:
+                v.seq_pass(size)
+        for k, off in enumerate(offsets):
+            want = base.rand_read(off)
+            for v in variants[:-1]:
+                if v.store is s3 and k >= args.s3_random_reads:
+                    continue
+                if v.rand_read(off) != want:
+                    raise SystemExit(f"{v.name}: wrong bytes at offset {off}")
+        rows = [v.result(size) for v in variants]
+        if t_up is not None:
+            rows[-2]["build_upload_s"] = t_up
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(store_path, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    b = rows[-1]
+    out = [{
+        "tier": r["tier"], "seq MB/s": r["seq_MBps"], "seq vs pread": ratio(r["seq_MBps"], b["seq_MBps"]),
+        "MB/CPU-s": r["seq_MB_per_cpu_s"], "4K p50 us": r["rand"]["median"] * 1e3, "4K p99 us": r["rand"]["p99"] * 1e3,
+        "4K ops/s": r["rand_ops"], "ops vs pread": ratio(r["rand_ops"], b["rand_ops"]),
+        "served by": ", ".join(f"{k} {v}" for k, v in r["served_by"].items()),
+    } for r in rows]
+    print(table(out, ["tier", "seq MB/s", "seq vs pread", "MB/CPU-s", "4K p50 us", "4K p99 us", "4K ops/s",
+                      "ops vs pread", "served by"]), flush=True)
+    return {"stored_bytes": stored, "size": size, "packs": built.pack.packs, "loose": built.pack.loose,
+            "tiers": rows}
 
 
 def main() -> int:
@@ -156,8 +268,9 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--size-mib", type=int, default=256, help="bytes per data kind, MiB (default 256)")
     ap.add_argument("--kinds", default="random,site-packages", help="data kinds (default random,site-packages)")
+    ap.add_argument("--rounds", type=int, default=3, help="sequential passes per tier, interleaved (default 3)")
     ap.add_argument("--random-reads", type=int, default=1000, help="random 4 KiB reads per tier (default 1000)")
-    ap.add_argument("--s3-random-reads", type=int, default=100, help="random 4 KiB reads from S3 (default 100)")
+    ap.add_argument("--s3-random-reads", type=int, default=100, help="of those, read from S3 too (default 100)")
     ap.add_argument("--no-s3", action="store_true", help="skip the moto_server S3 tier")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: temp, removed)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/tiers.json)")
@@ -167,7 +280,6 @@ def main() -> int:
     started = time.time()
     machine = machine_info()
     print(f"machine: {describe_machine(machine)}")
-    size = args.size_mib * MiB
     work = args.workdir or tempfile.mkdtemp(prefix="casfs-bench-tiers-")
     os.makedirs(work, exist_ok=True)
     results: dict = {"kinds": {}, "notes": []}
@@ -180,92 +292,7 @@ def main() -> int:
                 results["notes"].append(f"S3 tier not measured: {why}")
                 print(f"S3 tier not measured: {why}")
             for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
-                src = os.path.join(work, f"src-{kind}")
-                os.makedirs(src, exist_ok=True)
-                data_path = os.path.join(src, "data.bin")
-                make_data(kind, size, data_path)
-                store_path = os.path.join(work, f"store-{kind}")
-                with casfs.open_store(store_path, memory_bytes=0) as st:
-                    built = casfs.build(st, src, tag="bench", progress=False)
-                stored = built.pack.bytes_stored
-                print(f"\n{kind}: {args.size_mib} MiB stored as {stored / MiB:.1f} MiB "
-                      f"({size / max(1, stored):.2f}x), {built.pack.chunks_total} chunks of 4 MiB")
-                offsets = [rng.randrange(0, size - RAND_BLOCK) for _ in range(args.random_reads)]
-                rows = []
-
-                # baseline: pread from the page cache
-                fd = os.open(data_path, os.O_RDONLY)
-                try:
-                    pread = lambda off, n: os.pread(fd, n, off)  # noqa: E731
-                    seq_read(pread, size)  # warm
-                    t_seq = min(seq_read(pread, size) for _ in range(3))
-                    rnd = rand_read(pread, offsets)
-                finally:
-                    os.close(fd)
-                base = {"tier": "os.pread (baseline)", "seq_s": t_seq, "seq_MBps": size / 1e6 / t_seq,
-                        "rand": rnd.summary(1e3), "rand_ops": len(rnd.values) / sum(rnd.values), "served_by": {}}
-
-                def warm_all(img, entry):
-                    for off in range(0, size, SEQ_BLOCK):
-                        img.read_entry(entry, off, SEQ_BLOCK)
-
-                with casfs.open_store(store_path, memory_bytes=size + 64 * MiB) as st:
-                    # a whole-chunk read hands back the cached object itself (no copy); FUSE
-                    # asks for at most 1 MiB, which slices (copies) out of the cached chunk
-                    rows.append(measure("memory", st, "bench", size, offsets, warm_all))
-                    rows.append(measure("memory, 1 MiB reads", st, "bench", size, offsets,
-                                        lambda img, entry: None, block=MiB))
-
-                def warm_ssd(st):
-                    def warm(img, entry):
-                        refs = img.chunk_refs(entry)
-                        for _ in range(3):
-                            for ref in refs:
-                                if not st.ssd.contains(ref):
-                                    st.chunks.get(ref)
-                                    st.chunks.flush()
-                            if all(st.ssd.contains(r) for r in refs):
-                                return
-                        raise SystemExit("the ssd tier did not take every chunk")
-                    return warm
-
-                cache = os.path.join(work, f"cache-{kind}")
-                with casfs.open_store(store_path, cache_dir=cache, memory_bytes=0) as st:
-                    rows.append(measure("ssd", st, "bench", size, offsets, warm_ssd(st)))
-                shutil.rmtree(cache, ignore_errors=True)
-
-                with casfs.open_store(store_path, memory_bytes=0) as st:
-                    rows.append(measure("blob-local", st, "bench", size, offsets, warm_all))
-
-                if s3_url:
-                    from casfs.tiers.blob_s3 import S3ObjectStore
-
-                    S3ObjectStore("casfs-bench", endpoint_url=s3_url).create_bucket()
-                    url = f"s3://casfs-bench/{kind}?endpoint={s3_url}"
-                    with casfs.open_store(url, cache_dir="", memory_bytes=0) as st:
-                        t0 = time.perf_counter()
-                        casfs.build(st, src, tag="bench", progress=False)
-                        t_up = time.perf_counter() - t0
-                    with casfs.open_store(url, cache_dir="", memory_bytes=0) as st:
-                        row = measure("blob-s3 (moto)", st, "bench", size, offsets[:args.s3_random_reads],
-                                      lambda img, entry: None)
-                        row["build_upload_s"] = t_up
-                        rows.append(row)
-
-                rows.append(base)
-                results["kinds"][kind] = {"stored_bytes": stored, "size": size, "tiers": rows}
-                out = []
-                for r in rows:
-                    out.append({
-                        "tier": r["tier"], "seq MB/s": r["seq_MBps"], "seq vs pread": ratio(r["seq_MBps"], base["seq_MBps"]),
-                        "4K p50 us": r["rand"]["median"] * 1e3, "4K p99 us": r["rand"]["p99"] * 1e3,
-                        "4K ops/s": r["rand_ops"], "ops vs pread": ratio(r["rand_ops"], base["rand_ops"]),
-                        "served by": ", ".join(f"{k} {v}" for k, v in r["served_by"].items()),
-                    })
-                print(table(out, ["tier", "seq MB/s", "seq vs pread", "4K p50 us", "4K p99 us", "4K ops/s",
-                                  "ops vs pread", "served by"]))
-                shutil.rmtree(src, ignore_errors=True)
-                shutil.rmtree(store_path, ignore_errors=True)
+                results["kinds"][kind] = run_kind(kind, args, work, s3_url, rng)
         path = write_results("tiers", vars(args), results, started=started, out=args.out, machine=machine)
         print(f"results: {os.path.relpath(path)}")
     finally:
