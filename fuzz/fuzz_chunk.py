@@ -1,4 +1,5 @@
-"""Fuzz target: ``casfs.chunk.decode`` / ``parse_header`` / ``frame_digest`` on hostile frames.
+"""Fuzz target: ``casfs.chunk`` frame decoders on hostile frames: ``decode``, ``parse_header``,
+``frame_digest``, and (differentially against ``decode``) ``decode_into`` and ``read_frame_into``.
 
 Contract under test: for any bytes, ``parse_header`` returns a header whose lengths are within
 the documented limits or raises ``CorruptChunk``; ``decode(frame, expect)`` returns bytes whose
@@ -13,11 +14,17 @@ the zstd and digest paths are reached: header fields set to boundary values, pay
 flipped, a zstd payload made of fuzz bytes with consistent lengths, a frame re-digested after
 damage (so verification passes and the length checks are what must hold).
 
+``decode_into`` and ``read_frame_into`` (from a memfd, the frame alone or inside a larger file
+as in a pack, with and without a length hint) must accept exactly the frames ``decode`` accepts
+and produce the same bytes when the destination buffer is large enough, and raise only
+``CorruptChunk`` otherwise.
+
 Run: ``.venv/bin/python fuzz/fuzz_chunk.py fuzz/corpus-chunk -max_total_time=60``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import struct
 import sys
@@ -121,15 +128,81 @@ def check(frame: bytes, expect_mode: int) -> None:
             raise AssertionError("re-encoding decoded bytes does not round-trip")
 
 
+INTO_CAP = 1 << 20  # largest destination buffer the differential check allocates
+# optional keyword of read_frame_into (present in some versions): pass it only when accepted
+_HINT = hasattr(chunkmod, "read_frame_into") and "raw_len_hint" in inspect.signature(
+    chunkmod.read_frame_into).parameters
+
+
+def _memfd(content: bytes, at: int = 0) -> int:
+    fd = os.memfd_create("casfs-fuzz-frame")
+    os.pwrite(fd, content, at)
+    return fd
+
+
+def check_into(frame: bytes, expect: bytes | None, slack: int, hint_mode: int) -> None:
+    """Differential check: ``decode_into`` and ``read_frame_into`` (whole file, and as a frame
+    inside a larger file) accept exactly the frames ``decode`` accepts, with the same bytes,
+    whenever the buffer is large enough; otherwise they raise ``CorruptChunk`` only."""
+    if not hasattr(chunkmod, "decode_into"):
+        return
+    try:
+        want: bytes | None = chunkmod.decode(frame, expect=expect)
+    except CorruptChunk:
+        want = None
+    try:
+        raw_len = chunkmod.parse_header(frame).raw_len
+    except CorruptChunk:
+        raw_len = 64
+    size = min(raw_len, INTO_CAP) + slack
+    fits = want is not None and len(want) <= size
+    hint = {"raw_len_hint": (None, raw_len, raw_len + 1, max(0, raw_len - 1))[hint_mode % 4]} if _HINT else {}
+
+    def agree(name: str, call) -> None:
+        buf = bytearray(size)
+        try:
+            n = call(buf)
+        except CorruptChunk:
+            if fits:
+                raise AssertionError(f"{name} rejected a frame that decode accepts") from None
+            return
+        if want is None:
+            raise AssertionError(f"{name} accepted a frame that decode rejects")
+        if bytes(buf[:n]) != want:
+            raise AssertionError(f"{name} produced other bytes than decode")
+
+    agree("decode_into", lambda b: chunkmod.decode_into(frame, b, expect=expect))
+    if hasattr(chunkmod, "read_frame_into"):
+        fd = _memfd(frame)
+        try:
+            agree("read_frame_into", lambda b: chunkmod.read_frame_into(
+                fd, 0, b, expect, **hint).raw_len)
+        finally:
+            os.close(fd)
+        fd = _memfd(b"\xaa" * 7 + frame + b"junk after the frame", 0)
+        try:
+            agree("read_frame_into (in a pack)", lambda b: chunkmod.read_frame_into(
+                fd, 7, b, expect, frame_len=len(frame), **hint).raw_len)
+        finally:
+            os.close(fd)
+
+
 def TestOneInput(data: bytes) -> None:
     if not data:
         return
     if data[0] & 1 == 0:
-        check(data[1:], data[0] >> 1 & 3)
+        frame, mode, slack, hint = data[1:], data[0] >> 1 & 3, data[0] >> 3 & 3, data[0] >> 5
     else:
         fdp = atheris.FuzzedDataProvider(data[1:])
         frame = _structured(fdp)
-        check(frame, fdp.ConsumeIntInRange(0, 2))
+        mode, slack, hint = fdp.ConsumeIntInRange(0, 2), fdp.ConsumeIntInRange(0, 3), fdp.ConsumeIntInRange(0, 3)
+    check(frame, mode)
+    expect = None
+    if mode == 1 and len(frame) >= 48:
+        expect = frame[16:48]
+    elif mode == 2:
+        expect = b"\x07" * 32
+    check_into(frame, expect, slack, hint)
 
 
 def main() -> None:

@@ -135,6 +135,24 @@ def test_a_zstd_frame_without_a_declared_size_still_decodes():
     assert chunkmod.decode(_chunk_frame(payload, len(data), digest_bytes(data))) == data
 
 
+def test_an_empty_chunk_in_an_unsized_zstd_frame_decodes_on_every_read_path():
+    """Found by fuzz_chunk's differential check: decode() rejected a zstd frame without a
+    content size that decompresses to 0 bytes (zstd's one-shot call cannot size an empty
+    output) while decode_into() accepted it; both now return the empty chunk."""
+    payload = b"\x28\xb5\x2f\xfd" + bytes([0x00, 0x00]) + (0 << 3 | 1).to_bytes(3, "little")
+    assert zstandard.frame_content_size(payload) == -1
+    frame = _chunk_frame(payload, 0, digest_bytes(b""))
+    assert chunkmod.decode(frame) == b""
+    if hasattr(chunkmod, "decode_into"):
+        assert chunkmod.decode_into(frame, bytearray(4)) == 0
+    unsized_x = b"\x28\xb5\x2f\xfd" + bytes([0x00, 0x00]) + (1 << 3 | 1).to_bytes(3, "little") + b"x"
+    assert zstandard.frame_content_size(unsized_x) == -1
+    assert zstandard.ZstdDecompressor().decompress(unsized_x, max_output_size=8) == b"x"
+    one = _chunk_frame(unsized_x, 0, digest_bytes(b""))  # holds 1 byte, its header says 0
+    with pytest.raises(CorruptChunk):
+        chunkmod.decode(one)
+
+
 @pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk"])
 def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
     """Runs each target's TestOneInput (its contract checks, without libFuzzer) on the seeds."""
