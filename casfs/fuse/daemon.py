@@ -237,6 +237,10 @@ class _Daemon:
         if kernel.is_mounted(self.mountpoint):
             kernel.detach(self.mountpoint)
         remove_record(self.mountpoint, os.getpid())
+        try:  # write the queued ssd-tier fills: the next mount on this host starts warm
+            self.image.store.close()
+        except Exception as e:  # noqa: BLE001
+            log.error("flushing the cache tiers failed: %s", e)
 
 
 def serve(image: "Image", mountpoint: str, options: MountOptions | None = None, *,
