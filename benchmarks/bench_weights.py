@@ -1,21 +1,24 @@
 """Benchmark: safetensors from a casfs store to the GPU (or CPU), against safetensors itself.
 
 One file of transformer-shaped bf16 tensors (Llama-7B layer shapes, as many layers as the size
-asks for) is written as plain safetensors, built into a local casfs store, and loaded by:
+asks for) is written as plain safetensors, built into one local casfs store per ``--stores``
+entry (chunk size in MiB and the build's compress policy, e.g. ``4:auto,16:auto,4:always``;
+``auto`` stores the .safetensors file raw), and loaded by:
 
   casfs            snapshot.weights.load_safetensors(image, path, device) (a fresh Store per run,
                    so nothing comes from an in-process cache: chunks are read from the store's
-                   files, verified, and streamed through pinned slots)
+                   files with Image.read_into, verified in pinned slots, copied to the device)
   load_file        safetensors.torch.load_file(path, device=device)
   load_file+cuda   safetensors.torch.load_file(path) then .to(device) per tensor
   pread->pinned    the hardware ceiling: N threads pread the plain file into pinned buffers with
                    async copies into one device buffer (no parsing, no verification)
-  casfs-read       the store's read path alone: N threads get() every chunk (verified), no copies
+  casfs-read       the store's read path alone: N threads read every chunk (verified) with
+                   get_into into a per-thread buffer (``get_into``) or with get() (``get``)
 
 Page cache warm: one unmeasured run of each first, then ``--repeats`` measured runs (median).
 Cold (``--drop-caches``, root): ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each run.
 
-Usage: python benchmarks/bench_weights.py --size-gib 6 --drop-caches --out results.json
+Usage: python benchmarks/bench_weights.py --size-gib 6 --stores 4:auto,16:auto --drop-caches --out results.json
 """
 
 from __future__ import annotations
@@ -131,14 +134,25 @@ def pread_pinned(path: str, device: str, threads: int = 8, block: int = 16 << 20
     return out
 
 
-def casfs_read(store_dir: str, tag: str, rel: str, threads: int) -> int:
+def casfs_read(store_dir: str, tag: str, rel: str, threads: int, into: bool = True) -> int:
+    """Read every chunk of ``rel`` with ``threads`` threads: ``get_into`` a per-thread buffer
+    (blake3 with one thread each), or ``get()``. Returns the bytes read."""
     with casfs.open_store(store_dir) as s:
         im = s.open_image(tag)
         refs = im.chunk_refs(im.lookup(rel))
-        get = s.chunks.get
         pm = im.index.pack_members
+        local = threading.local()
+
+        def one(r) -> int:
+            if not into:
+                return len(s.chunks.get(r, pm))
+            buf = getattr(local, "buf", None)
+            if buf is None or len(buf) < r.raw_len:
+                buf = local.buf = bytearray(max(x.raw_len for x in refs))
+            return s.chunks.get_into(r, buf, pm, hash_threads=1)
+
         with ThreadPoolExecutor(threads) as ex:
-            return sum(len(b) for b in ex.map(lambda r: get(r, pm), refs))
+            return sum(ex.map(one, refs))
 
 
 def main() -> int:
@@ -147,27 +161,29 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/casfs-bench-weights")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--chunk-mib", type=int, default=4)
-    ap.add_argument("--concurrency", default="16,8,32", help="comma list; the first is the headline")
+    ap.add_argument("--stores", default="4:auto",
+                    help="comma list of CHUNK_MIB:COMPRESS stores to build and load (the first is the headline)")
+    ap.add_argument("--concurrency", default="16,8", help="comma list; the first is the headline")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--memory-mib", type=int, default=512, help="the Store's memory tier")
+    ap.add_argument("--read-only", default="get_into", help="comma list of casfs-read variants: get_into, get")
     ap.add_argument("--drop-caches", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = a.device
     cuda = dev.startswith("cuda")
     conc = [int(c) for c in a.concurrency.split(",")]
+    stores = [(int(m), c) for m, c in (x.split(":") for x in a.stores.split(","))]
     os.makedirs(a.dir, exist_ok=True)
     src = os.path.join(a.dir, "src")
     os.makedirs(src, exist_ok=True)
     plain = os.path.join(src, "model.safetensors")
-    store_dir = os.path.join(a.dir, "store")
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "device": dev,
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                  "kernel": platform.release(),
                  "gpu": torch.cuda.get_device_name(0) if cuda else None},
-        "warm": {}, "cold": {},
+        "warm": {}, "cold": {}, "build": {},
     }
 
     def save() -> None:
@@ -180,14 +196,19 @@ def main() -> int:
     res["file_bytes"] = size
     res["make_file_s"] = time.perf_counter() - t0
     print(f"file: {size / GiB:.2f} GiB in {res['make_file_s']:.1f}s", flush=True)
-    with casfs.open_store(store_dir) as s:
-        b = casfs.build(s, src, tag="bench", chunk_size=a.chunk_mib << 20, progress=False)
-    res["build"] = {"seconds": b.seconds, "gb_per_s": size / 1e9 / b.seconds,
-                    "chunks": b.pack.chunks_total, "stored_bytes": b.pack.bytes_stored}
-    print(f"build: {b.seconds:.1f}s ({res['build']['gb_per_s']:.2f} GB/s)", flush=True)
+    store_dirs = {}
+    for mib, comp in stores:
+        label = f"{mib}M {comp}"
+        store_dirs[label] = os.path.join(a.dir, f"store-{mib}m-{comp}")
+        with casfs.open_store(store_dirs[label]) as s:
+            b = casfs.build(s, src, tag="bench", chunk_size=mib << 20, progress=False, compress=comp)
+        res["build"][label] = {"seconds": b.seconds, "gb_per_s": size / 1e9 / b.seconds,
+                               "chunks": b.pack.chunks_total, "stored_bytes": b.pack.bytes_stored}
+        print(f"build {label}: {b.seconds:.1f}s ({res['build'][label]['gb_per_s']:.2f} GB/s, "
+              f"stored {b.pack.bytes_stored / GiB:.2f} GiB)", flush=True)
     save()
 
-    def ours(c: int) -> dict:
+    def ours(store_dir: str, c: int) -> dict:
         with casfs.open_store(store_dir, memory_bytes=a.memory_mib << 20) as s:
             st = LoadStats()
             t = time.perf_counter()
@@ -226,29 +247,43 @@ def main() -> int:
         free(dev)
         return {"s": el}
 
-    def readonly() -> dict:
+    def readonly(store_dir: str, into: bool) -> dict:
         t = time.perf_counter()
-        n = casfs_read(store_dir, "bench", "model.safetensors", conc[0])
+        n = casfs_read(store_dir, "bench", "model.safetensors", conc[0], into)
         return {"s": time.perf_counter() - t, "bytes": n}
 
-    methods = {f"casfs c={conc[0]}": lambda: ours(conc[0]), "load_file(device)": lf}
+    headline = f"casfs {stores[0][0]}M {stores[0][1]} c={conc[0]}"
+    methods: dict = {}
+    cold: list[str] = []
+    for label, sd in store_dirs.items():
+        methods[f"casfs {label} c={conc[0]}"] = (lambda sd=sd: ours(sd, conc[0]))
+        if label.endswith("auto") or label == next(iter(store_dirs)):
+            cold.append(f"casfs {label} c={conc[0]}")
+    methods["load_file(device)"] = lf
+    cold.append("load_file(device)")
     if cuda:
         methods["load_file+.to(device)"] = lf_to
         methods["pread->pinned x8 (ceiling)"] = ceiling
-    methods[f"casfs-read only c={conc[0]}"] = readonly
-    for c in conc[1:]:
-        methods[f"casfs c={c}"] = (lambda c=c: ours(c))
+        cold += ["load_file+.to(device)", "pread->pinned x8 (ceiling)"]
+    for label, sd in store_dirs.items():
+        for v in a.read_only.split(","):
+            methods[f"casfs-read {v} {label} c={conc[0]}"] = (lambda sd=sd, v=v: readonly(sd, v == "get_into"))
+        for c in conc[1:]:
+            methods[f"casfs {label} c={c}"] = (lambda sd=sd, c=c: ours(sd, c))
 
-    # correctness: ours equals load_file bit for bit
-    with casfs.open_store(store_dir) as s:
-        mine = load_safetensors(s.open_image("bench"), "model.safetensors", device=dev, concurrency=conc[0])
+    # correctness: every store loads bit for bit what load_file loads
     ref = load_file(plain, device=dev)
-    res["bit_exact"] = all(torch.equal(mine[k].view(-1).view(torch.uint8), ref[k].view(-1).view(torch.uint8))
-                           for k in ref) and set(mine) == set(ref)
-    del mine, ref
+    res["bit_exact"] = {}
+    for label, sd in store_dirs.items():
+        with casfs.open_store(sd) as s:
+            mine = load_safetensors(s.open_image("bench"), "model.safetensors", device=dev, concurrency=conc[0])
+        res["bit_exact"][label] = set(mine) == set(ref) and all(
+            torch.equal(mine[k].view(-1).view(torch.uint8), ref[k].view(-1).view(torch.uint8)) for k in ref)
+        del mine
+        free(dev)
+    del ref
     free(dev)
     print(f"bit-exact vs load_file: {res['bit_exact']}", flush=True)
-
     for name, fn in methods.items():
         fn()  # warm the page cache and the allocators
         runs = [fn() for _ in range(a.repeats)]
@@ -262,18 +297,22 @@ def main() -> int:
         if not drop_caches():
             res["cold"] = {"skipped": "cannot write /proc/sys/vm/drop_caches (not root?)"}
         else:
-            for name, fn in list(methods.items())[:5]:
+            for name in cold:
+                fn = methods[name]
                 drop_caches()
                 r = fn()
                 res["cold"][name] = {"s": r["s"], "gib_per_s": size / GiB / r["s"]}
                 print(f"cold {name:32s} {size / GiB / r['s']:6.2f} GiB/s  ({r['s']:.2f} s)", flush=True)
                 save()
-    headline = res["warm"][f"casfs c={conc[0]}"]["gib_per_s"]
     base = res["warm"]["load_file(device)"]["gib_per_s"]
-    res["speedup_vs_load_file_warm"] = headline / base
-    best = max(v["gib_per_s"] for k, v in res["warm"].items() if k.startswith("casfs c="))
-    res["best_casfs_speedup_vs_load_file_warm"] = best / base
-    print(f"\ncasfs vs load_file({dev}) warm: {headline / base:.2f}x (best concurrency: {best / base:.2f}x)")
+    res["speedup_vs_load_file_warm"] = {k: v["gib_per_s"] / base for k, v in res["warm"].items()
+                                        if k.startswith("casfs ")}
+    for k, x in res["speedup_vs_load_file_warm"].items():
+        print(f"{k:40s} {x:5.2f}x load_file({dev}) warm{'  <- headline' if k == headline else ''}")
+    if res["cold"] and "load_file(device)" in res["cold"]:
+        cb = res["cold"]["load_file(device)"]["gib_per_s"]
+        res["speedup_vs_load_file_cold"] = {k: v["gib_per_s"] / cb for k, v in res["cold"].items()
+                                            if k.startswith("casfs ")}
     save()
     return 0
 

@@ -147,6 +147,8 @@ def test_reading_a_frame_file_rejects_truncation_trailing_bytes_and_the_wrong_di
     assert read(frame).raw_len == len(data) and bytes(buf) == data
     with pytest.raises(CorruptChunk, match="truncated"):
         read(frame[:-1])
+    with pytest.raises(CorruptChunk, match="truncated"):
+        read(frame[:30])
     with pytest.raises(CorruptChunk, match="after its"):
         read(frame + b"x")
     with pytest.raises(CorruptChunk, match="wanted"):
@@ -157,6 +159,21 @@ def test_reading_a_frame_file_rejects_truncation_trailing_bytes_and_the_wrong_di
         read(frame, into=bytearray(len(data) - 1))
     with pytest.raises(ValueError, match="read-only"):
         read(frame, into=bytes(len(data)))
+
+
+def test_a_zstd_frame_inside_a_pack_decompresses_into_the_buffer(tmp_path):
+    data = b"abc" * 30000
+    digest, frame = chunk.encode(data)
+    assert chunk.parse_header(frame).codec == chunk.CODEC_ZSTD
+    p = tmp_path / "pack"
+    p.write_bytes(b"z" * 7 + frame + os.urandom(len(data)))  # other frames before and after it
+    buf = bytearray(len(data))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        h = chunk.read_frame_into(fd, 7, buf, digest, frame_len=len(frame))
+    finally:
+        os.close(fd)
+    assert h.codec == chunk.CODEC_ZSTD and bytes(buf) == data
 
 
 def test_encode_keeps_a_small_saving_only_when_asked_to():
