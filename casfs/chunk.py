@@ -16,7 +16,12 @@ digest of what it produced, so a frame from any tier is either the right bytes o
 Two ways to decode:
 
 * ``decode(frame)`` returns a new ``bytes`` object (one copy of a raw payload, made under the
-  GIL). It is what ``TieredStore.get`` and every caller that keeps chunk bytes use.
+  GIL). It is what ``TieredStore.get`` and every caller that keeps chunk bytes use, and it
+  stays ``bytes`` on purpose: those callers (``Image.read_entry``'s slices and joins, the
+  memory tier, the FUSE daemon, the cache server, index and profile parsing) rely on an
+  immutable, hashable, self-contained object, and a memoryview into the frame would keep the
+  whole frame alive. The stream that needed the copy gone (weights to pinned memory) uses
+  ``decode_into`` / ``read_frame_into`` through ``TieredStore.get_into``.
 * ``decode_into(frame, buf)`` and ``read_frame_into(fd, offset, buf)`` write the chunk into a
   caller's buffer (e.g. pinned host memory) and verify it there. ``read_frame_into`` reads a
   raw payload straight from a file with ``os.preadv`` (no GIL, no intermediate object);
