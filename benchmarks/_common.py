@@ -148,6 +148,12 @@ class Clock:
     __slots__ = ("wall", "cpu", "_w", "_c")
 
     @staticmethod
+    def process_cpu() -> float:
+        """User+system CPU seconds of this process so far (all threads)."""
+        s = resource.getrusage(resource.RUSAGE_SELF)
+        return s.ru_utime + s.ru_stime
+
+    @staticmethod
     def _cpu() -> float:
         s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime

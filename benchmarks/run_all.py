@@ -91,7 +91,7 @@ def markdown() -> str:
                 f"`{r['changed_file']['path']}` ({_mib(r['changed_file']['bytes'])}).", "",
                 "| chunk size | build MB/s (vs tar\\|zstd) | build MB per CPU-s (vs tar\\|zstd) | stored / raw | "
                 "objects: packs + loose | rebuild: new raw, store growth | read every file MB/s (vs cat), MB per CPU-s | "
-                "cold 4 KiB read p50 / p99 ms |",
+                "cold 4 KiB read p50 / p99 ms (CPU p50) |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for x in r["builds"]:
             rb = (f"{_mib(x['rebuild_new_raw_bytes'])}, {_mib(x['rebuild_store_growth_bytes'])}"
@@ -99,6 +99,8 @@ def markdown() -> str:
             rd = (f"{x['read_all_MBps']:.0f} ({x['read_vs_cat']:.2f}x), {x['read_all_MB_per_cpu_s']:.0f}"
                   if "read_all_MBps" in x else "")
             rn = f"{x['rand4k_ms']['median']:.1f} / {x['rand4k_ms']['p99']:.1f}" if "rand4k_ms" in x else ""
+            if "rand4k_cpu_ms" in x:
+                rn += f" (CPU {x['rand4k_cpu_ms']['median']:.1f})"
             out.append(f"| {_mib(x['chunk_size'])} | {x['build_MBps']:.0f} ({x['vs_tar_zstd']:.2f}x) | "
                        f"{x['build_MB_per_cpu_s']:.0f} ({x['cpu_vs_tar_zstd']:.2f}x) | "
                        f"{x['stored_vs_raw']:.3f} | {x['packs']} + {x['loose']} | {rb} | {rd} | {rn} |")
@@ -115,13 +117,14 @@ def markdown() -> str:
             base = next(x for x in rows if x["tier"].startswith("os.pread"))
             out += [f"{kind}: {_mib(k['size'])} stored as {_mib(k['stored_bytes'])} "
                     f"({k.get('packs', '?')} packs, {k.get('loose', '?')} loose chunks).", "",
-                    "| tier | sequential 4 MiB reads MB/s (vs pread), MB per CPU-s | 4 KiB random p50 / p99 us | "
+                    "| tier | sequential 4 MiB reads MB/s (vs pread), MB per CPU-s | 4 KiB random p50 / p99 us (CPU p50) | "
                     "4 KiB ops/s (vs pread) | served by |", "| --- | --- | --- | --- | --- |"]
             for x in rows:
                 served = ", ".join(f"{a} {n}" for a, n in x["served_by"].items())
                 out.append(f"| {x['tier']} | {x['seq_MBps']:.0f} ({x['seq_MBps'] / base['seq_MBps']:.3g}x), "
                            f"{x.get('seq_MB_per_cpu_s', 0):.0f} | "
-                           f"{x['rand']['median'] * 1e3:.1f} / {x['rand']['p99'] * 1e3:.1f} | "
+                           f"{x['rand']['median'] * 1e3:.1f} / {x['rand']['p99'] * 1e3:.1f}"
+                           f"{' (%.1f)' % (x['rand_cpu']['median'] * 1e3) if 'rand_cpu' in x else ''} | "
                            f"{x['rand_ops']:.0f} ({x['rand_ops'] / base['rand_ops']:.2g}x) | {served} |")
             out.append("")
     return "\n".join(out)
