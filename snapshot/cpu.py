@@ -659,6 +659,20 @@ def drop_export(image_id: str, cache_dir: str | None = None) -> bool:
     return True
 
 
+def _mapped_by_anyone(path: str) -> bool:
+    """Whether any process on this host maps or holds ``path`` open."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any(line.rstrip().endswith(" " + path) for line in f):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _prepare_host(meta: dict, imgdir: str) -> None:
     """Put back what CRIU does not carry: /dev/shm segments, link_remap files, missing logs.
 
@@ -667,6 +681,9 @@ def _prepare_host(meta: dict, imgdir: str) -> None:
     """
     for kind in ("shm", "link_remap"):
         for item in meta.get(kind) or []:
+            if kind == "shm" and os.path.exists(item["path"]) and not _mapped_by_anyone(item["path"]):
+                with contextlib.suppress(OSError):  # left by an earlier replica: stale contents
+                    os.unlink(item["path"])
             if os.path.exists(item["path"]):
                 continue
             os.makedirs(os.path.dirname(item["path"]), exist_ok=True)
@@ -834,7 +851,10 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
                         "kernel lacks: restore with lazy=False")
     image, meta = _open_snapshot(ref, store)
     if check:
-        problems = restore_problems(meta["key"], criu)
+        key = dict(meta["key"])  # files put back by _prepare_host need not be here yet
+        own = {i["path"] for kind in ("shm", "link_remap") for i in meta.get(kind) or []}
+        key["files"] = {p: n for p, n in (key.get("files") or {}).items() if p not in own}
+        problems = restore_problems(key, criu)
         if problems:
             raise IncompatibleHost(problems)
     t_open = time.perf_counter() - t0
