@@ -1,1 +1,46 @@
-"""serve: (see DESIGN.md) builds on casfs's public API."""
+"""serve: an OpenAI-compatible replica over vLLM whose boot is a timed pipeline on casfs.
+
+    from serve import BootConfig, boot_replica
+    replica = boot_replica(BootConfig(image="tiny", listen="127.0.0.1:8000", eager=True))
+    replica.report.phases      # {"gpu_health": ..., "mount": ..., "init": ..., "first_token": ...}
+    replica.stop()
+
+Or from the shell: ``casfs serve MODEL_IMAGE [--snapshot TAG [--create]] --listen HOST:PORT``.
+
+Modules: ``app`` (the OpenAI HTTP API over an Engine), ``http`` (its asyncio HTTP/1.1 server),
+``engine`` (the Engine protocol and the vLLM adapter), ``echo`` (a deterministic stand-in engine),
+``boot`` (the pipeline and its report), ``worker`` (the replica process), ``snapshots`` (CPU
+snapshots through snapshot.cpu), ``health`` (NVML GPU check), ``metrics`` (Prometheus text).
+Names are imported on first use, so ``import serve`` needs neither vLLM nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ServeApp": "app", "ApiError": "app",
+    "HttpServer": "http",
+    "Engine": "engine", "VllmEngine": "engine", "VllmOptions": "engine", "SamplingSettings": "engine",
+    "Delta": "engine", "InvalidRequest": "engine", "EngineError": "engine",
+    "EchoEngine": "echo",
+    "BootConfig": "boot", "BootReport": "boot", "BootError": "boot", "Replica": "boot",
+    "boot_replica": "boot",
+    "SnapshotUnavailable": "snapshots",
+    "check_gpus": "health", "require_healthy": "health", "GpuUnhealthy": "health", "HealthReport": "health",
+    "ServeMetrics": "metrics",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"serve.{mod}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

@@ -302,6 +302,7 @@ class Replica:
         self.log_path = log_path
         self.mounted = mounted
         self.control_token = token
+        self.restored: Any = None  # serve.snapshots.Restored, for restored replicas
 
     @property
     def listen(self) -> str:
@@ -326,6 +327,8 @@ class Replica:
         _terminate(self.pid, self.proc, timeout)
         if self.proc is not None and not isinstance(self.proc, subprocess.Popen):
             self.proc.kill()  # snapshot.cpu's handles: reap the launcher/criu, remove work dirs
+        if self.restored is not None:
+            self.restored.cleanup()
         if unmount and self.mounted:
             from casfs.fuse.mount import unmount as do_unmount
 
@@ -459,7 +462,8 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     name = cfg.name or cfg.image
     log_path = os.path.join(workdir, "logs", f"replica-{_split(cfg.listen)[1]}-{int(time.time() * 1000)}.log")
     token = secrets.token_hex(16)
-    proc: subprocess.Popen | None = None
+    proc: Any = None
+    restored: Any = None
     pid = 0
     try:
         if mode == "restore":
@@ -474,6 +478,11 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
             w = boot.get("worker", {}) if isinstance(boot, dict) else {}
             report.details["worker"] = w
             log_path = w.get("log") or log_path
+            _, models = http_json(cfg.listen, "GET", "/v1/models")
+            try:  # the name the snapshot serves (chosen when it was created)
+                name = models["data"][0]["id"]
+            except (TypeError, KeyError, IndexError):
+                pass
         else:
             t_spawn = time.monotonic()
             env = worker_env(cfg, token)
@@ -515,6 +524,10 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     except BaseException:
         if pid:
             _terminate(pid, proc, 10)
+            if proc is not None and not isinstance(proc, subprocess.Popen):
+                proc.kill()
+        if restored is not None:
+            restored.cleanup()
         if mounted:
             from casfs.fuse.mount import unmount
 
@@ -524,6 +537,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                 pass
         raise
     replica = Replica(cfg, report, pid, proc, log_path, mounted, token)
+    replica.restored = restored
     try:  # the replica's /metrics and /boot then carry the whole pipeline's timings
         http_json(cfg.listen, "POST", "/_casfs/report", report.to_dict(), headers={CONTROL_HEADER: token})
     except (OSError, http.client.HTTPException) as e:

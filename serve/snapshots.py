@@ -25,6 +25,7 @@ is missing (snapshot.cpu, a usable CRIU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -82,6 +83,13 @@ def wait_instructions(timeout: float = INSTRUCTIONS_TIMEOUT_S) -> dict:
         time.sleep(0.002)
 
 
+def _shm_path(problem: str) -> str | None:
+    """The /dev/shm path a snapshot.criu rule problem names ("file /dev/shm/X is open ..."), if any."""
+    if problem.startswith("file /dev/shm/"):
+        return problem[len("file "):].split(" is open", 1)[0]
+    return None
+
+
 def _write_instructions(pid: int, data: dict) -> str:
     path = instructions_path(pid)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -99,6 +107,17 @@ class Restored:
     process: Any
     pid: int
     detail: dict[str, Any] = field(default_factory=dict)
+    shm: list[str] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        """After the tree exited: remove the /dev/shm segments restore put back that no process
+        maps any more (vLLM does not unlink them all when it stops)."""
+        from snapshot.cpu import _mapped_by_anyone
+
+        for path in self.shm:
+            if os.path.exists(path) and not _mapped_by_anyone(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 class CriuBackend:
@@ -125,11 +144,22 @@ class CriuBackend:
             raise BootError(f"the replica did not become ready for its snapshot: {e}") from None
 
     def create(self, proc: Any, store: Any, tag: str) -> dict:
-        """Snapshot the ready worker as ``tag`` (the dump ends it). Returns details."""
+        """Snapshot the ready worker as ``tag`` (the dump ends it). Returns details.
+
+        snapshot.cpu's rule check refuses files open read-write; vLLM's multiprocess executor
+        keeps its /dev/shm/psm_* message-queue segments open that way. snapshot.cpu saves those
+        segments with the snapshot and puts them back before a restore, and their size never
+        changes, so they are exempted here; every other rule still refuses the snapshot.
+        """
+        from snapshot import criu as criumod
         from snapshot.criu import CriuError
 
         try:
-            ref = self.cpu.checkpoint(proc, store, tag, leave_running=False)
+            shm = set(self.cpu._shm_segments(criumod.process_tree(proc.pid)))
+            problems = [p for p in criumod.tree_rule_problems(proc.pid) if _shm_path(p) not in shm]
+            if problems:
+                raise BootError(f"the replica cannot be snapshotted: {'; '.join(problems)}")
+            ref = self.cpu.checkpoint(proc, store, tag, leave_running=False, strict=False)
         except CriuError as e:
             raise BootError(f"snapshot {tag} could not be taken: {e}") from None
         meta = ref.meta
@@ -162,8 +192,12 @@ class CriuBackend:
         except CriuError as e:
             raise BootError(f"restoring snapshot {tag} failed: {e}") from None
         _write_instructions(live.pid, {"listen": listen, "seed": seed, "control_token": token})
+        try:
+            shm = [i["path"] for i in self.cpu.read_meta(store.open_image(live.image_id)).get("shm") or []]
+        except (casfs.CasfsError, ValueError):
+            shm = []
         return Restored(live, live.pid, {"timings": live.timings, "lazy": self.lazy, "source": self.source,
-                                         "image_id": live.image_id})
+                                         "image_id": live.image_id}, shm)
 
 
 def open_backend(*, lazy: bool = False, source: str = "export") -> CriuBackend:

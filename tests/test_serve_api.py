@@ -449,3 +449,15 @@ def test_histogram_buckets_are_cumulative_and_labels_are_escaped():
     with pytest.raises(ValueError):
         c.inc(1, wrong="label")
     assert ServeMetrics().render().endswith("\n")
+
+
+def test_importing_serve_needs_neither_vllm_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, serve\n"
+            "for name in serve.__all__: getattr(serve, name)\n"
+            "print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="address to serve on (default 127.0.0.1:8000)")
     p.add_argument("--snapshot", metavar="TAG", default=None,
-                   help="restore the replica from the CPU snapshot TAG (with --create: make it)")
+                   help="restore the replica from the CPU snapshot TAG (with --create: make it). A "
+                        "restored replica keeps the engine settings and model name it was created "
+                        "with (--name/--engine/--eager/--fast-boot/--max-model-len are then ignored); "
+                        "use the same --workdir for creating and restoring")
     p.add_argument("--create", action="store_true",
                    help="with --snapshot: cold boot, then snapshot the ready replica as TAG")
     p.add_argument("--name", default=None, help="model name in the API (default: MODEL_IMAGE)")
@@ -57,25 +60,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_model_len=args.max_model_len, materialize=args.materialize, workdir=args.workdir,
                      snapshot=args.snapshot, create_snapshot=args.create, gpu_check=not args.no_gpu_check,
                      boot_timeout=args.boot_timeout, report_path=args.report)
-    replica = boot_replica(cfg)
-    print(json.dumps(replica.report.to_dict()), flush=True)
-    phases = " ".join(f"{k}={v:.2f}s" for k, v in replica.report.phases.items())
-    print(f"casfs serve: {replica.report.mode} boot of {args.image} to first token in "
-          f"{replica.report.total:.2f} s ({phases}); serving on http://{args.listen}/v1 "
-          f"[pid {replica.pid}, log {replica.log_path}]", file=sys.stderr, flush=True)
-    if args.exit_after_boot:
-        replica.stop()
-        return 0
 
-    def stop(signum: int, frame: object) -> None:
+    def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # Installed before booting: a SIGTERM at any point stops what was started (boot_replica
+    # cleans up after itself; a booted replica is stopped below), never orphans it.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        code = replica.wait()
-        print(f"casfs serve: the replica exited with status {code} (log {replica.log_path})", file=sys.stderr)
-        replica.stop()
-        return 1 if code else 0
+        replica = boot_replica(cfg)
     except KeyboardInterrupt:
-        replica.stop()
-        return 0
+        print("casfs serve: interrupted while booting; stopped what was started", file=sys.stderr)
+        return 130
+    try:
+        print(json.dumps(replica.report.to_dict()), flush=True)
+        phases = " ".join(f"{k}={v:.2f}s" for k, v in replica.report.phases.items())
+        print(f"casfs serve: {replica.report.mode} boot of {args.image} to first token in "
+              f"{replica.report.total:.2f} s ({phases}); serving on http://{args.listen}/v1 "
+              f"[pid {replica.pid}, log {replica.log_path}]", file=sys.stderr, flush=True)
+        if args.exit_after_boot:
+            code = 0
+        else:
+            code = replica.wait()
+            print(f"casfs serve: the replica exited with status {code} (log {replica.log_path})",
+                  file=sys.stderr)
+            code = 1 if code else 0
+    except KeyboardInterrupt:
+        code = 0
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the shutdown finish
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replica.stop()
+    return code
