@@ -51,7 +51,9 @@ class MountOptions:
         replay_profile: prefetch the image's stored startup profile in the background.
         readahead: user-space sequential readahead and safetensors prefetch.
         fetch_threads: chunk fetches running at once for foreground reads.
-        replay_concurrency: profile chunks fetched at once while no foreground read waits.
+        replay_concurrency: profile chunks fetched at once while no foreground read waits (16:
+            blob requests are round-trip bound; 4 -> 16 cut a replayed import torch over a 50 ms
+            link from 9.2 s to 6.0-6.8 s).
         timeout: seconds the kernel caches entries and attributes.
         log_file: the daemon's log (None: ``<runtime dir>/<key>.log``).
         verbose: daemon log level: 0 warnings, 1 info, 2 debug.
@@ -64,7 +66,7 @@ class MountOptions:
     replay_profile: bool = True
     readahead: bool = True
     fetch_threads: int = 32
-    replay_concurrency: int = 4
+    replay_concurrency: int = 16
     timeout: float = 86400.0
     log_file: str | None = None
     verbose: int = 1
