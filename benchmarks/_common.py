@@ -200,7 +200,8 @@ def write_results(name: str, params: dict[str, Any], results: Any, *, started: f
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     doc = {
         "benchmark": name,
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + sys.argv),
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)]
+                            + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
         "machine": {**machine, "loadavg_end": list(os.getloadavg())},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
