@@ -164,8 +164,13 @@ def decode(frame: bytes | memoryview, expect: bytes | None = None) -> bytes:
             if declared not in (-1, h.raw_len):
                 raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… zstd frame declares {declared} bytes, "
                                    f"its header {h.raw_len}")
-            # (raw_len 0: zstd's one-shot call cannot size an empty output of an unsized frame)
-            data = _decompressor().decompress(payload, max_output_size=h.raw_len or 1)
+            if h.raw_len == 0:
+                # zstd's one-shot call returns b"" for a frame declaring 0 bytes without decoding
+                # it, and cannot size the output of an unsized one: stream it (validates it)
+                _decompress_into(h, payload, memoryview(bytearray()))
+                data = b""
+            else:
+                data = _decompressor().decompress(payload, max_output_size=h.raw_len)
         except zstandard.ZstdError as e:
             raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… does not decompress: {e}") from None
         if len(data) != h.raw_len:

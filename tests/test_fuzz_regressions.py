@@ -153,6 +153,22 @@ def test_an_empty_chunk_in_an_unsized_zstd_frame_decodes_on_every_read_path():
         chunkmod.decode(one)
 
 
+def test_a_corrupt_zstd_frame_declaring_zero_bytes_is_rejected_like_decode_into_does():
+    """Found by fuzz_chunk's differential check: python-zstandard's one-shot decompress returns
+    b"" for a frame whose header declares 0 bytes without decoding its blocks, so decode()
+    accepted a truncated frame (its digest, of b"", matched) that decode_into() rejected."""
+    # single-segment frame, content size 0, then a raw block header claiming ~2 MB that is absent
+    payload = b"\x28\xb5\x2f\xfd" + bytes([0x20, 0x00]) + bytes([0x01, 0x00, 0xFF])
+    assert zstandard.frame_content_size(payload) == 0
+    assert zstandard.ZstdDecompressor().decompress(payload) == b""  # the shortcut
+    frame = _chunk_frame(payload, 0, digest_bytes(b""))
+    with pytest.raises(CorruptChunk):
+        chunkmod.decode(frame)
+    if hasattr(chunkmod, "decode_into"):
+        with pytest.raises(CorruptChunk):
+            chunkmod.decode_into(frame, bytearray(4))
+
+
 @pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk"])
 def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
     """Runs each target's TestOneInput (its contract checks, without libFuzzer) on the seeds."""
