@@ -170,7 +170,8 @@ def decode(frame: bytes | memoryview, expect: bytes | None = None) -> bytes:
                 _decompress_into(h, payload, memoryview(bytearray()))
                 data = b""
             else:
-                data = _decompressor().decompress(payload, max_output_size=h.raw_len)
+                # one zstd frame and nothing after it (decode_into streams and refuses extra too)
+                data = _decompressor().decompress(payload, max_output_size=h.raw_len, allow_extra_data=False)
         except zstandard.ZstdError as e:
             raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… does not decompress: {e}") from None
         if len(data) != h.raw_len:

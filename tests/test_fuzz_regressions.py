@@ -169,6 +169,21 @@ def test_a_corrupt_zstd_frame_declaring_zero_bytes_is_rejected_like_decode_into_
             chunkmod.decode_into(frame, bytearray(4))
 
 
+def test_bytes_after_the_zstd_frame_in_a_payload_are_rejected_on_every_read_path():
+    """Found by fuzz_chunk's differential check: decode() ignored bytes after the zstd frame
+    inside a chunk's payload (its digest still matched) while decode_into() rejected them."""
+    data = b"hello world " * 8
+    payload = zstandard.ZstdCompressor().compress(data) + bytes(10)
+    frame = _chunk_frame(payload, len(data), digest_bytes(data))
+    with pytest.raises(CorruptChunk):
+        chunkmod.decode(frame)
+    if hasattr(chunkmod, "decode_into"):
+        with pytest.raises(CorruptChunk):
+            chunkmod.decode_into(frame, bytearray(len(data)))
+    clean = _chunk_frame(payload[:-10], len(data), digest_bytes(data))
+    assert chunkmod.decode(clean) == data
+
+
 @pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk"])
 def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
     """Runs each target's TestOneInput (its contract checks, without libFuzzer) on the seeds."""
