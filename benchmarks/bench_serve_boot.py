@@ -143,7 +143,7 @@ def plot(results: dict, path: str) -> None:
     colors = {"gpu_health": "#999999", "mount": "#8c564b", "init": "#1f77b4", "init: import vLLM": "#9ecae1",
               "init: engine start (EngineCore spawn + imports, KV cache, compile)": "#1f77b4", "weights": "#17becf", "warmup": "#2ca02c",
               "restore": "#d62728", "first_token": "#ff7f0e"}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 1.1 + 0.75 * len(rows)), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 2.0 + 0.75 * len(rows)), gridspec_kw={"width_ratios": [3, 2]})
     for i, (label, s, imp) in enumerate(rows):
         left = 0.0
         for name, v in _bar_segments(s, imp):
@@ -155,7 +155,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("seconds to first token (median; bars: pipeline phases; label: spawn -> first token)")
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), loc="lower right", fontsize=7)
+    ax.legend(uniq.values(), uniq.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=7)
     ax.set_title("vLLM (CPU) replica boot to first token, tiny Llama, 2-core VM", fontsize=10)
     for i, (label, s, _) in enumerate(rows):
         ax2.scatter(s["external"], [i] * len(s["external"]), color="#d62728" if "ON" in label else "#1f77b4")
