@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +58,9 @@ class ServeProc:
         self.base = f"http://{self.listen}"
         argv = [VLLM_PY, "-m", "casfs.cli.main", "--store", store, "serve", MODEL, "--listen", self.listen,
                 "--workdir", workdir, *args]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        # snapshots are exported under the test's own dir (removed with it), not $CASFS_HOME
+        env = dict(os.environ, CASFS_SNAPSHOT_CACHE=os.path.join(workdir, "snapshot-cache"))
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
         self.report = self._read_report()
 
     def _read_report(self) -> dict:
@@ -110,7 +113,10 @@ def tiny_store(tmp_path_factory):
     store = casfs.open_store(str(d / "store"))
     casfs.build(store, str(model_dir), tag=MODEL, progress=False)
     store.close()
-    return d
+    yield d
+    # the snapshots (~2 GB each in the store and the cache) are not worth keeping for inspection
+    shutil.rmtree(d / "store", ignore_errors=True)
+    shutil.rmtree(d / "work" / "snapshot-cache", ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
