@@ -9,7 +9,10 @@ Phases, in order (each timed in seconds, exported in /metrics as
                  readable: a lazy FUSE mount (chunks fetched on first read) or, where FUSE is
                  unusable, a full export. Shared: a replica reuses a mount already there.
     restore      (snapshot boots) the replica process tree restored from a CPU snapshot, until
-                 it answers /health; its post-restore work (reseed, listen) included.
+                 it answers /health; its post-restore work (reseed, listen) included. A
+                 snapshot that is missing or does not fit this host (CPU flags, libraries,
+                 files) is refused before anything starts, and the replica boots cold instead
+                 (the reason is in the report's ``details.snapshot_refused``).
     init         (cold boots) worker process start, imports, engine construction (KV cache,
                  torch.compile unless eager), excluding the weights load below.
     weights      (cold boots) loading the checkpoint into the model, as vLLM times it.
@@ -468,11 +471,20 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     try:
         if mode == "restore":
             assert backend is not None and cfg.snapshot
-            with timer.phase("restore"):
+            from .snapshots import SnapshotUnavailable
+
+            t = time.monotonic()
+            try:
                 restored = backend.restore(store, cfg.snapshot, listen=cfg.listen, seed=secrets.randbits(63),
                                            token=token)
-                proc, pid = restored.process, restored.pid
-                wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
+            except SnapshotUnavailable as e:  # missing or incompatible: nothing was started
+                log.warning("%s; booting cold instead", e)
+                report.details["snapshot_refused"] = str(e)
+                mode = report.mode = "cold"
+        if mode == "restore":
+            proc, pid = restored.process, restored.pid
+            wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
+            report.phases["restore"] = time.monotonic() - t
             report.details["restore"] = restored.detail
             _, boot = http_json(cfg.listen, "GET", "/boot")
             w = boot.get("worker", {}) if isinstance(boot, dict) else {}

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import socket
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -461,3 +463,75 @@ def test_importing_serve_needs_neither_vllm_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- the boot pipeline with the echo engine (no vLLM) ------------------------------------------------
+
+
+@pytest.fixture
+def echo_image(tmp_path):
+    import casfs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "echo"}')
+    store = casfs.open_store(str(tmp_path / "store"))
+    casfs.build(store, str(model), tag="echo-model", progress=False)
+    store.close()
+    return tmp_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_echo_replica_boots_through_the_pipeline_and_serves(echo_image):
+    from serve.boot import BootConfig, boot_replica
+
+    listen = f"127.0.0.1:{_free_port()}"
+    cfg = BootConfig(image="echo-model", listen=listen, store=str(echo_image / "store"), engine="echo",
+                     workdir=str(echo_image / "work"), report_path=str(echo_image / "report.json"))
+    replica = boot_replica(cfg)
+    try:
+        r = replica.report
+        assert r.mode == "cold" and list(r.phases) == ["gpu_health", "mount", "init", "warmup", "first_token"]
+        assert r.first_token_text == "x"  # the probe prompt read backwards
+        assert r.materialize in ("mount", "export") and os.path.isfile(os.path.join(r.model_dir, "config.json"))
+        assert json.load(open(echo_image / "report.json"))["phases"] == r.phases
+        client = openai.OpenAI(base_url=f"http://{listen}/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="echo-model", prompt="abc", max_tokens=3).choices[0].text == "cba"
+        with urllib.request.urlopen(f"http://{listen}/metrics") as resp:
+            m = _samples(resp.read().decode())
+        assert m['casfs_serve_boot_phase_seconds{phase="mount"}'] == pytest.approx(r.phases["mount"])
+        # the supervisor's control channel needs the token
+        conn = http.client.HTTPConnection(*listen.rsplit(":", 1), timeout=10)
+        conn.request("POST", "/_casfs/report", body=b"{}", headers={"X-Casfs-Control": "wrong"})
+        assert conn.getresponse().status == 404
+        conn.close()
+    finally:
+        replica.stop()
+    assert not replica.alive()
+    if r.materialize == "mount":
+        from casfs.fuse.mount import is_mounted
+
+        assert not is_mounted(r.model_dir)
+
+
+def test_a_missing_snapshot_falls_back_to_a_cold_boot(echo_image):
+    from serve.boot import BootConfig, boot_replica
+    from serve.snapshots import SnapshotUnavailable, open_backend
+
+    try:
+        open_backend()
+    except SnapshotUnavailable as e:
+        pytest.skip(f"snapshots cannot run here: {e}")
+    cfg = BootConfig(image="echo-model", listen=f"127.0.0.1:{_free_port()}", store=str(echo_image / "store"),
+                     engine="echo", workdir=str(echo_image / "work"), snapshot="never-made")
+    replica = boot_replica(cfg)
+    try:
+        assert replica.report.mode == "cold" and "restore" not in replica.report.phases
+        assert "no snapshot never-made" in replica.report.details["snapshot_refused"]
+    finally:
+        replica.stop()
