@@ -179,29 +179,6 @@ class Packer:
                              "build again from a stable tree")
         return slots
 
-    def add_stream(self, f: BinaryIO, name: str = "") -> tuple[list[int], int]:
-        """Chunk a readable binary stream now (``name`` picks the codec policy).
-        Returns (chunk-table indices, bytes read)."""
-        codec = codec_choice(name, self.compress)
-        slots: list[int] = []
-        total = 0
-        while True:
-            data = _read_full(f, self.chunk_size)
-            if not data:
-                break
-            total += len(data)
-            self._enqueue(self._pool.submit(_hash_and_encode, data, codec), len(data), slots)
-            if len(data) < self.chunk_size:
-                break
-        self._drain(0)
-        return slots, total
-
-    def add_bytes(self, data: bytes) -> list[int]:
-        """Chunk an in-memory byte string."""
-        import io
-
-        return self.add_stream(io.BytesIO(data))[0]
-
     def _enqueue(self, fut: Future, nbytes: int, slots: list[int]) -> None:
         self._window.append((fut, slots))
         self._window_bytes += nbytes

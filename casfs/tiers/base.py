@@ -9,7 +9,6 @@ store should count as an error (it then tries the next tier).
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -87,16 +86,3 @@ class Tier(Protocol):
     def contains(self, ref: ChunkRef) -> bool: ...
     def delete(self, ref: ChunkRef) -> None: ...
     def stats(self) -> TierStats: ...
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds``"""
-
-    __slots__ = ("t0", "seconds")
-
-    def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
