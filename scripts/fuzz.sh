@@ -5,6 +5,8 @@
 # is reported as a hang) and the process $FUZZ_RSS_MB MiB (default 2048). Exits nonzero when any
 # target crashes, hangs or runs out of memory; the reproducer is left in
 # fuzz/corpus-crashes/<target>-* (replay: .venv/bin/python fuzz/fuzz_<target>.py <file>).
+# FUZZ_SEED fixes libFuzzer's seed (make test sets 1, so CI explores the same inputs on every
+# run and cannot turn red by chance; make fuzz leaves it random to explore further).
 # Usage: FUZZ_SECONDS=20 bash scripts/fuzz.sh [target ...]   (targets: index chunk)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +30,7 @@ for t in "${targets[@]}"; do
   # libFuzzer stops itself after -max_total_time; the outer timeout only guards a wedged run
   timeout --kill-after=30 $((SECS + 120)) "$PY" "$script" "fuzz/corpus-$t" \
     -max_total_time="$SECS" -timeout="$INPUT_TIMEOUT" -rss_limit_mb="$RSS_MB" \
-    -artifact_prefix="$CRASHES/$t-" -print_final_stats=1 >"$log" 2>&1
+    -artifact_prefix="$CRASHES/$t-" -print_final_stats=1 ${FUZZ_SEED:+-seed="$FUZZ_SEED"} >"$log" 2>&1
   rc=$?
   runs=$(grep -o 'Done [0-9]* runs' "$log" | tail -1)
   cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1)

@@ -8,4 +8,4 @@ PY=${VENV:-.venv}/bin/python
 rc=$?
 if [ $rc -eq 5 ]; then echo "test.sh: pytest collected no tests: failing" >&2; exit 1; fi
 [ $rc -eq 0 ] || exit $rc
-if [ -x scripts/fuzz.sh ]; then FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash scripts/fuzz.sh || exit 1; fi
+if [ -f scripts/fuzz.sh ]; then FUZZ_SECONDS=${FUZZ_SECONDS:-20} FUZZ_SEED=${FUZZ_SEED:-1} bash scripts/fuzz.sh || exit 1; fi
