@@ -166,6 +166,10 @@ class SsdTier:
             return
         evict: list[bytes] = []
         with self._lock:
+            # a concurrent put of the same digest may have landed first: count its bytes once
+            old = self._lru.pop(ref.digest, None)
+            if old is not None:
+                self._used -= old
             self._lru[ref.digest] = len(data)
             self._used += len(data)
             while self._used > self.capacity and self._lru:
