@@ -157,7 +157,7 @@ class Store:
         if cached:
             try:
                 os.makedirs(os.path.dirname(cached), exist_ok=True)
-                tmp = f"{cached}.{os.getpid()}.tmp"
+                tmp = f"{cached}.{os.getpid()}.{threading.get_ident()}.tmp"  # per thread: no shared temp file
                 with open(tmp, "wb") as f:
                     f.write(frame)
                 os.rename(tmp, cached)
@@ -175,16 +175,21 @@ class Store:
             ix = self._indexes.get(image_id)
         if ix is not None:
             return ix
-        frame = self.index_frame(image_id)
-        try:
-            data = chunkmod.decode(frame, expect=from_hex(image_id))
-        except CorruptChunk as e:
-            if self.cache_dir:
-                try:
-                    os.unlink(os.path.join(self.cache_dir, "indexes", image_id))
-                except OSError:
-                    pass
-            raise CorruptIndex(f"index of image {image_id[:12]} is corrupt: {e}") from None
+        # a bad local copy (torn by a crash: the cache is not fsynced) is dropped and the
+        # store's copy fetched once more; only a bad store copy is an error
+        for attempt in range(2 if self.cache_dir else 1):
+            frame = self.index_frame(image_id)
+            try:
+                data = chunkmod.decode(frame, expect=from_hex(image_id))
+                break
+            except CorruptChunk as e:
+                if self.cache_dir:
+                    try:
+                        os.unlink(os.path.join(self.cache_dir, "indexes", image_id))
+                    except OSError:
+                        pass
+                if attempt or not self.cache_dir:
+                    raise CorruptIndex(f"index of image {image_id[:12]} is corrupt: {e}") from None
         ix = Index.parse(data)
         with self._lock:
             self._indexes[image_id] = ix
