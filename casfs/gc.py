@@ -1,8 +1,9 @@
 """Garbage collection: mark every object reachable from a tag, sweep the rest.
 
 Never deletes an index, pack or chunk that a tagged image references. Objects younger than the
-grace period are kept too, so a build that has uploaded chunks but not yet tagged its image is
-not swept from under it (backends that cannot tell an object's age keep nothing back: run gc
+grace period are kept too, and so is everything a younger-than-grace index references, so a
+build that has uploaded chunks (or reused old ones) but not yet tagged its image is not swept from
+under it (backends that cannot tell an object's age keep nothing back: run gc
 when no build is running).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .errors import CasfsError
 from .store import Store
 
 
@@ -27,10 +29,25 @@ class GcResult:
 def collect(store: Store, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> GcResult:
     """Delete unreferenced objects (or only list them with ``dry_run``)."""
     keep = store.referenced_objects()
-    kept_ids = {k.partition("/")[2] for k in keep if k.startswith("indexes/")}
     res = GcResult(dry_run=dry_run)
     now = time.time()
     mtime = getattr(store.objects, "mtime", None)
+    if mtime is not None and grace_seconds > 0:
+        # a young index not tagged yet (a build or copy about to set its tag) keeps what it
+        # references: it may reuse objects far older than the grace period
+        for key in list(store.objects.list("indexes/")):
+            if key in keep:
+                continue
+            try:
+                if now - mtime(key) >= grace_seconds:
+                    continue
+                ix = store.load_index(key.partition("/")[2])
+            except (KeyError, CasfsError):
+                continue
+            keep.add(key)
+            for ref in ix.all_chunks():
+                keep.add(f"packs/{ref.pack.hex()}" if ref.pack else f"chunks/{ref.digest.hex()}")
+    kept_ids = {k.partition("/")[2] for k in keep if k.startswith("indexes/")}
     for key in list(store.iter_objects()):
         kind, _, name = key.partition("/")
         if key in keep or (kind == "profiles" and name in kept_ids):

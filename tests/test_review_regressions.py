@@ -53,3 +53,28 @@ def test_a_torn_cached_index_falls_back_to_the_store_copy(tmp_path):
     cached.write_bytes(b"")  # what a power loss after the rename can leave
     with casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache")) as s:
         assert s.open_image("t").read("a.txt") == b"hello" * 100
+
+
+def test_gc_keeps_old_objects_that_a_young_untagged_index_reuses(tmp_path):
+    """A build (or copy) that reused existing objects has stored its index but not yet set its
+    tag: gc must not sweep the reused objects just because they are old and the image they came
+    from lost its tag, or the tag set a moment later points at missing chunks."""
+    from casfs.gc import collect
+
+    big = os.urandom(2 << 20)  # frames over 1 MiB are loose chunk objects
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_tree(a, {"w.bin": big})
+    write_tree(b, {"w.bin": big, "extra.txt": b"new"})
+    root = tmp_path / "store"
+    with casfs.open_store(str(root)) as s:
+        build_image(s, str(a), tag="old", progress=False)
+        new_id = build_image(s, str(b), tag=None, progress=False).image_id  # reuses w.bin's chunks
+        s.untag("old")
+        for dirpath, _, names in os.walk(root):  # everything is a day old ...
+            for n in names:
+                os.utime(os.path.join(dirpath, n), (1e9, 1e9))
+        os.utime(root / "indexes" / new_id[:2] / new_id)  # ... but the new build's index
+        collect(s, grace_seconds=3600)
+        s.tag("new", new_id)
+    with casfs.open_store(str(root)) as s:
+        assert s.open_image("new").read("w.bin") == big
