@@ -78,3 +78,18 @@ def test_gc_keeps_old_objects_that_a_young_untagged_index_reuses(tmp_path):
         s.tag("new", new_id)
     with casfs.open_store(str(root)) as s:
         assert s.open_image("new").read("w.bin") == big
+
+
+def test_an_ssd_file_that_vanished_is_cached_again_on_the_next_put(tmp_path):
+    """A cache file deleted behind the tier's back (a tmp cleaner, an eviction racing a put of
+    the same digest) must not leave a ghost LRU entry that turns every later put into a no-op."""
+    tier = SsdTier(str(tmp_path / "ssd"), capacity=1 << 20)
+    digest, frame = chunkmod.encode(b"y" * 1000)
+    ref = ChunkRef(digest, 1000, len(frame))
+    tier.put(ref, frame)
+    os.unlink(tier._path(digest))
+    assert tier.get(ref) is None
+    assert tier.read_into(ref, memoryview(bytearray(1000))) is None
+    tier.put(ref, frame)
+    assert tier.get(ref) == frame
+    assert tier.used == len(frame)

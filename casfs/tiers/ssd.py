@@ -86,6 +86,7 @@ class SsdTier:
             with open(p, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
+            self._forget(ref.digest, missing=p)
             self._stats.record_get(False, 0, time.perf_counter() - t0)
             return None
         except OSError:
@@ -112,6 +113,7 @@ class SsdTier:
         try:
             fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError:
+            self._forget(ref.digest, missing=p)
             self._stats.record_get(False, 0, time.perf_counter() - t0)
             return None
         except OSError:
@@ -187,11 +189,19 @@ class SsdTier:
         with self._lock:
             return ref.digest in self._lru
 
-    def delete(self, ref: ChunkRef) -> None:
+    def _forget(self, digest: bytes, missing: str | None = None) -> None:
+        """Drop the LRU entry of ``digest``; with ``missing``, only if that file is still
+        absent (a put renames before it adds its entry under the lock). A ghost entry for a
+        vanished file would turn every later put of it into a no-op."""
         with self._lock:
-            n = self._lru.pop(ref.digest, None)
+            if missing is not None and os.path.exists(missing):
+                return
+            n = self._lru.pop(digest, None)
             if n is not None:
                 self._used -= n
+
+    def delete(self, ref: ChunkRef) -> None:
+        self._forget(ref.digest)
         try:
             os.unlink(self._path(ref.digest))
         except OSError:
