@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .errors import CasfsError
+from .errors import CasfsError, StoreError
 from .store import Store
 
 
@@ -28,6 +28,13 @@ class GcResult:
 
 def collect(store: Store, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> GcResult:
     """Delete unreferenced objects (or only list them with ``dry_run``)."""
+    tag_keys = list(store.objects.list("tags/"))
+    readable = store.tags()
+    unreadable = [k for k in tag_keys if k.partition("/")[2] not in readable]
+    if unreadable:
+        # an unreadable tag still protects its image: refuse rather than sweep its chunks
+        raise StoreError(f"gc refused: tag(s) {', '.join(unreadable[:5])} in {store.url} are unreadable; "
+                         "repair them (casfs tag IMAGE NAME) or remove them (casfs rm NAME) first")
     keep = store.referenced_objects()
     res = GcResult(dry_run=dry_run)
     now = time.time()

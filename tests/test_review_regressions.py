@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
+
 import casfs
 from casfs.build import build_image
 from casfs import chunk as chunkmod
@@ -93,3 +95,21 @@ def test_an_ssd_file_that_vanished_is_cached_again_on_the_next_put(tmp_path):
     tier.put(ref, frame)
     assert tier.get(ref) == frame
     assert tier.used == len(frame)
+
+
+def test_gc_refuses_to_run_while_a_tag_is_unreadable(tmp_path):
+    import os
+
+    import casfs
+    from casfs.gc import collect
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(5000))
+    store = casfs.open_store(str(tmp_path / "store"))
+    casfs.build(store, str(src), tag="t", progress=False)
+    store.objects.put("tags/t", b"\xff\xfe not utf-8")
+    with pytest.raises(casfs.StoreError, match="unreadable"):
+        collect(store, grace_seconds=0)
+    assert list(store.objects.list("packs/"))  # nothing swept
+    store.close()
