@@ -43,20 +43,8 @@ echo "casfs setup: no criu >= 4.2 found; building CRIU 4.2.x from Debian sid's s
 BUILD_DEPS="build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
   libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler
   python3-protobuf uuid-dev libaio-dev xz-utils"
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  missing=""
-  for p in $BUILD_DEPS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-  done
-  if [ -n "$missing" ]; then
-    echo "casfs setup: installing CRIU build dependencies:$missing"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends $missing >/dev/null
-  fi
-else
-  echo "casfs setup: not root (or no apt-get); assuming CRIU's build deps are installed: $BUILD_DEPS" >&2
-fi
+. scripts/apt_ensure.sh
+apt_ensure "CRIU build dependencies" $BUILD_DEPS
 
 SRC="$CACHE/criu-src"
 mkdir -p "$SRC"

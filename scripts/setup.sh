@@ -8,20 +8,8 @@ PYTHON=${PYTHON:-python3}
 EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights}
 
 APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static"
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  missing=""
-  for p in $APT_PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-  done
-  if [ -n "$missing" ]; then
-    echo "casfs setup: installing system packages:$missing"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends $missing >/dev/null
-  fi
-else
-  echo "casfs setup: not root (or no apt-get); assuming these are installed: $APT_PKGS" >&2
-fi
+. scripts/apt_ensure.sh
+apt_ensure "system packages" $APT_PKGS
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "casfs setup: creating $VENV"
