@@ -27,7 +27,7 @@ from typing import BinaryIO, Iterator
 from ..errors import BuildError
 from .source import SourceEntry
 from .tar import apply_members, open_tar, read_members
-from .tree import MAX_LAYERS, Tree
+from .tree import MAX_LAYERS, Tree, close_all
 
 MAX_JSON_BYTES = 16 << 20
 MAX_INDEX_DEPTH = 4
@@ -225,9 +225,4 @@ class OciSource:
 
     def close(self) -> None:
         """Close every blob and layer stream (content openers stop working)."""
-        for obj in reversed(self._keep):
-            try:
-                obj.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
-        self._keep.clear()
+        close_all(self._keep)

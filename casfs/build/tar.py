@@ -44,7 +44,7 @@ import zstandard
 from ..errors import BuildError
 from . import source as _source
 from .source import SourceEntry
-from .tree import MAX_LAYERS, MAX_PATH, OPAQUE_MARKER, WHITEOUT_PREFIX, Inode, Tree, normalize_name
+from .tree import MAX_LAYERS, MAX_PATH, OPAQUE_MARKER, WHITEOUT_PREFIX, Inode, Tree, close_all, normalize_name
 
 MAX_META_BYTES = 16 << 20  # pax extended headers and GNU long names
 MAX_SPARSE_BYTES = 1 << 40  # logical size of one sparse member
@@ -515,9 +515,4 @@ class TarSource:
 
     def close(self) -> None:
         """Close the archive and every layer stream (content openers stop working)."""
-        for obj in reversed(self._keep):
-            try:
-                obj.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
-        self._keep.clear()
+        close_all(self._keep)

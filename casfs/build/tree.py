@@ -292,3 +292,13 @@ class Tree:
                 spec.link_group = ("inode", groups.setdefault(id(ino), len(groups)))
             out.append(SourceEntry(spec, opener))
         return out
+
+
+def close_all(objs: list) -> None:
+    """Close every object in ``objs``, newest first, ignoring errors; then empty the list."""
+    for obj in reversed(objs):
+        try:
+            obj.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+    objs.clear()
