@@ -56,17 +56,10 @@ class _Metric:
 
 
 @dataclass
-class Counter(_Metric):
-    """A monotonically increasing count. ``inc(amount, **labels)``; amount must be >= 0."""
+class _Scalar(_Metric):
+    """One float per label set (what counters and gauges share)."""
 
-    kind: str = "counter"
     values: dict[LabelValues, float] = field(default_factory=dict)
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError(f"counter {self.name} cannot decrease (inc by {amount})")
-        k = self._key(labels)
-        self.values[k] = self.values.get(k, 0.0) + amount
 
     def get(self, **labels: str) -> float:
         return self.values.get(self._key(labels), 0.0)
@@ -74,26 +67,34 @@ class Counter(_Metric):
     def lines(self) -> list[str]:
         return [f"{self.name}{self._label_text(k)} {_fmt(v)}" for k, v in sorted(self.values.items())]
 
+    def _add(self, amount: float, labels: dict[str, str]) -> None:
+        k = self._key(labels)
+        self.values[k] = self.values.get(k, 0.0) + amount
+
 
 @dataclass
-class Gauge(_Metric):
+class Counter(_Scalar):
+    """A monotonically increasing count. ``inc(amount, **labels)``; amount must be >= 0."""
+
+    kind: str = "counter"
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError(f"counter {self.name} cannot decrease (inc by {amount})")
+        self._add(amount, labels)
+
+
+@dataclass
+class Gauge(_Scalar):
     """A value that is set, or moved up and down."""
 
     kind: str = "gauge"
-    values: dict[LabelValues, float] = field(default_factory=dict)
 
     def set(self, value: float, **labels: str) -> None:
         self.values[self._key(labels)] = float(value)
 
     def add(self, amount: float, **labels: str) -> None:
-        k = self._key(labels)
-        self.values[k] = self.values.get(k, 0.0) + amount
-
-    def get(self, **labels: str) -> float:
-        return self.values.get(self._key(labels), 0.0)
-
-    def lines(self) -> list[str]:
-        return [f"{self.name}{self._label_text(k)} {_fmt(v)}" for k, v in sorted(self.values.items())]
+        self._add(amount, labels)
 
 
 @dataclass
