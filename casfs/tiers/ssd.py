@@ -92,15 +92,19 @@ class SsdTier:
         except OSError:
             self._stats.record_error()
             return None
-        with self._lock:
-            if ref.digest in self._lru:
-                self._lru.move_to_end(ref.digest)
-        try:
-            os.utime(p)  # keep LRU order across restarts
-        except OSError:
-            pass
+        self._touch(ref.digest, p)
         self._stats.record_get(True, len(data), time.perf_counter() - t0)
         return data
+
+    def _touch(self, digest: bytes, path: str) -> None:
+        """A hit: most recently used now, in memory and (mtime) across restarts."""
+        with self._lock:
+            if digest in self._lru:
+                self._lru.move_to_end(digest)
+        try:
+            os.utime(path)
+        except OSError:
+            pass
 
     def read_into(self, ref: ChunkRef, buf: memoryview, *, hash_threads: int = 0) -> int | None:
         """Read ``ref``'s frame into ``buf`` and verify it there; None on a miss.
@@ -126,13 +130,7 @@ class SsdTier:
             return None
         finally:
             os.close(fd)
-        with self._lock:
-            if ref.digest in self._lru:
-                self._lru.move_to_end(ref.digest)
-        try:
-            os.utime(p)
-        except OSError:
-            pass
+        self._touch(ref.digest, p)
         self._stats.record_get(True, h.frame_len, time.perf_counter() - t0)
         return h.raw_len
 
