@@ -15,6 +15,7 @@ from .build import DEFAULT_CHUNK_SIZE, BuildResult, open_source
 from .build import build_image as build
 from .errors import (BuildError, CasfsError, ChunkUnavailable, CorruptChunk, CorruptIndex,
                      ImageNotFound, NotAFile, PathNotFound, StoreError)
+from .fsutil import atomic_directory, atomic_open, atomic_write, fsync_dir
 from .image import Image
 from .fuse.mount import mount, unmount
 from .index import ChunkRef, Stat
@@ -39,8 +40,12 @@ __all__ = [
     "Stat",
     "Store",
     "StoreError",
+    "atomic_directory",
+    "atomic_open",
+    "atomic_write",
     "build",
     "default_store_url",
+    "fsync_dir",
     "mount",
     "open_source",
     "open_store",

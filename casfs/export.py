@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat as statmod
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from .errors import CasfsError
+from .fsutil import atomic_directory
 from .image import Image
 
 log = logging.getLogger("casfs.export")
@@ -48,16 +47,9 @@ def export_image(image: Image, dest: str, *, progress: bool | None = None) -> Ex
     dest = os.path.abspath(dest)
     if os.path.lexists(dest):
         raise FileExistsError(17, "export destination already exists (choose a new path)", dest)
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.casfs-export-", dir=parent)
     t0 = time.perf_counter()
-    try:
+    with atomic_directory(dest) as tmp:
         res = _write_tree(image, tmp, progress)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 from . import chunk as chunkmod
 from .digest import from_hex
 from .errors import CasfsError, CorruptChunk, CorruptIndex, ImageNotFound, StoreError
+from .fsutil import atomic_write
 from .index import ChunkRef, Index
 from .tiered import TieredStore
 from .tiers.base import Tier
@@ -156,11 +157,7 @@ class Store:
             raise ImageNotFound(f"image {image_id} has no index in {self.url}") from None
         if cached:
             try:
-                os.makedirs(os.path.dirname(cached), exist_ok=True)
-                tmp = f"{cached}.{os.getpid()}.{threading.get_ident()}.tmp"  # per thread: no shared temp file
-                with open(tmp, "wb") as f:
-                    f.write(frame)
-                os.rename(tmp, cached)
+                atomic_write(cached, frame, makedirs=True)  # not fsynced: a torn copy fails its digest
             except OSError:
                 pass
         return frame

@@ -5,7 +5,7 @@ import casfs
 EXPECTED = {
     "BuildError", "BuildResult", "CasfsError", "ChunkRef", "ChunkUnavailable", "CorruptChunk",
     "CorruptIndex", "DEFAULT_CHUNK_SIZE", "Image", "ImageNotFound", "NotAFile", "PathNotFound",
-    "Stat", "Store", "StoreError", "build", "default_store_url", "mount", "open_source", "open_store",
+    "Stat", "Store", "StoreError", "atomic_directory", "atomic_open", "atomic_write", "build", "default_store_url", "fsync_dir", "mount", "open_source", "open_store",
     "unmount",
 }
 

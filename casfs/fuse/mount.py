@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CasfsError
+from ..fsutil import atomic_open
 from .kernel import detach, find_mount, is_mounted, resolve
 
 if TYPE_CHECKING:
@@ -148,10 +149,8 @@ def read_record(mountpoint: str) -> MountInfo | None:
 
 def write_record(info: MountInfo) -> None:
     path = runtime_key(info.mountpoint) + ".json"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(asdict(info), f)
-    os.rename(tmp, path)
 
 
 def remove_record(mountpoint: str, pid: int) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-import time
 from typing import Iterator
 
 from ..errors import StoreError
+from ..fsutil import atomic_write
 
 _KEY = re.compile(r"^[a-z]+/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
 
@@ -25,7 +24,12 @@ def check_key(key: str) -> str:
 
 
 class LocalObjectStore:
-    """Objects as files: ``<root>/<kind>/<name[:2]>/<name>``. Writes are atomic (temp + rename)."""
+    """Objects as files: ``<root>/<kind>/<name[:2]>/<name>``.
+
+    Writes are atomic (``casfs.fsutil.atomic_write``: a temporary file in ``<root>/tmp``, then a
+    rename); with ``fsync`` (the default) the file is flushed before the rename and its
+    directory after it, so an object that ``put`` returned for survives a power loss.
+    """
 
     read_only = False
 
@@ -74,21 +78,10 @@ class LocalObjectStore:
             os.close(fd)
 
     def put(self, key: str, data: bytes) -> None:
-        final = self._path(key)
-        tmp = os.path.join(self.root, "tmp", f"{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}")
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.rename(tmp, final)
+            atomic_write(self._path(key), data, fsync=self.fsync, tmp_dir=os.path.join(self.root, "tmp"),
+                         makedirs=True)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise StoreError(f"cannot write {key} to {self.root}: {e.strerror}") from None
 
     def contains(self, key: str) -> bool:

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 
 from .. import chunk as chunkmod
+from ..fsutil import atomic_write
 from ..index import ChunkRef
 from .base import TierStats
 
@@ -141,25 +142,10 @@ class SsdTier:
         with self._lock:
             if ref.digest in self._lru:
                 return
-        final = self._path(ref.digest)
-        tmp = os.path.join(self.root, "tmp", f"{ref.digest.hex()}.{threading.get_ident()}.{time.monotonic_ns()}")
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                mv = memoryview(data)
-                while mv:
-                    mv = mv[os.write(fd, mv):]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
+            atomic_write(self._path(ref.digest), data, fsync=self.fsync, tmp_dir=os.path.join(self.root, "tmp"),
+                         makedirs=True, mode=0o644)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             self._stats.record_error()
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._full_until = time.monotonic() + 5.0  # back off: reads still work
