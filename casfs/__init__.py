@@ -7,6 +7,11 @@ The public API is what this module exports, and nothing else::
     result = casfs.build(store, "/path/to/tree", tag="demo")
     image = store.open_image("demo")                 # loads only the index
     image.listdir("usr/lib"); image.stat("etc/hosts"); image.read("etc/hosts", 0, 100)
+    casfs.mount(image, "/mnt/demo")                  # lazy, read-only FUSE mount
+    casfs.export(image, "/tmp/demo-tree")            # or a full copy as a directory
+
+``snapshot/`` and ``serve/`` use casfs only through these names (``tests/test_layers.py``
+checks it); everything in casfs's submodules is an implementation detail.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from .build import DEFAULT_CHUNK_SIZE, BuildResult, open_source
 from .build import build_image as build
 from .errors import (BuildError, CasfsError, ChunkUnavailable, CorruptChunk, CorruptIndex,
                      ImageNotFound, NotAFile, PathNotFound, StoreError)
+from .export import ExportResult, export
 from .fsutil import atomic_directory, atomic_open, atomic_write, fsync_dir
+from .fuse.mount import MountError, MountInfo, MountOptions, is_mounted, mount, runtime_dir, unmount
 from .image import Image
-from .fuse.mount import mount, unmount
 from .index import ChunkRef, Stat
+from .stats import TierStats, tier_stats
 from .store import Store
-from .urls import default_store_url, open_store
+from .urls import default_store_url, home_dir, open_store
 
 __version__ = "0.1.0"
 
@@ -33,21 +40,31 @@ __all__ = [
     "CorruptChunk",
     "CorruptIndex",
     "DEFAULT_CHUNK_SIZE",
+    "ExportResult",
     "Image",
     "ImageNotFound",
+    "MountError",
+    "MountInfo",
+    "MountOptions",
     "NotAFile",
     "PathNotFound",
     "Stat",
     "Store",
     "StoreError",
+    "TierStats",
     "atomic_directory",
     "atomic_open",
     "atomic_write",
     "build",
     "default_store_url",
+    "export",
     "fsync_dir",
+    "home_dir",
+    "is_mounted",
     "mount",
     "open_source",
     "open_store",
+    "runtime_dir",
+    "tier_stats",
     "unmount",
 ]

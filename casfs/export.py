@@ -34,7 +34,7 @@ class ExportResult:
     warnings: list[str]
 
 
-def export_image(image: Image, dest: str, *, progress: bool | None = None) -> ExportResult:
+def export(image: Image, dest: str, *, progress: bool | None = None) -> ExportResult:
     """Write every entry of ``image`` under the new directory ``dest``.
 
     Ownership is restored when running as root; times, modes, symlinks, hard links, device
@@ -161,4 +161,4 @@ def _set_meta(p: str, i: int, ix, is_root: bool, warnings: list[str]) -> None:
         warnings.append(f"{ix.path(i)}: times not set ({e.strerror})")
 
 
-__all__ = ["ExportResult", "export_image", "CasfsError"]
+__all__ = ["ExportResult", "export"]

@@ -10,14 +10,18 @@ from .store import Store
 from .tiers.blob import ObjectStore
 
 
-def casfs_home() -> str:
-    """``$CASFS_HOME``, default ``~/.local/share/casfs``."""
+def home_dir() -> str:
+    """casfs's home directory: ``$CASFS_HOME``, default ``~/.local/share/casfs`` (absolute).
+
+    The one place that default lives; the store, caches, serve's work dir and snapshot exports
+    are kept under it unless configured otherwise.
+    """
     return os.path.abspath(os.path.expanduser(os.environ.get("CASFS_HOME", "~/.local/share/casfs")))
 
 
 def default_store_url() -> str:
     """``$CASFS_STORE``, else the embedded local store ``$CASFS_HOME/store``."""
-    return os.environ.get("CASFS_STORE") or "file://" + os.path.join(casfs_home(), "store")
+    return os.environ.get("CASFS_STORE") or "file://" + os.path.join(home_dir(), "store")
 
 
 def open_objects(url: str) -> ObjectStore:
@@ -77,7 +81,7 @@ def open_store(url: str | None = None, *, cache_dir: str | None = None, cache_by
     objects = open_objects(url)
     local = objects.url.startswith("file://")
     if cache_dir is None:
-        cache_dir = None if local else os.path.join(casfs_home(), "cache")
+        cache_dir = None if local else os.path.join(home_dir(), "cache")
     extra = []
     azcache = azcache if azcache is not None else os.environ.get("CASFS_AZCACHE")
     if azcache:

@@ -193,7 +193,7 @@ def materialize(image: Any, how: str, workdir: str) -> tuple[str, str, dict]:
         except CasfsError as e:
             raise BootError(f"mount phase: {e}") from None
         return mp, "mount", {"reused": False, "daemon_pid": info.pid, "log": info.log}
-    from casfs.export import export_image
+    from casfs import export as export_image
 
     dest = os.path.join(workdir, "exports", image.id)
     if os.path.isdir(dest):
@@ -399,9 +399,9 @@ def worker_env(cfg: BootConfig, token: str) -> dict[str, str]:
 
 
 def _workdir(cfg: BootConfig) -> str:
-    from casfs.urls import casfs_home
+    from casfs import home_dir
 
-    return os.path.abspath(cfg.workdir or os.path.join(casfs_home(), "serve"))
+    return os.path.abspath(cfg.workdir or os.path.join(home_dir(), "serve"))
 
 
 def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str) -> list[str]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import casfs
 from casfs.errors import ChunkUnavailable
-from casfs.export import export_image
+from casfs import export as export_image
 
 from conftest import write_tree
 

@@ -7,6 +7,9 @@ EXPECTED = {
     "CorruptIndex", "DEFAULT_CHUNK_SIZE", "Image", "ImageNotFound", "NotAFile", "PathNotFound",
     "Stat", "Store", "StoreError", "atomic_directory", "atomic_open", "atomic_write", "build", "default_store_url", "fsync_dir", "mount", "open_source", "open_store",
     "unmount",
+    # the face snapshot/ and serve/ use (issue 11)
+    "ExportResult", "MountError", "MountInfo", "MountOptions", "TierStats", "export", "home_dir",
+    "is_mounted", "runtime_dir", "tier_stats",
 }
 
 

@@ -97,10 +97,10 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from casfs.export import export_image
+    from casfs.export import export
 
     image = open_store_from_args(args).open_image(args.name)
-    r = export_image(image, args.dest, progress=False if args.no_progress else None)
+    r = export(image, args.dest, progress=False if args.no_progress else None)
     print(f"exported {args.name} to {args.dest}: {r.entries} entries, {r.files} files, "
           f"{human(r.bytes)} in {r.seconds:.2f} s")
     for w in r.warnings[:10]:
