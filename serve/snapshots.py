@@ -112,10 +112,10 @@ class Restored:
     def cleanup(self) -> None:
         """After the tree exited: remove the /dev/shm segments restore put back that no process
         maps any more (vLLM does not unlink them all when it stops)."""
-        from snapshot.cpu import _mapped_by_anyone
+        from snapshot.cpu import mapped_anywhere
 
         for path in self.shm:
-            if os.path.exists(path) and not _mapped_by_anyone(path):
+            if os.path.exists(path) and not mapped_anywhere(path):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
@@ -155,7 +155,7 @@ class CriuBackend:
         from snapshot.criu import CriuError
 
         try:
-            shm = set(self.cpu._shm_segments(criumod.process_tree(proc.pid)))
+            shm = set(self.cpu.shm_segments(criumod.process_tree(proc.pid)))
             problems = [p for p in criumod.tree_rule_problems(proc.pid) if _shm_path(p) not in shm]
             if problems:
                 raise BootError(f"the replica cannot be snapshotted: {'; '.join(problems)}")

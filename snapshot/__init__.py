@@ -6,9 +6,13 @@
   (``suspend``, ``resume``), transactional, so a failed restore never leaves a stuck process.
 * ``snapshot.compat``: the host/GPU compatibility key a snapshot carries.
 * ``snapshot.cpu``: CRIU checkpoints of process trees stored as casfs images (``spawn``,
-  ``checkpoint``, ``restore``, ``restore_or_start``); ``snapshot.criu`` finds CRIU >= 4.2 and
-  explains its failures; ``snapshot.lifecycle``: ``ready()`` and ``after_restore`` hooks for
-  the snapshotted program.
+  ``checkpoint``, ``restore``, ``restore_or_start``), one step per module: ``spawning``,
+  ``hostkey``, ``checkpointing``, ``meta``, ``shm``, ``exports``, ``restoring``, ``start``;
+  ``snapshot.criu`` finds CRIU >= 4.2 and explains its failures; ``snapshot.lifecycle``:
+  ``ready()`` and ``after_restore`` hooks for the snapshotted program.
+
+The names below (``__all__``) are the public API; ``serve/`` uses nothing else
+(``tests/test_layers.py`` checks it).
 
 Submodules are imported on first use, so ``import snapshot`` needs neither torch nor CUDA.
 """
@@ -25,13 +29,20 @@ _LAZY = {
     "RestoreFailed": "gpu", "GpuUnavailable": "compat",
     "host_key": "compat", "gpu_key": "compat", "snapshot_key": "compat",
     "compatibility_problems": "compat", "check_compatible": "compat", "IncompatibleHost": "compat",
-    "spawn": "cpu", "checkpoint": "cpu", "restore": "cpu", "restore_or_start": "cpu",
-    "SnapshotRef": "cpu", "SpawnedProcess": "cpu", "RestoredProcess": "cpu", "Started": "cpu",
-    "list_snapshots": "cpu", "read_meta": "cpu", "restore_problems": "cpu", "drop_export": "cpu",
+    "spawn": "spawning", "SpawnedProcess": "spawning",
+    "checkpoint": "checkpointing",
+    "restore": "restoring", "RestoredProcess": "restoring",
+    "restore_or_start": "start", "Started": "start",
+    "SnapshotRef": "meta", "list_snapshots": "meta", "read_meta": "meta",
+    "restore_problems": "hostkey", "drop_export": "exports",
+    "shm_segments": "shm", "mapped_anywhere": "shm",
     "CriuError": "criu", "CriuUnavailable": "criu", "RuleViolation": "criu", "find_criu": "criu",
+    "process_tree": "criu", "tree_rule_problems": "criu",
     "ready": "lifecycle", "after_restore": "lifecycle", "reseed_random": "lifecycle",
     "restored": "lifecycle", "supervised": "lifecycle",
 }
+
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,270 @@
+"""Restoring a CPU snapshot: the image back on this host, what CRIU does not carry put back,
+``criu restore`` run (eagerly, or with CRIU's lazy-pages daemon serving pages on first touch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import casfs
+
+from . import criu as criumod, lifecycle
+from .checkpointing import RESTORE_FLAGS
+from .compat import IncompatibleHost
+from .criu import CriuError
+from .exports import materialize
+from .hostkey import restore_problems
+from .meta import SnapshotRef, read_meta
+from .shm import mapped_anywhere
+from .spawning import ready_caller_pid
+
+__all__ = ["RestoredProcess", "restore"]
+
+
+def _prepare_host(meta: dict, imgdir: str) -> None:
+    """Put back what CRIU does not carry: /dev/shm segments, link_remap files, missing logs.
+
+    Raises:
+        CriuError: when a file the process had open read-only is missing here.
+    """
+    for kind in ("shm", "link_remap"):
+        for item in meta.get(kind) or []:
+            if kind == "shm" and os.path.exists(item["path"]) and not mapped_anywhere(item["path"]):
+                with contextlib.suppress(OSError):  # left by an earlier replica: stale contents
+                    os.unlink(item["path"])
+            if os.path.exists(item["path"]):
+                continue
+            os.makedirs(os.path.dirname(item["path"]), exist_ok=True)
+            # unique per thread too: concurrent restores may run in one process
+            tmp = f"{item['path']}.casfs-{os.getpid()}-{threading.get_ident()}"
+            shutil.copyfile(os.path.join(imgdir, item["stored"]), tmp)
+            os.chmod(tmp, item.get("mode", 0o600))  # restore refuses a link_remap whose mode differs
+            with contextlib.suppress(OSError):
+                os.link(tmp, item["path"])  # never replaces one a concurrent restore put back
+            os.unlink(tmp)
+    missing = []
+    for f in meta.get("open_files") or []:
+        if os.path.exists(f["path"]):
+            continue
+        acc = f["flags"] & os.O_ACCMODE
+        if acc == os.O_WRONLY and f["flags"] & os.O_APPEND:
+            os.makedirs(os.path.dirname(f["path"]), exist_ok=True)
+            os.close(os.open(f["path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+        else:
+            missing.append(f["path"])
+    if missing:
+        raise CriuError("files the snapshotted process had open are missing on this host: "
+                        + ", ".join(missing[:5]) + ": restore where they exist")
+
+
+class RestoredProcess:
+    """A process tree restored by ``restore``.
+
+    A small reaper process stays its parent (so it is reaped and its status known); ``pid`` is the
+    restored tree's root (outer PID), ``ready_pid`` the process woken from ``ready()``.
+    ``timings`` (seconds): ``open`` (index + metadata + key check), ``fetch`` (images out of
+    casfs, or the mount), ``lazy_start`` (the lazy-pages daemon up; 0 when eager), ``criu``
+    (restore until the tree runs), ``total``; ``cached`` says the export was reused.
+    """
+
+    def __init__(self, criu_proc: subprocess.Popen, pid: int, ready_pid: int, workdir: str,
+                 lazy_proc: subprocess.Popen | None, mountpoint: str | None, image_id: str,
+                 timings: dict) -> None:
+        self.criu_proc = criu_proc
+        self.pid = pid
+        self.ready_pid = ready_pid
+        self.workdir = workdir
+        self.lazy_proc = lazy_proc
+        self.mountpoint = mountpoint
+        self.image_id = image_id
+        self.timings = timings
+        self._cleanup_lock = threading.Lock()
+        self._cleaned = False
+        self._releaser: threading.Thread | None = None
+        if lazy_proc is not None or mountpoint is not None:
+            self._releaser = threading.Thread(target=self._release_sources, daemon=True,
+                                              name=f"snapshot-restore-{pid}")
+            self._releaser.start()
+
+    def __repr__(self) -> str:
+        return f"<RestoredProcess pid={self.pid} running={self.poll() is None}>"
+
+    def _release_sources(self) -> None:
+        """Unmount the image once nothing reads it (the lazy-pages daemon finished)."""
+        if self.lazy_proc is not None:
+            self.lazy_proc.wait()
+        if self.mountpoint is not None:
+            with contextlib.suppress(casfs.CasfsError, OSError):
+                casfs.unmount(self.mountpoint)
+
+    def lazy_done(self, timeout: float | None = None) -> bool:
+        """Wait for the lazy-pages daemon to finish serving pages (True at once if eager)."""
+        if self.lazy_proc is None:
+            return True
+        try:
+            self.lazy_proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def poll(self) -> int | None:
+        return self.criu_proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the restored tree to exit; returns its root's exit status (128+N: signal N).
+
+        Raises:
+            subprocess.TimeoutExpired: after ``timeout`` seconds.
+        """
+        rc = self.criu_proc.wait(timeout)
+        self.close()
+        return rc
+
+    def kill(self) -> None:
+        """Kill the restored tree (SIGKILL to its init) and clean up."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.criu_proc.wait(10)
+        self.close()
+
+    def close(self) -> None:
+        """Remove the restore's work dir (logs) once the tree has exited."""
+        with self._cleanup_lock:
+            if self._cleaned or self.criu_proc.poll() is None:
+                return
+            self._cleaned = True
+        if self.lazy_proc is not None and self.lazy_proc.poll() is None:
+            self.lazy_proc.kill()
+            self.lazy_proc.wait()
+        if self._releaser is not None:
+            self._releaser.join(30)  # the mount under the work dir is gone before it is removed
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _open_snapshot(ref: SnapshotRef | str, store: casfs.Store) -> tuple[casfs.Image, dict]:
+    name = ref.image_id if isinstance(ref, SnapshotRef) else ref
+    image = store.open_image(name)
+    return image, read_meta(image)
+
+
+def _wait_pidfile(proc: subprocess.Popen, path: str, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                text = f.read()
+            if text.endswith("\n") or text.strip().isdigit():
+                return int(text.strip())
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+    return None
+
+
+def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
+            source: str = "export", cache_dir: str | None = None, check: bool = True,
+            timeout: float = 300.0) -> RestoredProcess:
+    """Restore a CPU snapshot (a ``SnapshotRef``, tag or image id) from ``store`` and run it.
+
+    Many restores of one snapshot can run at once (each gets its own PID namespace).
+
+    Args:
+        lazy: run the process before its memory arrives (CRIU lazy-pages, userfaultfd).
+        source: "export": the image is exported once per host into ``cache_dir`` (default
+            ``snapshot_cache_dir()``) and CRIU reads it there; "mount": CRIU reads a casfs FUSE
+            mount of the image (with ``lazy``, pages come from the store as they are touched).
+        check: refuse a host the snapshot's key does not match.
+
+    Raises:
+        IncompatibleHost: the key does not match this host (fall back to a cold start).
+        CriuError: CRIU failed (the reason from its log, with the fix for known rules).
+        CriuUnavailable: no usable CRIU here.
+        casfs.ImageNotFound: no such snapshot.
+    """
+    if source not in ("export", "mount"):
+        raise ValueError(f"source must be 'export' or 'mount', not {source!r}")
+    t0 = time.perf_counter()
+    criu = criumod.find_criu()
+    if lazy and not criu.features.get("uffd-noncoop", False):
+        raise CriuError("lazy restore needs userfaultfd with non-cooperative events, which this "
+                        "kernel lacks: restore with lazy=False")
+    image, meta = _open_snapshot(ref, store)
+    if check:
+        key = dict(meta["key"])  # files put back by _prepare_host need not be here yet
+        own = {i["path"] for kind in ("shm", "link_remap") for i in meta.get(kind) or []}
+        key["files"] = {p: n for p, n in (key.get("files") or {}).items() if p not in own}
+        problems = restore_problems(key, criu)
+        if problems:
+            raise IncompatibleHost(problems)
+    t_open = time.perf_counter() - t0
+    work = tempfile.mkdtemp(prefix="casfs-restore-")
+    mountpoint = None
+    lazy_proc = None
+    try:
+        if source == "mount":
+            mountpoint = os.path.join(work, "images")
+            os.mkdir(mountpoint)
+            casfs.mount(image, mountpoint)
+            imgdir, cached = mountpoint, False
+        else:
+            imgdir, cached = materialize(image, cache_dir)
+        t_fetch = time.perf_counter() - t0 - t_open
+        _prepare_host(meta, imgdir)
+        flags = list((meta.get("criu") or {}).get("restore_flags") or RESTORE_FLAGS)
+        pidfile = os.path.join(work, "pid")
+        args = ["restore", "-D", imgdir, "-W", work, "--pidfile", pidfile, *flags]
+        t_lazy = time.perf_counter()
+        if lazy:
+            sock = os.path.join(work, "lazy-pages.socket")
+            lazy_proc = criumod.start(criu, ["lazy-pages", "-D", imgdir, "-W", work],
+                                      log=os.path.join(work, "lazy-pages.log"),
+                                      stderr_path=os.path.join(work, "lazy-pages.err"))
+            deadline = time.monotonic() + 30
+            while not os.path.exists(sock):
+                if lazy_proc.poll() is not None or time.monotonic() > deadline:
+                    raise criumod.failure("criu lazy-pages did not start",
+                                          os.path.join(work, "lazy-pages.log"))
+                time.sleep(0.0005)
+            args.append("--lazy-pages")
+        t2 = time.perf_counter()
+        t_lazy = t2 - t_lazy
+        proc = criumod.start_restore(criu, args, log=os.path.join(work, "restore.log"),
+                                     stderr_path=os.path.join(work, "restore.err"))
+        pid = _wait_pidfile(proc, pidfile, timeout)
+        if pid is None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            raise criumod.failure(f"criu restore of {image.name} failed (exit {proc.returncode})",
+                                  os.path.join(work, "restore.log"),
+                                  extra=criumod.read_tail(os.path.join(work, "restore.err")))
+        t_criu = time.perf_counter() - t2
+    except BaseException:
+        if lazy_proc is not None and lazy_proc.poll() is None:
+            lazy_proc.kill()
+            lazy_proc.wait()
+        if mountpoint is not None:
+            with contextlib.suppress(casfs.CasfsError, OSError):
+                casfs.unmount(mountpoint)
+        # keep the logs of a failed restore for the user (the message names them)
+        raise
+    ready_pid = ready_caller_pid(pid, meta.get("ready"))
+    if meta.get("ready"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(ready_pid, lifecycle.SIG_RESTORED)
+    timings = {"open": t_open, "fetch": t_fetch, "lazy_start": t_lazy, "criu": t_criu, "cached": cached,
+               "total": time.perf_counter() - t0}
+    return RestoredProcess(proc, pid, ready_pid, work, lazy_proc, mountpoint, image.id, timings)
+
