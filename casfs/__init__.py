@@ -25,6 +25,7 @@ from .fsutil import atomic_directory, atomic_open, atomic_write, fsync_dir
 from .fuse.mount import MountError, MountInfo, MountOptions, is_mounted, mount, runtime_dir, unmount
 from .image import Image
 from .index import ChunkRef, Stat
+from .listen import parse_listen
 from .stats import TierStats, tier_stats
 from .store import Store
 from .urls import default_store_url, home_dir, open_store
@@ -64,6 +65,7 @@ __all__ = [
     "mount",
     "open_source",
     "open_store",
+    "parse_listen",
     "runtime_dir",
     "tier_stats",
     "unmount",

@@ -9,7 +9,7 @@ EXPECTED = {
     "unmount",
     # the face snapshot/ and serve/ use (issue 11)
     "ExportResult", "MountError", "MountInfo", "MountOptions", "TierStats", "export", "home_dir",
-    "is_mounted", "runtime_dir", "tier_stats",
+    "is_mounted", "parse_listen", "runtime_dir", "tier_stats",
 }
 
 

@@ -8,9 +8,10 @@ Modules: ``http`` (the HTTP/1.1 server), ``app`` (paths, ranges, auth, metrics e
 ``server`` (``CacheServer``, tying them together).
 """
 
+from ..listen import parse_listen
 from .app import CacheApp, parse_range
 from .objects import ObjectCache, verify_object
-from .server import TOKEN_ENV, CacheServer, is_loopback, parse_listen
+from .server import TOKEN_ENV, CacheServer, is_loopback
 
 __all__ = ["CacheApp", "CacheServer", "ObjectCache", "TOKEN_ENV", "is_loopback", "parse_listen",
            "parse_range", "verify_object"]
