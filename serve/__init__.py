@@ -9,8 +9,11 @@ Or from the shell: ``casfs serve MODEL_IMAGE [--snapshot TAG [--create]] --liste
 
 Modules: ``app`` (the OpenAI HTTP API over an Engine), ``http`` (its asyncio HTTP/1.1 server),
 ``engine`` (the Engine protocol and the vLLM adapter), ``echo`` (a deterministic stand-in engine),
-``boot`` (the pipeline and its report), ``worker`` (the replica process), ``snapshots`` (CPU
-snapshots through snapshot.cpu), ``health`` (NVML GPU check), ``metrics`` (Prometheus text).
+``boot`` (the pipeline), ``report`` (its report and phase timer), ``modeldir`` (the model image
+mounted or exported), ``client`` (HTTP to a replica), ``process`` (starting/stopping the worker),
+``errors``, ``worker`` (the replica process), ``instructions`` (what a restored worker is told),
+``snapshots`` (CPU snapshots through ``snapshot``), ``health`` (NVML GPU check), ``metrics``
+(serve's Prometheus metrics).
 Names are imported on first use, so ``import serve`` needs neither vLLM nor torch.
 """
 
@@ -25,7 +28,7 @@ _LAZY = {
     "Engine": "engine", "VllmEngine": "engine", "VllmOptions": "engine", "SamplingSettings": "engine",
     "Delta": "engine", "InvalidRequest": "engine", "EngineError": "engine",
     "EchoEngine": "echo",
-    "BootConfig": "boot", "BootReport": "boot", "BootError": "boot", "Replica": "boot",
+    "BootConfig": "boot", "BootReport": "report", "BootError": "errors", "Replica": "boot",
     "boot_replica": "boot",
     "SnapshotUnavailable": "snapshots",
     "check_gpus": "health", "require_healthy": "health", "GpuUnhealthy": "health", "HealthReport": "health",

@@ -29,35 +29,36 @@ Phases, in order (each timed in seconds, exported in /metrics as
 The replica itself runs in a child process (serve.worker) started in its own session with
 stdio redirected to an append-only log: the shape CRIU needs to dump and restore it. Snapshots
 come from a :class:`SnapshotBackend` (serve.snapshots); the cold path needs none.
+
+This module holds the pipeline itself; its parts live beside it: ``report`` (the boot report
+and phase timer), ``modeldir`` (mount or export of the model image), ``client`` (HTTP to the
+replica: /health, the first-token probe), ``process`` (starting and stopping the worker),
+``errors`` (BootError).
 """
 
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from casfs.errors import CasfsError
+import casfs
 
+from .client import CONTROL_HEADER, first_token, http_json, wait_ready
 from .health import HealthReport, check_gpus, require_healthy
+from .modeldir import materialize
+from .process import exit_reason, pid_alive, spawn_worker, terminate
+from .report import PHASE_ORDER, BootReport, PhaseTimer, write_report
+
+__all__ = ["BootConfig", "Replica", "boot_replica", "worker_argv", "worker_env"]
 
 log = logging.getLogger("serve.boot")
-
-PROBE_PROMPT = "The quick brown fox"
-CONTROL_HEADER = "X-Casfs-Control"
-PHASE_ORDER = ("gpu_health", "mount", "init", "weights", "warmup", "snapshot", "restore", "first_token")
-
-
-class BootError(CasfsError):
-    """The replica could not boot; the message says which phase failed and why."""
 
 
 @dataclass
@@ -105,194 +106,6 @@ class BootConfig:
     env: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class BootReport:
-    """The JSON boot report (``to_dict``). ``phases`` maps phase -> seconds, in boot order."""
-
-    mode: str  # "cold" | "restore"
-    image: str
-    image_id: str = ""
-    model_dir: str = ""
-    materialize: str = ""
-    listen: str = ""
-    engine: str = ""
-    eager: bool = False
-    snapshot: str | None = None
-    started_at: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    total: float | None = None
-    first_token_text: str = ""
-    snapshot_create: dict[str, Any] | None = None
-    gpu: dict[str, Any] = field(default_factory=dict)
-    host: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class _Timer:
-    def __init__(self, report: BootReport) -> None:
-        self.report = report
-
-    def phase(self, name: str) -> "_PhaseCtx":
-        return _PhaseCtx(self.report, name)
-
-
-class _PhaseCtx:
-    def __init__(self, report: BootReport, name: str) -> None:
-        self.report, self.name = report, name
-
-    def __enter__(self) -> "_PhaseCtx":
-        self.t0 = time.monotonic()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.report.phases[self.name] = time.monotonic() - self.t0
-
-
-# -- materializing the model image -------------------------------------------------------------
-
-
-def _fuse_usable() -> str | None:
-    """None if a FUSE mount can be made here, else why not."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed in this environment (pip install 'casfs[fuse]')"
-    return None
-
-
-def materialize(image: Any, how: str, workdir: str) -> tuple[str, str, dict]:
-    """Make ``image`` readable as a directory; returns (path, "mount"|"export", detail).
-
-    The path depends only on the image id, so a snapshot taken on one boot finds the model
-    files at the same path on the next.
-
-    Raises:
-        BootError: when ``how`` is "mount" and FUSE is unusable, or mounting/exporting fails.
-    """
-    import casfs
-
-    if how not in ("auto", "mount", "export"):
-        raise BootError(f"materialize must be auto, mount or export, not {how!r}")
-    why_not = _fuse_usable()
-    if how == "mount" and why_not:
-        raise BootError(f"cannot mount the model image: {why_not}")
-    if how == "mount" or (how == "auto" and why_not is None):
-        from casfs.fuse.mount import is_mounted
-
-        mp = os.path.join(workdir, "models", image.id[:24])
-        if is_mounted(mp):
-            return mp, "mount", {"reused": True}
-        os.makedirs(mp, exist_ok=True)
-        try:
-            info = casfs.mount(image, mp)
-        except CasfsError as e:
-            raise BootError(f"mount phase: {e}") from None
-        return mp, "mount", {"reused": False, "daemon_pid": info.pid, "log": info.log}
-    from casfs import export as export_image
-
-    dest = os.path.join(workdir, "exports", image.id)
-    if os.path.isdir(dest):
-        return dest, "export", {"reused": True, "fuse_unusable": why_not}
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    try:
-        res = export_image(image, dest, progress=False)
-    except FileExistsError:  # another replica exported it meanwhile
-        return dest, "export", {"reused": True, "fuse_unusable": why_not}
-    except CasfsError as e:
-        raise BootError(f"export phase: {e}") from None
-    return dest, "export", {"reused": False, "bytes": res.bytes, "files": res.files, "fuse_unusable": why_not}
-
-
-# -- talking to the replica over HTTP ------------------------------------------------------------
-
-
-def _split(listen: str) -> tuple[str, int]:
-    from .worker import parse_listen
-
-    return parse_listen(listen)
-
-
-def http_json(listen: str, method: str, path: str, body: dict | None = None, *, timeout: float = 10.0,
-              headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """One HTTP request to the replica; returns (status, parsed JSON or text). Raises OSError."""
-    host, port = _split(listen)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        hdrs = {"Content-Type": "application/json", **(headers or {})}
-        conn.request(method, path, body=data, headers=hdrs)
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw.decode("utf-8", "replace")
-    finally:
-        conn.close()
-
-
-def _gone(proc: Any, log_path: str) -> str | None:
-    """None while ``proc`` (Popen, or snapshot.cpu's process handles) runs, else why it is gone."""
-    rc = proc.poll()
-    if rc is None:
-        return None
-    return f"the replica exited with status {rc} while booting; last lines of {log_path}:\n{_log_tail(log_path)}"
-
-
-def wait_ready(listen: str, timeout: float, alive: Callable[[], str | None]) -> None:
-    """Poll GET /health until 200. ``alive()`` returns None while the replica runs, else why it
-    is gone. Raises BootError on death or timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        why = alive()
-        if why:
-            raise BootError(why)
-        try:
-            status, _ = http_json(listen, "GET", "/health", timeout=5.0)
-            if status == 200:
-                return
-        except (OSError, http.client.HTTPException):
-            pass
-        if time.monotonic() > deadline:
-            raise BootError(f"the replica did not answer /health with 200 within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
-def first_token(listen: str, model: str, prompt: str = PROBE_PROMPT, timeout: float = 120.0) -> tuple[float, str]:
-    """Stream a greedy completion; returns (seconds until the first token's event, its text)."""
-    host, port = _split(listen)
-    t0 = time.monotonic()
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0,
-                           "stream": True}).encode()
-        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise BootError(f"first-token probe: HTTP {resp.status}: {resp.read()[:300]!r}")
-        while True:
-            line = resp.readline()
-            if not line:
-                raise BootError("first-token probe: the stream ended without a token")
-            if line.startswith(b"data: {"):
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise BootError(f"first-token probe: {event['error'].get('message')}")
-                text = event["choices"][0].get("text", "")
-                if text or event["choices"][0].get("finish_reason"):
-                    return time.monotonic() - t0, text
-    finally:
-        conn.close()
-
-
-# -- the replica ----------------------------------------------------------------------------------
-
-
 class Replica:
     """A booted replica: its worker process, address, boot report; ``stop()`` ends it."""
 
@@ -314,71 +127,30 @@ class Replica:
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def wait(self) -> int:
         """Block until the worker exits; returns its exit status (-1 if not our child)."""
         if self.proc is not None:
             return self.proc.wait()
-        while _pid_alive(self.pid):
+        while pid_alive(self.pid):
             time.sleep(0.2)
         return -1
 
     def stop(self, timeout: float = 30.0, *, unmount: bool = True) -> None:
         """SIGTERM the worker's process group (SIGKILL after ``timeout``), then unmount the model
         if this replica mounted it."""
-        _terminate(self.pid, self.proc, timeout)
+        terminate(self.pid, self.proc, timeout)
         if self.proc is not None and not isinstance(self.proc, subprocess.Popen):
             self.proc.kill()  # snapshot.cpu's handles: reap the launcher/criu, remove work dirs
         if self.restored is not None:
             self.restored.cleanup()
         if unmount and self.mounted:
-            from casfs.fuse.mount import unmount as do_unmount
-
             try:
-                do_unmount(self.mounted)
-            except CasfsError as e:
+                casfs.unmount(self.mounted)
+            except casfs.CasfsError as e:
                 log.warning("unmounting %s: %s", self.mounted, e)
             self.mounted = None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
-
-
-def _terminate(pid: int, proc: subprocess.Popen | None, timeout: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 10)
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None:
-                    return
-            elif not _pid_alive(pid):
-                return
-            time.sleep(0.05)
-
-
-def _log_tail(path: str, n: int = 30) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 16384))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-        return "\n".join(lines[-n:])
-    except OSError:
-        return ""
 
 
 def worker_env(cfg: BootConfig, token: str) -> dict[str, str]:
@@ -399,9 +171,7 @@ def worker_env(cfg: BootConfig, token: str) -> dict[str, str]:
 
 
 def _workdir(cfg: BootConfig) -> str:
-    from casfs import home_dir
-
-    return os.path.abspath(cfg.workdir or os.path.join(home_dir(), "serve"))
+    return os.path.abspath(cfg.workdir or os.path.join(casfs.home_dir(), "serve"))
 
 
 def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str) -> list[str]:
@@ -414,17 +184,6 @@ def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str) -> li
     return argv
 
 
-def spawn_worker(argv: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen:
-    """Start the worker in its own session, stdin/stdout on /dev/null, stderr appending to
-    ``log_path`` (O_APPEND: CRIU restores files opened for append without size checks)."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
-                                start_new_session=True, cwd="/", close_fds=True)
-    finally:
-        os.close(fd)
-
-
 def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = check_gpus) -> Replica:
     """Run the boot pipeline (see the module docstring) and return the serving replica.
 
@@ -433,8 +192,6 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         BootError: any later phase failed (what was started is stopped again).
         ImageNotFound: the model image is not in the store.
     """
-    import casfs
-
     t_start = time.monotonic()
     workdir = _workdir(cfg)
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
@@ -442,7 +199,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     report = BootReport(mode=mode, image=cfg.image, listen=cfg.listen, engine=cfg.engine, eager=cfg.eager,
                         snapshot=cfg.snapshot, started_at=time.time())
     report.host = {"hostname": os.uname().nodename, "kernel": os.uname().release, "cpus": os.cpu_count()}
-    timer = _Timer(report)
+    timer = PhaseTimer(report)
     backend = None
     if cfg.snapshot:  # fail before any work when snapshots cannot run here
         from .snapshots import open_backend
@@ -463,7 +220,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     report.details["mount"] = detail
     mounted = model_dir if how == "mount" and not detail.get("reused") else None
     name = cfg.name or cfg.image
-    log_path = os.path.join(workdir, "logs", f"replica-{_split(cfg.listen)[1]}-{int(time.time() * 1000)}.log")
+    log_path = os.path.join(workdir, "logs", f"replica-{casfs.parse_listen(cfg.listen)[1]}-{int(time.time() * 1000)}.log")
     token = secrets.token_hex(16)
     proc: Any = None
     restored: Any = None
@@ -483,7 +240,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                 mode = report.mode = "cold"
         if mode == "restore":
             proc, pid = restored.process, restored.pid
-            wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
+            wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
             report.phases["restore"] = time.monotonic() - t
             report.details["restore"] = restored.detail
             _, boot = http_json(cfg.listen, "GET", "/boot")
@@ -511,12 +268,12 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                     restored = backend.restore(store, cfg.snapshot, listen=cfg.listen,
                                                seed=secrets.randbits(63), token=token)
                     proc, pid = restored.process, restored.pid
-                    wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
+                    wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
                 report.details["restore"] = restored.detail
             else:
                 proc = spawn_worker(argv, env, log_path)
                 pid = proc.pid
-                wait_ready(cfg.listen, cfg.boot_timeout, lambda: _gone(proc, log_path))
+                wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
                 ready = time.monotonic() - t_spawn
             _, boot = http_json(cfg.listen, "GET", "/boot")
             w = boot.get("worker", {}) if isinstance(boot, dict) else {}
@@ -535,17 +292,15 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         report.phases = {k: report.phases[k] for k in PHASE_ORDER if k in report.phases}
     except BaseException:
         if pid:
-            _terminate(pid, proc, 10)
+            terminate(pid, proc, 10)
             if proc is not None and not isinstance(proc, subprocess.Popen):
                 proc.kill()
         if restored is not None:
             restored.cleanup()
         if mounted:
-            from casfs.fuse.mount import unmount
-
             try:
-                unmount(mounted)
-            except CasfsError:
+                casfs.unmount(mounted)
+            except casfs.CasfsError:
                 pass
         raise
     replica = Replica(cfg, report, pid, proc, log_path, mounted, token)
@@ -557,12 +312,3 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     if cfg.report_path:
         write_report(report, cfg.report_path)
     return replica
-
-
-def write_report(report: BootReport, path: str) -> None:
-    """Write the report as JSON, atomically."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report.to_dict(), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -1,20 +1,20 @@
-"""CPU snapshots of a replica, for serve.boot: the bridge to ``snapshot.cpu`` (CRIU).
+"""CPU snapshots of a replica, for serve.boot: the bridge to ``snapshot``'s CPU snapshots (CRIU).
 
 How a replica is snapshotted and restored:
 
 * **create** (``casfs serve IMG --snapshot TAG --create``): the worker is started with
-  ``snapshot.cpu.spawn`` (PID 1 of its own PID namespace, setsid, stdio to an append-only
+  ``snapshot.spawn`` (PID 1 of its own PID namespace, setsid, stdio to an append-only
   log). It loads the engine and warms it up, then calls ``snapshot.ready()`` *before* opening
   its listening socket, so the snapshot holds no socket tied to a port. The supervisor dumps it
-  with ``snapshot.cpu.checkpoint`` (stored as a casfs image tagged TAG; the dump ends the
+  with ``snapshot.checkpoint`` (stored as a casfs image tagged TAG; the dump ends the
   process) and restores it at once, as below, to serve. Not ``leave_running``: with CRIU's
   ``--leave-running`` CRIU deletes its link_remap files at the end of the dump, and vLLM's
   EngineCore maps an unlinked glibc semaphore that needs one.
 * **restore** (``casfs serve IMG --snapshot TAG``): after the model image is mounted at the same
-  path as at create time (the path depends on the image id only), ``snapshot.cpu.restore``
+  path as at create time (the path depends on the image id only), ``snapshot.restore``
   brings the tree back and wakes it; ``ready()`` returns True in the worker, which then waits
-  for its *restore instructions*: a JSON file ``<runtime dir>/serve-restore/<outer pid>.json``
-  written here (listen address, random seed, control token). The worker reseeds, binds the
+  for its *restore instructions* (serve.instructions: listen address, random seed, control
+  token), written here. The worker reseeds, binds the
   address it is given and serves. Because each restore gets its own PID namespace and no socket is carried
   in the snapshot, several restores of one snapshot can serve on one host at once, each on its
   own port.
@@ -26,61 +26,18 @@ is missing (snapshot.cpu, a usable CRIU).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .boot import BootError
+import casfs
 
-INSTRUCTIONS_TIMEOUT_S = 60.0
+from .errors import BootError
+from .instructions import write_instructions
 
 
 class SnapshotUnavailable(BootError):
     """Snapshots cannot be taken or restored on this host or checkout; the message says why."""
-
-
-def instructions_path(outer_pid: int) -> str:
-    """Where the supervisor leaves a restored worker's instructions (see the module docstring)."""
-    from casfs.fuse.mount import runtime_dir
-
-    d = os.path.join(runtime_dir(), "serve-restore")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return os.path.join(d, f"{outer_pid}.json")
-
-
-def outer_pid() -> int:
-    """This process's PID as the host sees it (first NSpid entry; /proc is the host's)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.getpid()
-
-
-def wait_instructions(timeout: float = INSTRUCTIONS_TIMEOUT_S) -> dict:
-    """(Worker side, after a restore) the instructions the supervisor wrote for this process.
-
-    Raises:
-        TimeoutError: when none arrive within ``timeout`` seconds.
-    """
-    path = instructions_path(outer_pid())
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            os.unlink(path)
-            return data
-        except (OSError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no restore instructions at {path} after {timeout:.0f} s")
-        time.sleep(0.002)
 
 
 def _shm_path(problem: str) -> str | None:
@@ -90,18 +47,9 @@ def _shm_path(problem: str) -> str | None:
     return None
 
 
-def _write_instructions(pid: int, data: dict) -> str:
-    path = instructions_path(pid)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.rename(tmp, path)
-    return path
-
-
 @dataclass
 class Restored:
-    """A restored replica: ``process`` (snapshot.cpu.RestoredProcess: poll/wait/kill), the
+    """A restored replica: ``process`` (snapshot.RestoredProcess: poll/wait/kill), the
     root ``pid`` of its tree, and timings/details for the boot report."""
 
     process: Any
@@ -112,35 +60,33 @@ class Restored:
     def cleanup(self) -> None:
         """After the tree exited: remove the /dev/shm segments restore put back that no process
         maps any more (vLLM does not unlink them all when it stops)."""
-        from snapshot.cpu import mapped_anywhere
+        import snapshot
 
         for path in self.shm:
-            if os.path.exists(path) and not mapped_anywhere(path):
+            if os.path.exists(path) and not snapshot.mapped_anywhere(path):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
 
 class CriuBackend:
-    """Snapshots through snapshot.cpu (see the module docstring)."""
+    """Snapshots through snapshot's CPU snapshots (see the module docstring)."""
 
     def __init__(self, lazy: bool = False, source: str = "export") -> None:
-        from snapshot import cpu
+        import snapshot
 
-        self.cpu = cpu
+        self.snapshot = snapshot
         self.lazy = lazy
         self.source = source
 
     def spawn(self, argv: list[str], env: dict[str, str], log_path: str) -> Any:
-        """Start the worker for a later ``create`` (returns snapshot.cpu.SpawnedProcess)."""
-        return self.cpu.spawn(argv, stdout=log_path, stderr=True, env=env, cwd="/")
+        """Start the worker for a later ``create`` (returns snapshot.SpawnedProcess)."""
+        return self.snapshot.spawn(argv, stdout=log_path, stderr=True, env=env, cwd="/")
 
     def wait_ready(self, proc: Any, timeout: float) -> dict:
         """Block until the worker called snapshot.ready() (engine loaded and warm)."""
-        from snapshot.criu import CriuError
-
         try:
             return proc.wait_ready(timeout)
-        except CriuError as e:
+        except self.snapshot.CriuError as e:
             raise BootError(f"the replica did not become ready for its snapshot: {e}") from None
 
     def create(self, proc: Any, store: Any, tag: str) -> dict:
@@ -151,16 +97,14 @@ class CriuBackend:
         segments with the snapshot and puts them back before a restore, and their size never
         changes, so they are exempted here; every other rule still refuses the snapshot.
         """
-        from snapshot import criu as criumod
-        from snapshot.criu import CriuError
-
+        snap = self.snapshot
         try:
-            shm = set(self.cpu.shm_segments(criumod.process_tree(proc.pid)))
-            problems = [p for p in criumod.tree_rule_problems(proc.pid) if _shm_path(p) not in shm]
+            shm = set(snap.shm_segments(snap.process_tree(proc.pid)))
+            problems = [p for p in snap.tree_rule_problems(proc.pid) if _shm_path(p) not in shm]
             if problems:
                 raise BootError(f"the replica cannot be snapshotted: {'; '.join(problems)}")
-            ref = self.cpu.checkpoint(proc, store, tag, leave_running=False, strict=False)
-        except CriuError as e:
+            ref = snap.checkpoint(proc, store, tag, leave_running=False, strict=False)
+        except snap.CriuError as e:
             raise BootError(f"snapshot {tag} could not be taken: {e}") from None
         meta = ref.meta
         return {"tag": tag, "image_id": ref.image_id, "timings": ref.timings,
@@ -176,24 +120,21 @@ class CriuBackend:
                 missing); fall back to a cold boot.
             BootError: CRIU failed.
         """
-        import casfs
-        from snapshot.compat import IncompatibleHost
-        from snapshot.criu import CriuError
-
+        snap = self.snapshot
         try:
-            live = self.cpu.restore(tag, store, lazy=self.lazy, source=self.source)
-        except IncompatibleHost as e:
+            live = snap.restore(tag, store, lazy=self.lazy, source=self.source)
+        except snap.IncompatibleHost as e:
             raise SnapshotUnavailable(f"snapshot {tag} does not fit this host: {e}") from None
         except casfs.ImageNotFound:
             raise SnapshotUnavailable(f"no snapshot {tag} in the store: create one with "
                                       f"`casfs serve IMAGE --snapshot {tag} --create`") from None
         except ValueError as e:
             raise SnapshotUnavailable(str(e)) from None
-        except CriuError as e:
+        except snap.CriuError as e:
             raise BootError(f"restoring snapshot {tag} failed: {e}") from None
-        _write_instructions(live.pid, {"listen": listen, "seed": seed, "control_token": token})
+        write_instructions(live.pid, {"listen": listen, "seed": seed, "control_token": token})
         try:
-            shm = [i["path"] for i in self.cpu.read_meta(store.open_image(live.image_id)).get("shm") or []]
+            shm = [i["path"] for i in snap.read_meta(store.open_image(live.image_id)).get("shm") or []]
         except (casfs.CasfsError, ValueError):
             shm = []
         return Restored(live, live.pid, {"timings": live.timings, "lazy": self.lazy, "source": self.source,
@@ -208,8 +149,10 @@ def open_backend(*, lazy: bool = False, source: str = "export") -> CriuBackend:
             message lists what was tried and how to build one).
     """
     try:
-        from snapshot import cpu  # noqa: F401
-        from snapshot.criu import CriuUnavailable, find_criu
+        import snapshot
+
+        snapshot.restore  # noqa: B018 - imports the CPU snapshot modules (ImportError if absent)
+        find_criu, CriuUnavailable = snapshot.find_criu, snapshot.CriuUnavailable
     except ImportError as e:
         raise SnapshotUnavailable(
             "replica snapshots need snapshot.cpu (CRIU 4.2.1: scripts/build_criu.sh), which this "

@@ -18,7 +18,7 @@ Snapshot-friendliness (CRIU dumps this process tree): stdio is /dev/null and the
 opened O_APPEND by the parent; the event loop is asyncio's own (epoll, no io_uring); no pipes or
 sockets to the parent stay open; when a snapshot supervisor started it (snapshot.cpu.spawn),
 it calls ``snapshot.ready()`` after the warmup and *before* listening, so the snapshot carries
-no listening socket. After a restore it takes the supervisor's instructions (serve.snapshots:
+no listening socket. After a restore it takes the supervisor's instructions (serve.instructions:
 listen address, random seed, control token), reseeds and listens. ``POST /_casfs/report``
 (with the control token) hands over the supervisor's boot report, which /boot and /metrics
 then show.
@@ -41,28 +41,17 @@ import time
 
 WORKER_T0 = time.time()
 
+from casfs import parse_listen  # noqa: E402
+
 from .app import ServeApp, error_response  # noqa: E402
 from .engine import Engine, EngineError, SamplingSettings, parse_vllm_timings  # noqa: E402
 from .http import HttpServer, Request, Response  # noqa: E402
+from .instructions import outer_pid, wait_instructions  # noqa: E402
 
 log = logging.getLogger("serve.worker")
 
 CONTROL_PREFIX = "/_casfs/"
 WARMUP_PROMPT = "Hello, my name is"
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """"HOST:PORT" -> (host, port); raises ValueError with a usable message."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"--listen must be HOST:PORT, got {value!r}")
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValueError(f"--listen port must be a number, got {port!r}") from None
-    if not 0 <= p <= 65535:
-        raise ValueError(f"--listen port must be 0-65535, got {p}")
-    return host.strip("[]"), p
 
 
 def start_engine(args: argparse.Namespace, timings: dict[str, float]) -> Engine:
@@ -106,8 +95,6 @@ class Worker:
         self.spawned_at = float(os.environ.get("CASFS_SERVE_SPAWNED_AT", WORKER_T0))
 
     def _own_report(self) -> dict:
-        from .snapshots import outer_pid
-
         return {"worker": {"pid": outer_pid(), "log": self.args.log, "phases": self.phases, "vllm": self.vllm,
                            "engine": self.args.engine, "eager": self.args.eager,
                            "restores": self.restores, "after_restore": self.restored_phases}}
@@ -149,18 +136,18 @@ class Worker:
         by ``run`` through ``Engine.reseed``), the control token. Without a supervisor it returns at once.
         """
         try:
-            from snapshot import lifecycle
+            import snapshot
+
+            supervised, ready = snapshot.supervised, snapshot.ready
         except ImportError:
             return
-        if not lifecycle.supervised():
+        if not supervised():
             return
         t = time.monotonic()
-        restored = lifecycle.ready()
+        restored = ready()
         self.phases["snapshot_wait"] = time.monotonic() - t
         if not restored:
             return
-        from .snapshots import wait_instructions
-
         t = time.monotonic()
         instr = wait_instructions()
         self.restores += 1

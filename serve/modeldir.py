@@ -1,0 +1,60 @@
+"""The model image made readable as a directory: a lazy FUSE mount, or a full export."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import casfs
+
+from .errors import BootError
+
+__all__ = ["fuse_usable", "materialize"]
+
+
+def fuse_usable() -> str | None:
+    """None if a FUSE mount can be made here, else why not."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        return "pyfuse3 is not installed in this environment (pip install 'casfs[fuse]')"
+    return None
+
+
+def materialize(image: Any, how: str, workdir: str) -> tuple[str, str, dict]:
+    """Make ``image`` readable as a directory; returns (path, "mount"|"export", detail).
+
+    The path depends only on the image id, so a snapshot taken on one boot finds the model
+    files at the same path on the next.
+
+    Raises:
+        BootError: when ``how`` is "mount" and FUSE is unusable, or mounting/exporting fails.
+    """
+    if how not in ("auto", "mount", "export"):
+        raise BootError(f"materialize must be auto, mount or export, not {how!r}")
+    why_not = fuse_usable()
+    if how == "mount" and why_not:
+        raise BootError(f"cannot mount the model image: {why_not}")
+    if how == "mount" or (how == "auto" and why_not is None):
+        mp = os.path.join(workdir, "models", image.id[:24])
+        if casfs.is_mounted(mp):
+            return mp, "mount", {"reused": True}
+        os.makedirs(mp, exist_ok=True)
+        try:
+            info = casfs.mount(image, mp)
+        except casfs.CasfsError as e:
+            raise BootError(f"mount phase: {e}") from None
+        return mp, "mount", {"reused": False, "daemon_pid": info.pid, "log": info.log}
+    dest = os.path.join(workdir, "exports", image.id)
+    if os.path.isdir(dest):
+        return dest, "export", {"reused": True, "fuse_unusable": why_not}
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        res = casfs.export(image, dest, progress=False)
+    except FileExistsError:  # another replica exported it meanwhile
+        return dest, "export", {"reused": True, "fuse_unusable": why_not}
+    except casfs.CasfsError as e:
+        raise BootError(f"export phase: {e}") from None
+    return dest, "export", {"reused": False, "bytes": res.bytes, "files": res.files, "fuse_unusable": why_not}
