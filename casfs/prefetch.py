@@ -396,12 +396,11 @@ class ProfileReplayer:
 
     def _run(self) -> None:
         chunks = self.store.chunks
-        top = chunks.tiers[0]
         try:
             for ref in self.refs:
                 if self._stop.is_set():
                     break
-                if top.decoded and top.contains(ref):
+                if chunks.in_memory(ref):
                     self.cached += 1
                     continue
                 with self._cond:
@@ -434,8 +433,8 @@ class ProfileReplayer:
     def _finished(self, fut, ref: ChunkRef) -> None:
         # the store's prefetch logs and swallows errors: a chunk that did not reach the
         # memory tier (when there is one) counts as failed
-        top = self.store.chunks.tiers[0]
-        ok = not fut.cancelled() and fut.exception() is None and (not top.decoded or top.contains(ref))
+        chunks = self.store.chunks
+        ok = not fut.cancelled() and fut.exception() is None and (chunks.memory is None or chunks.in_memory(ref))
         with self._cond:
             if ok:
                 self.fetched += 1

@@ -15,7 +15,7 @@ from .index import ChunkRef, Index
 from .tiered import TieredStore
 from .tiers.base import Tier
 from .tiers.blob import BlobTier, ObjectStore
-from .tiers.memory import MemoryTier
+from .tiers.memory import MemoryCache
 from .tiers.ssd import SsdTier
 
 if TYPE_CHECKING:
@@ -38,13 +38,14 @@ def check_tag(name: str) -> str:
 
 
 class Store:
-    """Images, tags and chunks of one blob store, read through memory/ssd(/azcache) tiers.
+    """Images, tags and chunks of one blob store, read through a memory cache and ssd
+    (/azcache) tiers.
 
     Args:
         objects: the blob store backend.
         cache_dir: directory for the ssd tier (None: no ssd tier).
         cache_bytes: ssd tier capacity.
-        memory_bytes: memory tier capacity (0: no memory tier).
+        memory_bytes: memory cache capacity (0: no memory cache).
         extra_tiers: tiers placed between ssd and blob (the AZ cache).
         io_threads: concurrent chunk fetches.
     """
@@ -56,16 +57,14 @@ class Store:
         self.url = objects.url
         self.cache_dir = cache_dir
         tiers: list[Tier] = []
-        self.memory = MemoryTier(memory_bytes) if memory_bytes > 0 else None
-        if self.memory:
-            tiers.append(self.memory)
+        self.memory = MemoryCache(memory_bytes) if memory_bytes > 0 else None
         self.ssd = SsdTier(os.path.join(cache_dir, "chunks"), cache_bytes) if cache_dir else None
         if self.ssd:
             tiers.append(self.ssd)
         tiers.extend(extra_tiers or [])
         self.blob = BlobTier(objects)
         tiers.append(self.blob)
-        self.chunks = TieredStore(tiers, io_threads=io_threads)
+        self.chunks = TieredStore(tiers, memory=self.memory, io_threads=io_threads)
         self._indexes: dict[str, Index] = {}
         self._lock = threading.Lock()
 

@@ -1,11 +1,21 @@
 """TieredStore: the read path for chunks.
 
-A read walks the tiers top-down. The first tier that has the chunk answers; frames from any
-tier below memory are decoded and verified against the digest the caller asked for. A bad frame
-is counted, evicted from that tier (when the tier is a cache), and the walk goes on to the next
-tier. On the way back the chunk is written into memory at once and into the slower writable
-tiers (ssd) by a background writer, so the reader never waits for a cache fill. Concurrent
-reads of one chunk share one fetch (single flight).
+A read asks the decoded-memory cache first (``casfs.tiers.memory.MemoryCache``: verified
+bytes, no decoding). On a miss it walks the frame tiers top-down (``casfs.tiers.base.Tier``:
+ssd, cache servers, blob). The first tier that has the chunk answers; its frame is decoded and
+verified against the digest the caller asked for. A bad frame is counted, reported to its tier
+(``Tier.rejected``: a cache evicts it, a cache-server client skips the node) and the walk goes
+on to the next tier. On the way back the chunk is put into the memory cache at once and its
+frame into the faster writable tiers (ssd) by a background writer, so the reader never waits
+for a cache fill. Concurrent reads of one chunk share one fetch (single flight).
+
+Retries live in one layer, the remote object stores (``casfs.objects``: HTTP retries 5xx/429
+with backoff and ``Retry-After``, cut bodies and stale keep-alive connections; S3 through
+botocore's standard mode plus cut bodies), because only they can tell a transient failure from
+a lasting one. The walk makes ONE pass: a failing tier is skipped, not retried, and when no
+tier answers the read raises ``ChunkUnavailable`` naming what each tier said. (It used to
+retry the whole walk twice on top of each backend's own loop: up to 15 attempts at one chunk
+behind a dead HTTP store, each with its backoff, before a FUSE reader got its EIO.)
 
 Packs: when a packed chunk has to come from the blob tier, the whole span of the pack that
 holds this image's chunks is fetched in one ranged read; its other frames are staged in a
@@ -20,14 +30,13 @@ local-directory blob store, packs included) expose ``supports_read_into`` and
 cache servers) answer with a frame that is decoded into the buffer. ``get_into`` keeps the
 guarantees of ``get`` (verification, eviction of bad copies, single flight with ``get``
 callers, per-tier stats, background fills of the ssd tier) but by default does not put what it
-read into the memory tier: a one-pass stream of weights would only churn it.
+read into the memory cache: a one-pass stream of weights would only churn it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
@@ -36,6 +45,7 @@ from . import chunk as chunkmod
 from .errors import ChunkUnavailable, CorruptChunk
 from .index import ChunkRef
 from .tiers.base import Tier, TierStats
+from .tiers.memory import MemoryCache
 
 log = logging.getLogger("casfs.store")
 
@@ -81,23 +91,24 @@ class _Flight(Future):
 
 
 class TieredStore:
-    """Reads verified chunks through a list of tiers, fastest first.
+    """Reads verified chunks through a memory cache and a list of frame tiers, fastest first.
 
     Args:
-        tiers: ordered fastest to slowest; the last is normally the blob tier.
+        tiers: frame tiers, ordered fastest to slowest; the last is normally the blob tier.
+        memory: the decoded-memory cache in front of them (None: none).
         io_threads: workers for concurrent fetches (``get_many``, ``prefetch``).
         writeback_bytes: most bytes queued for background cache fills; past that fills are
             skipped rather than slowing readers.
         staging_bytes: budget for frames that arrived with a pack ahead of their reads.
     """
 
-    def __init__(self, tiers: Sequence[Tier], *, io_threads: int = 16,
-                 writeback_bytes: int = 256 << 20, staging_bytes: int = 64 << 20,
-                 retries: int = 2) -> None:
+    def __init__(self, tiers: Sequence[Tier], *, memory: MemoryCache | None = None,
+                 io_threads: int = 16, writeback_bytes: int = 256 << 20,
+                 staging_bytes: int = 64 << 20) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         self.tiers = list(tiers)
-        self.retries = retries
+        self.memory = memory
         self._inflight: dict[bytes, _Flight] = {}
         self._span_inflight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
@@ -119,9 +130,8 @@ class TieredStore:
         Raises:
             ChunkUnavailable: when no tier holds a verified copy.
         """
-        top = self.tiers[0]
-        if top.decoded:
-            data = top.get(ref)
+        if self.memory is not None:
+            data = self.memory.get(ref)
             if data is not None:
                 return data
         fut, owner = self._join(ref.digest)
@@ -141,7 +151,7 @@ class TieredStore:
 
         The zero-copy read: from a tier backed by local files a raw chunk is read straight into
         ``buf`` and its blake3 checked there; a zstd chunk is decompressed into ``buf``; a
-        memory-tier hit and a frame from a remote tier are copied in. A copy that fails
+        memory-cache hit and a frame from a remote tier are copied in. A copy that fails
         verification is handled as in ``get`` (counted, evicted, the next tier tried), so a
         return always means ``buf[:n]`` holds the right bytes. Concurrent ``get``/``get_into``
         calls for one chunk share one fetch. Slower writable tiers (ssd) are filled in the
@@ -151,7 +161,7 @@ class TieredStore:
             buf: a writable, contiguous buffer of at least ``ref.raw_len`` bytes (a
                 ``bytearray``, or a memoryview over pinned memory or a tensor's storage).
             pack_members: as ``get``.
-            fill_memory: also put the chunk into the memory tier (one extra copy). Off by
+            fill_memory: also put the chunk into the memory cache (one extra copy). Off by
                 default: a one-pass stream (weights) should not evict what the mount uses.
             hash_threads: blake3 threads per verification (0: the default of
                 ``casfs.digest``; use 1 when many threads call ``get_into`` at once).
@@ -165,9 +175,8 @@ class TieredStore:
         if len(out) < ref.raw_len:
             raise ValueError(f"buffer of {len(out)} bytes is smaller than chunk "
                              f"{ref.digest.hex()[:16]}… ({ref.raw_len} bytes)")
-        top = self.tiers[0]
-        if top.decoded:
-            data = top.get(ref)
+        if self.memory is not None:
+            data = self.memory.get(ref)
             if data is not None and len(data) <= len(out):
                 return chunkmod.copy_into(out, data)
         fut, owner = self._join(ref.digest)
@@ -193,20 +202,30 @@ class TieredStore:
     def prefetch(self, refs: Iterable[ChunkRef], pack_members: PackMembers | None = None) -> list[Future]:
         """Start background fetches (errors are logged, never raised). Returns the futures."""
         out = []
-        top = self.tiers[0]
         for r in refs:
-            if top.decoded and top.contains(r):
+            if self.in_memory(r):
                 continue
             out.append(self._io.submit(self._quiet_get, r, pack_members))
         return out
 
+    def peek(self, ref: ChunkRef) -> bytes | None:
+        """The verified bytes of ``ref`` if the memory cache holds them, else None: never
+        fetches, never blocks on I/O (the FUSE read loop's fast path). A hit is counted in
+        the memory cache's stats; a miss is not (the ``get`` that follows counts it)."""
+        return self.memory.peek(ref) if self.memory is not None else None
+
+    def in_memory(self, ref: ChunkRef) -> bool:
+        """Whether the memory cache holds ``ref`` (False without a memory cache)."""
+        return self.memory is not None and self.memory.contains(ref)
+
     def contains(self, ref: ChunkRef) -> bool:
-        """True when some tier holds the chunk (no verification)."""
-        return any(t.contains(ref) for t in self.tiers)
+        """True when the memory cache or some tier holds the chunk (no verification)."""
+        return self.in_memory(ref) or any(t.contains(ref) for t in self.tiers)
 
     def stats(self) -> list[TierStats]:
-        """Per-tier statistics, fastest tier first (plus pack staging)."""
-        return [t.stats() for t in self.tiers] + [self._staged.stats]
+        """Statistics, fastest first: the memory cache, each tier, then pack staging."""
+        head = [self.memory.stats()] if self.memory is not None else []
+        return head + [t.stats() for t in self.tiers] + [self._staged.stats]
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until background cache fills queued so far are written."""
@@ -217,12 +236,10 @@ class TieredStore:
         self._io.shutdown(wait=True, cancel_futures=True)
         self._wb.shutdown(wait=True)
         for tier in self.tiers:
-            closer = getattr(tier, "close", None)
-            if callable(closer):
-                try:
-                    closer()
-                except Exception as e:  # noqa: BLE001 - closing must not mask the caller's error
-                    log.warning("closing tier %s failed: %s", tier.name, e)
+            try:
+                tier.close()
+            except Exception as e:  # noqa: BLE001 - closing must not mask the caller's error
+                log.warning("closing tier %s failed: %s", tier.name, e)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -257,15 +274,13 @@ class TieredStore:
             fut.set_result(result)
 
     def _fetch(self, ref: ChunkRef, walk: Callable[[list[str]], object]) -> Any:
+        """One walk (no retries here: see the module doc); ChunkUnavailable when it finds no
+        verified copy, with what every tier said."""
         errors: list[str] = []
-        for attempt in range(self.retries + 1):
-            got = walk(errors)
-            if got is not None:
-                return got
-            if not any("error" in e for e in errors[-len(self.tiers):]):
-                break  # every tier answered "miss": retrying will not help
-            time.sleep(0.05 * (2 ** attempt))
-        detail = "; ".join(errors[-2 * len(self.tiers):]) or "no tier has it"
+        got = walk(errors)
+        if got is not None:
+            return got
+        detail = "; ".join(errors) or "no tier has it"
         raise ChunkUnavailable(f"chunk {ref.digest.hex()} unavailable: {detail}")
 
     def _walk(self, ref: ChunkRef, pack_members: PackMembers | None, errors: list[str]) -> bytes | None:
@@ -274,17 +289,12 @@ class TieredStore:
             data = self._verify(staged, ref, None, errors)
             if data is not None:
                 self._staged.stats.record_get(True, len(staged), 0.0)
-                for tier in self.tiers:  # its frame is already queued for the ssd tier
-                    if tier.decoded and tier.writable:
-                        tier.put(ref, data)
+                self._remember(ref, data)  # its frame is already queued for the ssd tier
                 return data
         for i, tier in enumerate(self.tiers):
-            if tier.decoded and i == 0:
-                continue  # checked by get() already
             try:
-                if ref.pack is not None and pack_members is not None and not tier.writable \
-                        and hasattr(tier, "get_span"):
-                    frame = self._get_pack_span(tier, ref, pack_members, i)
+                if self._spans(tier, ref, pack_members):
+                    frame = self._get_pack_span(tier, ref, pack_members, i)  # type: ignore[arg-type]
                 else:
                     frame = tier.get(ref)
             except Exception as e:  # noqa: BLE001 - a failing tier is skipped, not fatal
@@ -295,15 +305,18 @@ class TieredStore:
             if frame is None:
                 errors.append(f"{tier.name}: miss")
                 continue
-            if tier.decoded:
-                data = frame
-            else:
-                data = self._verify(frame, ref, tier, errors)
-                if data is None:
-                    continue
-            self._fill(ref, data, frame if not tier.decoded else None, upto=i)
+            data = self._verify(frame, ref, tier, errors)
+            if data is None:
+                continue
+            self._remember(ref, data)
+            self._queue_fill(ref, frame, i)
             return data
         return None
+
+    @staticmethod
+    def _spans(tier: Tier, ref: ChunkRef, pack_members: PackMembers | None) -> bool:
+        """Whether to read ``ref``'s pack span from ``tier`` (its neighbours come along)."""
+        return ref.pack is not None and pack_members is not None and tier.supports_spans
 
     def _verify(self, frame: bytes, ref: ChunkRef, tier: Tier | None, errors: list[str]) -> bytes | None:
         try:
@@ -321,13 +334,10 @@ class TieredStore:
         log.error("corrupt chunk %s from tier %s: %s", ref.digest.hex()[:16], name, e)
         if tier is not None:
             tier.stats().record_error()
-            if tier.writable:
-                try:
-                    tier.delete(ref)
-                except Exception:  # noqa: BLE001
-                    pass
-            elif hasattr(tier, "rejected"):
-                tier.rejected(ref)  # a read-only tier learns that its source sent bad bytes
+            try:
+                tier.rejected(ref)  # a cache evicts it; a read-only tier learns its source lied
+            except Exception as e:  # noqa: BLE001 - the read goes on to the next tier
+                log.warning("tier %s could not drop corrupt chunk %s: %s", tier.name, ref.digest.hex()[:16], e)
 
     def _walk_into(self, ref: ChunkRef, pack_members: PackMembers | None, out: memoryview,
                    errors: list[str], fill_memory: bool, hash_threads: int) -> int | None:
@@ -341,34 +351,28 @@ class TieredStore:
             else:
                 self._staged.stats.record_get(True, len(staged), 0.0)
                 if fill_memory:
-                    self._fill_memory(ref, out[:n], len(self.tiers))
+                    self._remember(ref, bytes(out[:n]))
                 return n  # its frame is already queued for the ssd tier
         for i, tier in enumerate(self.tiers):
-            if tier.decoded and i == 0:
-                continue  # checked by get_into() already
             frame = None
             try:
-                if getattr(tier, "supports_read_into", False):
-                    n = tier.read_into(ref, out, hash_threads=hash_threads)  # type: ignore[attr-defined]
+                if tier.supports_read_into:
+                    n = tier.read_into(ref, out, hash_threads=hash_threads)
                     if n is None:
                         errors.append(f"{tier.name}: miss")
                         continue
                     if fill_memory:
-                        self._fill_memory(ref, out[:n], i)
+                        self._remember(ref, bytes(out[:n]))
                     self._fill_frames_from(ref, out[:n], i)
                     return n
-                if ref.pack is not None and pack_members is not None and not tier.writable \
-                        and hasattr(tier, "get_span"):
-                    frame = self._get_pack_span(tier, ref, pack_members, i)
+                if self._spans(tier, ref, pack_members):
+                    frame = self._get_pack_span(tier, ref, pack_members, i)  # type: ignore[arg-type]
                 else:
                     frame = tier.get(ref)
                 if frame is None:
                     errors.append(f"{tier.name}: miss")
                     continue
-                if tier.decoded:
-                    n = chunkmod.copy_into(out, frame)
-                else:
-                    n = chunkmod.decode_into(frame, out, ref.digest, hash_threads=hash_threads)
+                n = chunkmod.decode_into(frame, out, ref.digest, hash_threads=hash_threads)
             except CorruptChunk as e:
                 self._corrupt(ref, tier, e, errors)
                 continue
@@ -378,24 +382,20 @@ class TieredStore:
                 log.warning("tier %s failed for chunk %s: %s", tier.name, ref.digest.hex()[:16], e)
                 continue
             if fill_memory:
-                self._fill_memory(ref, out[:n], i)
-            if not tier.decoded:
-                self._queue_fill(ref, frame, i)
-            else:
-                self._fill_frames_from(ref, out[:n], i)
+                self._remember(ref, bytes(out[:n]))
+            self._queue_fill(ref, frame, i)
             return n
         return None
 
-    def _fill_memory(self, ref: ChunkRef, view: memoryview, upto: int) -> None:
-        for tier in self.tiers[:upto]:
-            if tier.decoded and tier.writable:
-                tier.put(ref, bytes(view))
-                return
+    def _remember(self, ref: ChunkRef, data: bytes) -> None:
+        """Put verified bytes into the memory cache (if there is one)."""
+        if self.memory is not None:
+            self.memory.put(ref, data)
 
     def _fill_frames_from(self, ref: ChunkRef, view: memoryview, upto: int) -> None:
         """Queue a raw frame of ``view`` for the frame tiers above ``upto`` (copied now: the
         caller reuses its buffer), unless there are none or the writeback queue is full."""
-        if not any(not t.decoded and t.writable for t in self.tiers[:upto]):
+        if not any(t.writable for t in self.tiers[:upto]):
             return
         with self._lock:
             if self._wb_pending + len(view) + chunkmod.HEADER_SIZE > self._wb_limit:
@@ -431,7 +431,7 @@ class TieredStore:
             if early is not None:
                 fut.set_result(None)
                 return early
-            span = tier.get_span(ref.pack, start, end - start)  # type: ignore[attr-defined]
+            span = tier.get_span(ref.pack, start, end - start)  # type: ignore[arg-type]
             mine = None
             if span is not None:
                 mv = memoryview(span)
@@ -451,19 +451,10 @@ class TieredStore:
             with self._lock:
                 self._span_inflight.pop(key, None)
 
-    def _fill(self, ref: ChunkRef, data: bytes, frame: bytes | None, upto: int) -> None:
-        """Write a chunk found at tier ``upto`` into every faster tier."""
-        for tier in self.tiers[:upto]:
-            if tier.decoded and tier.writable:
-                tier.put(ref, data)
-        if frame is not None:
-            self._queue_fill(ref, frame, upto)
-        elif any(not t.decoded and t.writable for t in self.tiers[:upto]):
-            _, frame = chunkmod.encode(data, ref.digest)
-            self._queue_fill(ref, frame, upto)
-
     def _queue_fill(self, ref: ChunkRef, frame: bytes, upto: int) -> None:
-        targets = [t for t in self.tiers[:upto] if not t.decoded and t.writable]
+        """Write ``frame`` (found at tier ``upto``) into the faster writable tiers, in the
+        background."""
+        targets = [t for t in self.tiers[:upto] if t.writable]
         if not targets:
             return
         with self._lock:

@@ -201,7 +201,8 @@ def test_open_store_puts_the_azcache_tier_between_ssd_and_blob(built, tmp_path, 
     with CacheServer(LocalObjectStore(built[0])) as srv:
         monkeypatch.setenv("CASFS_AZCACHE", srv.url)
         with casfs.open_store(built[0], cache_dir=str(tmp_path / "c")) as s:
-            assert [t.name for t in s.chunks.tiers] == ["memory", "ssd", "azcache", "blob"]
+            assert s.chunks.memory.name == "memory"  # the decoded cache in front of the tiers
+            assert [t.name for t in s.chunks.tiers] == ["ssd", "azcache", "blob"]
             read_all(s, built[1])
             assert tier_stats(s)["azcache"] > 0
     with pytest.raises(StoreError, match="http://host:port"):

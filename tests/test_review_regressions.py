@@ -10,8 +10,8 @@ import pytest
 import casfs
 from casfs.build import build_image
 from casfs import chunk as chunkmod
+from casfs import fsutil
 from casfs.index import ChunkRef
-from casfs.tiers import ssd as ssdmod
 from casfs.tiers.ssd import SsdTier
 
 from conftest import write_tree
@@ -19,24 +19,25 @@ from conftest import write_tree
 
 def test_two_threads_putting_one_chunk_into_the_ssd_tier_count_its_bytes_once(tmp_path, monkeypatch):
     """Both puts pass the "already cached?" check before either renames its file into place
-    (a barrier on ``os.rename`` forces that interleaving; the files and threads are real)."""
+    (a barrier on ``os.replace``, the rename inside ``casfs.fsutil.atomic_write``, forces that
+    interleaving; the files and threads are real)."""
     tier = SsdTier(str(tmp_path / "ssd"), capacity=1 << 20)
     digest, frame = chunkmod.encode(b"x" * 1000)
     ref = ChunkRef(digest, 1000, len(frame))
     barrier = threading.Barrier(2, timeout=10)
-    real_rename = os.rename
+    real_rename = os.replace
 
     def rename_together(src, dst):
         barrier.wait()
         real_rename(src, dst)
 
-    monkeypatch.setattr(ssdmod.os, "rename", rename_together)
+    monkeypatch.setattr(fsutil.os, "replace", rename_together)
     threads = [threading.Thread(target=tier.put, args=(ref, frame)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    monkeypatch.setattr(ssdmod.os, "rename", real_rename)
+    monkeypatch.setattr(fsutil.os, "replace", real_rename)
     assert tier.used == len(frame)
     tier.delete(ref)
     assert tier.used == 0

@@ -30,7 +30,7 @@ from ..digest import digest_bytes
 from ..errors import CorruptChunk
 from ..index import ChunkRef
 from ..tiers.blob import ObjectStore
-from ..tiers.memory import MemoryTier
+from ..tiers.memory import MemoryCache
 from ..tiers.ssd import SsdTier
 from .metrics import Metrics
 
@@ -85,7 +85,7 @@ class ObjectCache:
                  fsync: bool = True) -> None:
         self.objects = objects
         self.metrics = metrics or Metrics()
-        self.memory = MemoryTier(memory_bytes, name="server-memory") if memory_bytes > 0 else None
+        self.memory = MemoryCache(memory_bytes, name="server-memory") if memory_bytes > 0 else None
         self.ssd = SsdTier(os.path.join(cache_dir, SERVER_SUBDIR), cache_bytes, fsync=fsync,
                            name="server-ssd") if cache_dir else None
         self.host_chunks = os.path.join(cache_dir, "chunks") if cache_dir else None

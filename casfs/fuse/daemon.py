@@ -98,7 +98,7 @@ class _Daemon:
                 seen.add(it.ref.digest)
                 refs.append(it.ref)
         store = image.store
-        if store.memory is not None and not any(t.writable and not t.decoded for t in store.chunks.tiers):
+        if store.memory is not None and not any(t.writable for t in store.chunks.tiers):
             # nothing below memory keeps what is fetched: fetching past its capacity only evicts
             budget, kept = store.memory.capacity * 3 // 4, []
             for r in refs:

@@ -110,8 +110,7 @@ class CasfsOperations(pyfuse3.Operations):
         self.image = image
         self.index = image.index
         self.chunks = image.store.chunks
-        top = self.chunks.tiers[0]
-        self._mem = top if top.decoded else None
+        self._has_memory = self.chunks.memory is not None  # else: keep the chunk being streamed
         self._pm = self.index.pack_members
         self.n = self.index.n_entries
         self.cs = self.index.chunk_size
@@ -392,31 +391,30 @@ class CasfsOperations(pyfuse3.Operations):
         return ref
 
     async def _chunk(self, h: _Handle, j: int) -> bytes:
-        mem = self._mem
-        if mem is None and h.last_j == j:  # no memory tier: keep the chunk being streamed
+        mem = self._has_memory
+        if not mem and h.last_j == j:  # no memory cache: keep the chunk being streamed
             self.counters["inline_hits"] += 1
             return h.last_data  # type: ignore[return-value]
         ref = self._ref(h, j)
-        data = mem.get(ref) if mem is not None and mem.contains(ref) else None
+        data = self.chunks.peek(ref) if mem else None
         if data is None:
             data = await self._fetch(self.chunks.get, ref, self._pm)
         else:
             self.counters["inline_hits"] += 1
-        if mem is None:
+        if not mem:
             h.last_j, h.last_data = j, data
         return data
 
     async def _chunks(self, h: _Handle, c0: int, c1: int) -> list[bytes]:
         refs = [self._ref(h, j) for j in range(c0, c1 + 1)]
-        mem = self._mem
-        out: list[bytes | None] = [mem.get(r) if mem is not None and mem.contains(r) else None
-                                   for r in refs]
+        peek = self.chunks.peek
+        out: list[bytes | None] = [peek(r) for r in refs] if self._has_memory else [None] * len(refs)
         missing = [k for k, d in enumerate(out) if d is None]
         if missing:
             got = await self._fetch(self.chunks.get_many, [refs[k] for k in missing], self._pm)
             for k, d in zip(missing, got):
                 out[k] = d
-        if mem is None:
+        if not self._has_memory:
             h.last_j, h.last_data = c1, out[-1]
         return out  # type: ignore[return-value]
 
@@ -434,8 +432,8 @@ class CasfsOperations(pyfuse3.Operations):
     def _prefetch(self, h: _Handle, chunks: range) -> None:
         """Start background fetches of chunks ``chunks`` of ``h`` (bounded bytes in flight)."""
         self.counters["sequential_reads"] += 1
-        mem = self._mem
-        refs = [r for r in (self._ref(h, j) for j in chunks) if mem is None or not mem.contains(r)]
+        in_memory = self.chunks.in_memory
+        refs = [r for r in (self._ref(h, j) for j in chunks) if not in_memory(r)]
         if not refs:
             return
         nbytes = sum(r.raw_len for r in refs)

@@ -57,7 +57,7 @@ from urllib.parse import parse_qs, urlsplit
 from .. import chunk as chunkmod
 from ..errors import CorruptChunk, StoreError
 from ..index import ChunkRef
-from .base import TierStats
+from .base import Tier
 
 log = logging.getLogger("casfs.azcache")
 
@@ -150,7 +150,7 @@ def _key_of(ref: ChunkRef) -> str:
     return f"packs/{ref.pack.hex()}" if ref.pack is not None else f"chunks/{ref.digest.hex()}"
 
 
-class AzCacheTier:
+class AzCacheTier(Tier):
     """The ``azcache`` tier: reads frames from N HTTP cache nodes. Thread-safe.
 
     Args:
@@ -173,8 +173,7 @@ class AzCacheTier:
         StoreError: for no URLs or a malformed URL.
     """
 
-    decoded = False
-    writable = False
+    supports_spans = True
 
     def __init__(self, urls: list[str], *, token: str | None = None, timeout: float = 2.0,
                  connect_timeout: float = 0.5, hedge: bool = True, hedge_min: float = 0.002,
@@ -185,7 +184,7 @@ class AzCacheTier:
         urls = [u for u in (u.strip() for u in urls) if u]
         if not urls:
             raise StoreError("the azcache tier needs at least one cache server URL")
-        self.name = name
+        super().__init__(name)
         self.nodes: list[_Node] = []
         for u in dict.fromkeys(urls):
             host, port, base, flat = parse_node_url(u)
@@ -206,7 +205,6 @@ class AzCacheTier:
         self.down_max = down_max
         self.bad_seconds = bad_seconds
         self.pool_size = pool_size
-        self._stats = TierStats(name)
         self._lock = threading.Lock()
         self._samples = [deque(maxlen=_SAMPLES) for _ in range(_FILL + 1)]
         self._p95: list[float | None] = [None] * (_FILL + 1)
@@ -219,7 +217,7 @@ class AzCacheTier:
     def __repr__(self) -> str:
         return f"<AzCacheTier {', '.join(n.url for n in self.nodes)}>"
 
-    # -- the Tier protocol -------------------------------------------------------------------
+    # -- the Tier interface -------------------------------------------------------------------
 
     def get(self, ref: ChunkRef) -> bytes | None:
         """The frame of ``ref`` from the best available node; None when it is missing or no
@@ -266,9 +264,6 @@ class AzCacheTier:
                 if conn is not None:
                     conn.close()
         return False
-
-    def stats(self) -> TierStats:
-        return self._stats
 
     def rejected(self, ref: ChunkRef) -> None:
         """The store found a frame from this tier corrupt: skip the node that served it."""

@@ -1,17 +1,38 @@
-"""The tier protocol and the statistics every tier keeps.
+"""The tier base class and the statistics every tier keeps.
 
-A chunk tier maps a ``ChunkRef`` to bytes. Every tier except ``memory`` returns *frames*
-(``casfs.chunk`` format) that the store verifies before use; ``memory`` returns decoded,
-already-verified bytes. ``get`` returns None on a miss and raises only on a failure that the
-store should count as an error (it then tries the next tier).
+A chunk tier maps a ``ChunkRef`` to a *frame* (``casfs.chunk`` format) that the store verifies
+against the digest before use; decoded bytes never come from a tier (the decoded-memory cache
+sits in front of the tiers: ``casfs.tiers.memory.MemoryCache``). ``get`` returns None on a miss
+and raises only on a failure that the store should count as an error (it then tries the next
+tier).
+
+Like httpx's transports: ``get`` is the one method a tier must write; every optional
+capability is declared on the base class with a default that is correct for any tier, so the
+store never probes for undeclared methods:
+
+- ``writable`` (False): the store fills the tier with frames it read lower down, and deletes a
+  copy that failed verification (``rejected``'s default).
+- ``supports_read_into`` (False) / ``read_into``: a tier backed by local files reads a frame
+  straight into a caller's buffer and verifies it there; the default fetches the frame with
+  ``get`` and decodes it into the buffer.
+- ``supports_spans`` (False) / ``get_span``: a contiguous byte range of a pack (many frames in
+  one request); the store asks for spans only from tiers that declare them.
+- ``rejected(ref)``: the store found this tier's frame for ``ref`` corrupt. Default: delete it
+  from a writable tier; a read-only tier may override it to learn which source lied.
+- ``contains`` (default: a ``get``), ``put`` and ``delete`` (default: PermissionError, the tier
+  is read-only), ``close`` (default: nothing), ``stats``.
+
+Retries are not a tier's job unless its source is remote: the tier walk makes one pass and
+fails over to the next tier; a remote object store retries what its protocol says is
+transient (``casfs.objects``).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
+from .. import chunk as chunkmod
 from ..index import ChunkRef
 
 N_BUCKETS = 24  # latency buckets: [0,1us), [1,2us), [2,4us) ... up to ~4 s and beyond
@@ -73,16 +94,71 @@ class TierStats:
         }
 
 
-@runtime_checkable
-class Tier(Protocol):
-    """What the store needs of a tier. Implementations must be thread-safe."""
+class Tier:
+    """A tier of chunk frames (see the module doc). Implementations must be thread-safe.
 
-    name: str
-    decoded: bool  # True when get() returns verified decoded bytes (memory), False for frames
-    writable: bool  # False for tiers the store must never fill or evict (the blob store)
+    Args:
+        name: the tier's name in statistics and error messages.
+    """
 
-    def get(self, ref: ChunkRef) -> bytes | None: ...
-    def put(self, ref: ChunkRef, data: bytes) -> None: ...
-    def contains(self, ref: ChunkRef) -> bool: ...
-    def delete(self, ref: ChunkRef) -> None: ...
-    def stats(self) -> TierStats: ...
+    writable: bool = False
+    supports_read_into: bool = False
+    supports_spans: bool = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stats = TierStats(name)
+
+    def get(self, ref: ChunkRef) -> bytes | None:
+        """The stored frame of ``ref``, or None when this tier does not hold it.
+
+        Raises:
+            Exception: any failure the store should count as an error of this tier.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement get()")
+
+    def contains(self, ref: ChunkRef) -> bool:
+        """Whether this tier holds ``ref`` (no verification). Default: a ``get``."""
+        return self.get(ref) is not None
+
+    def put(self, ref: ChunkRef, frame: bytes) -> None:
+        """Store ``frame`` for ``ref`` (writable tiers). Default: PermissionError."""
+        raise PermissionError(f"tier {self.name} is read-only")
+
+    def delete(self, ref: ChunkRef) -> None:
+        """Drop ``ref`` (writable tiers; a missing one is fine). Default: PermissionError."""
+        raise PermissionError(f"tier {self.name} is read-only")
+
+    def read_into(self, ref: ChunkRef, buf: memoryview, *, hash_threads: int = 0) -> int | None:
+        """Write ``ref``'s verified bytes to the start of ``buf``; their length, or None on a
+        miss. Default: ``get`` then ``casfs.chunk.decode_into``; tiers that declare
+        ``supports_read_into`` read local files straight into ``buf`` instead.
+
+        Raises:
+            CorruptChunk: the stored frame is bad (``buf`` then holds unspecified bytes).
+        """
+        frame = self.get(ref)
+        if frame is None:
+            return None
+        return chunkmod.decode_into(frame, buf, ref.digest, hash_threads=hash_threads)
+
+    def get_span(self, pack: bytes, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of pack ``pack``, or None when it is missing; only
+        for tiers that declare ``supports_spans``.
+
+        Raises:
+            NotImplementedError: the tier declares no span support.
+        """
+        raise NotImplementedError(f"tier {self.name} reads no pack spans (supports_spans is False)")
+
+    def rejected(self, ref: ChunkRef) -> None:
+        """The store found this tier's frame for ``ref`` corrupt. Default: delete it when the
+        tier is writable (a cache), nothing otherwise."""
+        if self.writable:
+            self.delete(ref)
+
+    def close(self) -> None:
+        """Release connections and threads. Default: nothing to release."""
+
+    def stats(self) -> TierStats:
+        return self._stats

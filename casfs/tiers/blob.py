@@ -22,7 +22,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 from .. import chunk as chunkmod
 from ..index import ChunkRef
-from .base import TierStats
+from .base import Tier
 
 
 @runtime_checkable
@@ -49,16 +49,18 @@ def pack_key(digest: bytes) -> str:
     return f"packs/{digest.hex()}"
 
 
-class BlobTier:
-    """Reads chunk frames from an ``ObjectStore``: loose chunks whole, packed ones by range."""
+class BlobTier(Tier):
+    """Reads chunk frames from an ``ObjectStore``: loose chunks whole, packed ones by range.
 
-    decoded = False
-    writable = False
+    Read-only for the store (chunks enter the blob store through builds and copies and leave
+    it through gc). Reads pack spans; reads into buffers from local-file backends.
+    """
+
+    supports_spans = True
 
     def __init__(self, objects: ObjectStore, name: str = "blob") -> None:
-        self.name = name
+        super().__init__(name)
         self.objects = objects
-        self._stats = TierStats(name)
 
     def get(self, ref: ChunkRef) -> bytes | None:
         t0 = time.perf_counter()
@@ -81,13 +83,15 @@ class BlobTier:
     def read_into(self, ref: ChunkRef, buf: memoryview, *, hash_threads: int = 0) -> int | None:
         """Read ``ref``'s frame from a local-file backend into ``buf`` and verify it there.
 
-        Returns the chunk's length, or None on a miss. Only for ``supports_read_into``
-        backends.
+        Returns the chunk's length, or None on a miss. Other backends: the base class's
+        ``get`` + decode.
 
         Raises:
             CorruptChunk: the stored frame is bad (``buf`` then holds unspecified bytes).
             OSError: the object's file could not be read.
         """
+        if not self.supports_read_into:
+            return super().read_into(ref, buf, hash_threads=hash_threads)
         t0 = time.perf_counter()
         if ref.pack is None:
             path, offset, frame_len = self.objects.local_path(chunk_key(ref.digest)), 0, None  # type: ignore[attr-defined]
@@ -128,6 +132,3 @@ class BlobTier:
 
     def delete(self, ref: ChunkRef) -> None:
         raise PermissionError("chunks leave the blob store only through gc")
-
-    def stats(self) -> TierStats:
-        return self._stats

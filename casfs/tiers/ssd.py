@@ -27,27 +27,25 @@ from collections import OrderedDict
 from .. import chunk as chunkmod
 from ..fsutil import atomic_write
 from ..index import ChunkRef
-from .base import TierStats
+from .base import Tier
 
 
-class SsdTier:
+class SsdTier(Tier):
     """Chunk frames as files under ``root``, at most ``capacity`` bytes."""
 
-    decoded = False
     writable = True
     supports_read_into = True
 
     def __init__(self, root: str, capacity: int = 50 << 30, *, fsync: bool = False, name: str = "ssd") -> None:
         if capacity <= 0:
             raise ValueError("ssd tier capacity must be > 0 bytes")
-        self.name = name
+        super().__init__(name)
         self.root = os.path.abspath(root)
         self.capacity = capacity
         self.fsync = fsync
         self._lock = threading.Lock()
         self._lru: OrderedDict[bytes, int] = OrderedDict()
         self._used = 0
-        self._stats = TierStats(name)
         self._full_until = 0.0
         os.makedirs(os.path.join(self.root, "tmp"), exist_ok=True)
         self._scan()
@@ -194,6 +192,3 @@ class SsdTier:
     @property
     def used(self) -> int:
         return self._used
-
-    def stats(self) -> TierStats:
-        return self._stats
