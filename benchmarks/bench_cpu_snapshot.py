@@ -184,7 +184,7 @@ def main() -> int:
             ssd = os.path.join(work, "ssd")
             if "ssd" in tiers:
                 with casfs.open_store(url, cache_dir=ssd) as s:  # fill the ssd tier
-                    cpu.export_image(s.open_image("bench"), fresh_dir())
+                    casfs.export(s.open_image("bench"), os.path.join(fresh_dir(), "tree"), progress=False)
             for lazy in ((False, True) if "ssd" in tiers else ()):
                 for src in ("export", "mount"):
                     run_case("ssd", src, lazy,

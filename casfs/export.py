@@ -2,7 +2,10 @@
 
 The tree is written under a temporary sibling of the destination and renamed into place at the
 end, so a failure (or Ctrl-C) leaves no half-written destination. Chunks of upcoming files are
-prefetched concurrently while earlier files are written.
+prefetched concurrently while earlier files are written: a window of ``PREFETCH_BYTES`` ahead
+of the writer, issued in spans of ``PREFETCH_SPAN_CHUNKS`` chunks, so a file larger than the
+memory tier (a CPU snapshot's pages, gigabytes) is not fetched whole at once only to be evicted
+before it is written. This is the one exporter: snapshot restores export through it too.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .errors import CasfsError
 from .fsutil import atomic_directory
 from .image import Image
 
 log = logging.getLogger("casfs.export")
 PREFETCH_BYTES = 256 << 20
+PREFETCH_SPAN_CHUNKS = 8
 
 
 @dataclass
@@ -71,17 +74,26 @@ def _write_tree(image: Image, root: str, progress: bool | None) -> ExportResult:
         bar.start()
         task = bar.add_task(f"exporting {image.name}", total=total)
 
-    # prefetch window over upcoming files
-    pending: deque[int] = deque(files)
+    # prefetch window over upcoming file spans (each hard-linked file once)
+    span = ix.chunk_size * PREFETCH_SPAN_CHUNKS
+    pending: deque[tuple[int, int, int]] = deque()
+    inodes: set[int] = set()
+    for i in files:
+        st = ix.stat(i)
+        if st.nlink > 1:
+            if st.ino in inodes:
+                continue
+            inodes.add(st.ino)
+        pending.extend((i, off, min(span, st.size - off)) for off in range(0, st.size, span))
     ahead = 0
 
     def pump(done_bytes: int = 0) -> None:
         nonlocal ahead
         ahead -= done_bytes
         while pending and ahead < PREFETCH_BYTES:
-            i = pending.popleft()
-            image.prefetch_entry(i)
-            ahead += ix.size(i)
+            i, off, n = pending.popleft()
+            image.prefetch_entry(i, off, n)
+            ahead += n
 
     pump()
     first_path: dict[int, str] = {}  # inode -> first path written (hard links)
@@ -110,11 +122,10 @@ def _write_tree(image: Image, root: str, progress: bool | None) -> ExportResult:
                         n = min(cs, size - off)
                         f.write(image.read_entry(i, off, n))
                         off += n
-                    if size:
-                        nbytes += size
-                        pump(size)
+                        pump(n)
                         if bar is not None:
-                            bar.advance(task, size)
+                            bar.advance(task, n)
+                    nbytes += size
                 nfiles += 1
                 first_path[st.ino] = p
             elif statmod.S_ISLNK(mode):

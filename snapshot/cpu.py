@@ -41,7 +41,7 @@ imported submodule named ``restore`` would shadow ``snapshot.restore``.)
 from __future__ import annotations
 
 from .checkpointing import DUMP_FLAGS, RESTORE_FLAGS, checkpoint
-from .exports import drop_export, export_image, snapshot_cache_dir
+from .exports import drop_export, snapshot_cache_dir
 from .hostkey import cpu_snapshot_key, restore_problems
 from .meta import EXTRA_DIR, META_FILE, META_FORMAT, SnapshotRef, list_snapshots, read_meta
 from .restoring import RestoredProcess, restore
@@ -62,7 +62,6 @@ __all__ = [
     "checkpoint",
     "cpu_snapshot_key",
     "drop_export",
-    "export_image",
     "list_snapshots",
     "mapped_anywhere",
     "read_meta",

@@ -202,7 +202,7 @@ def test_a_snapshot_whose_key_does_not_match_is_refused(torch_snap, tmp_path, cr
     snap = torch_snap
     image = snap["store"].open_image("torch-app")
     tree = tmp_path / "altered"
-    cpu.export_image(image, str(tree))
+    casfs.export(image, str(tree))
     meta_path = tree / cpu.META_FILE
     meta = json.loads(meta_path.read_text())
     meta["key"]["host"]["cpu_flags"].append("casfs_flag_this_cpu_lacks")

@@ -179,7 +179,6 @@ def main() -> None:
 
     import casfs
     from snapshot import criu as criumod
-    from snapshot.cpu import export_image
 
     gpumod = None
     if gpu:
@@ -270,7 +269,7 @@ def main() -> None:
         t = time.perf_counter()
         with casfs.open_store(store_dir) as st:
             img = st.open_image("gpu-snap")
-            n = export_image(img, restored)
+            n = casfs.export(img, restored, progress=False).bytes
         ph["casfs_export"] = {"s": time.perf_counter() - t, "bytes": n,
                               "page_cache": res["page_cache"]}
 
