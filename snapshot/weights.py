@@ -403,11 +403,10 @@ def _tier_counts(images: Iterable["casfs.Image"]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     seen: set[int] = set()
     for im in images:
-        chunks = im.store.chunks
-        if id(chunks) in seen:
+        if id(im.store) in seen:
             continue
-        seen.add(id(chunks))
-        for st in chunks.stats():
+        seen.add(id(im.store))
+        for st in casfs.tier_stats(im.store):
             d = out.setdefault(st.name, {"hits": 0, "misses": 0, "errors": 0, "bytes_read": 0})
             d["hits"] += st.hits
             d["misses"] += st.misses
