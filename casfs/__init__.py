@@ -26,6 +26,7 @@ from .fuse.mount import MountError, MountInfo, MountOptions, is_mounted, mount, 
 from .image import Image
 from .index import ChunkRef, Stat
 from .listen import parse_listen
+from .sizes import format_size
 from .stats import TierStats, tier_stats
 from .store import Store
 from .urls import default_store_url, home_dir, open_store
@@ -59,6 +60,7 @@ __all__ = [
     "build",
     "default_store_url",
     "export",
+    "format_size",
     "fsync_dir",
     "home_dir",
     "is_mounted",

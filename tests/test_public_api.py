@@ -8,7 +8,7 @@ EXPECTED = {
     "Stat", "Store", "StoreError", "atomic_directory", "atomic_open", "atomic_write", "build", "default_store_url", "fsync_dir", "mount", "open_source", "open_store",
     "unmount",
     # the face snapshot/ and serve/ use (issue 11)
-    "ExportResult", "MountError", "MountInfo", "MountOptions", "TierStats", "export", "home_dir",
+    "ExportResult", "MountError", "MountInfo", "MountOptions", "TierStats", "export", "format_size", "home_dir",
     "is_mounted", "parse_listen", "runtime_dir", "tier_stats",
 }
 

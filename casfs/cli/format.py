@@ -5,14 +5,7 @@ from __future__ import annotations
 import stat as statmod
 import time
 
-
-def human(n: float) -> str:
-    """Bytes as a short human string (1024-based)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from ..sizes import format_size as human, parse_size  # noqa: F401 - the commands' short names
 
 
 def mode_string(mode: int) -> str:
@@ -21,19 +14,3 @@ def mode_string(mode: int) -> str:
 
 def mtime_string(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ns / 1e9))
-
-
-def parse_size(text: str) -> int:
-    """'4M', '512k', '1G', '4096' -> bytes. Raises ValueError with the accepted forms."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = 1
-    if t and t[-1] in "kmgt":
-        mult = 1024 ** ("kmgt".index(t[-1]) + 1)
-        t = t[:-1]
-    try:
-        v = float(t)
-    except ValueError:
-        raise ValueError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix") from None
-    if v < 0:
-        raise ValueError(f"bad size {text!r}: must not be negative")
-    return int(v * mult)

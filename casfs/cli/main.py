@@ -1,13 +1,20 @@
 """``casfs`` entry point: parses arguments, dispatches to a command module, maps errors to
-one actionable line and a nonzero exit (tracebacks only with ``-v``)."""
+one actionable line and a nonzero exit (tracebacks only with ``-v``).
+
+casfs's own command groups are listed below; ``serve`` and ``snapshot`` (and any other
+package's) come in through the ``casfs.commands`` entry-point group (``casfs.cli.plugins``),
+so casfs imports nothing above it."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
 import sys
+
+from .plugins import register_plugins
 
 # Each module defines register(subparsers) adding its commands; each command sets func(args)->int.
 COMMAND_MODULES = [
@@ -18,8 +25,6 @@ COMMAND_MODULES = [
     "casfs.cli.mount",
     "casfs.cli.run",
     "casfs.cli.cacheserver",
-    "casfs.cli.serve",
-    "casfs.cli.snapshot",
 ]
 
 DESCRIPTION = """\
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
+    register_plugins(sub, set(sub.choices))
     return p
 
 
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.open_store = functools.partial(open_store_from_args, args)  # for plugin commands
     from casfs.errors import CasfsError
 
     try:

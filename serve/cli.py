@@ -1,7 +1,8 @@
 """``casfs serve``: boot an OpenAI-compatible replica of a model image and serve until stopped.
 
 Thin over serve.boot; vLLM is imported only by the replica process, so ``casfs --help`` and
-this module work without it.
+this module work without it. The group is a ``casfs.commands`` plugin (pyproject.toml): casfs's
+command line loads it, and casfs itself never imports serve.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.boot import BootConfig, boot_replica
+    from .boot import BootConfig, boot_replica
 
     if args.create and not args.snapshot:
         raise ValueError("--create needs --snapshot TAG (the tag to store the snapshot under)")

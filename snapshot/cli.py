@@ -1,7 +1,8 @@
 """``casfs snapshot create|restore|ls|rm``: CPU snapshots (CRIU) stored as casfs images.
 
-Thin over the ``snapshot`` package's public API (imported on use, so the rest of the CLI works
-where it is absent).
+Thin over the ``snapshot`` package's public API. The group is a ``casfs.commands`` plugin
+(pyproject.toml): casfs's command line loads it, and casfs itself never imports snapshot.
+``snapshot`` is imported on use, so ``casfs --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import os
 import sys
 import time
 
-from .format import human
-from .main import open_store_from_args
+import casfs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +68,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise ValueError("give the command after --: casfs snapshot create -t TAG -- CMD ...")
-    store = open_store_from_args(args)
+    store = args.open_store()
     try:
         proc = snapshot.spawn(cmd, stdout=args.output, deterministic=args.deterministic)
         try:
@@ -80,8 +80,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     except (snapshot.CriuError, snapshot.IncompatibleHost) as e:
         return _fail(e)
     t = ref.timings
-    print(f"snapshot {args.tag}: image {ref.image_id[:12]}, pages {human(ref.meta['pages_bytes'])}, "
-          f"new {human(t['new_bytes'])} of {human(t['bytes'])}, dump {t['dump']:.2f} s, "
+    print(f"snapshot {args.tag}: image {ref.image_id[:12]}, pages {casfs.format_size(ref.meta['pages_bytes'])}, "
+          f"new {casfs.format_size(t['new_bytes'])} of {casfs.format_size(t['bytes'])}, dump {t['dump']:.2f} s, "
           f"store {t['store']:.2f} s")
     if args.leave_running:
         return proc.wait()
@@ -91,7 +91,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     import snapshot
 
-    store = open_store_from_args(args)
+    store = args.open_store()
     try:
         live = snapshot.restore(args.tag, store, lazy=args.lazy, source=args.source,
                                 check=not args.force)
@@ -112,14 +112,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     import snapshot
 
-    store = open_store_from_args(args)
+    store = args.open_store()
     print(f"{'TAG':<28} {'IMAGE ID':<14} {'CREATED':<17} {'PAGES':>10} {'CRIU':<7} COMMAND")
     for tag, image_id, meta in snapshot.list_snapshots(store):
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.get("created", 0)))
         argv = list(meta.get("cmd") or [])
         cmd = " ".join([os.path.basename(argv[0]), *argv[1:]] if argv else [])
         cmd = cmd if len(cmd) <= 72 else cmd[:69] + "..."
-        print(f"{tag:<28} {image_id[:12]:<14} {created:<17} {human(meta.get('pages_bytes', 0)):>10} "
+        print(f"{tag:<28} {image_id[:12]:<14} {created:<17} {casfs.format_size(meta.get('pages_bytes', 0)):>10} "
               f"{(meta.get('criu') or {}).get('version', ''):<7} {cmd}")
     return 0
 
@@ -127,7 +127,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     import snapshot
 
-    store = open_store_from_args(args)
+    store = args.open_store()
     image = store.open_image(args.tag)
     snapshot.read_meta(image)  # ValueError when TAG is not a snapshot
     store.untag(args.tag)
