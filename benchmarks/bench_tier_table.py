@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import casfs  # noqa: E402
 from casfs.index import ChunkRef  # noqa: E402
+from casfs.layout import object_key, relpath  # noqa: E402
 from casfs.store import Store  # noqa: E402
 from casfs.tiers.azcache import AzCacheTier  # noqa: E402
 from casfs.tiers.blob_http import HttpObjectStore  # noqa: E402
@@ -420,8 +421,8 @@ def http_load(url: str, paths: list[tuple[str, dict]], threads: int, seconds: fl
 def http_stacks(store_dir: str, refs: dict, seconds: float) -> list[dict]:
     """The same client (http.client threads in this process) against three servers of the same
     bytes from memory: casfs cache-server, stdlib ThreadingHTTPServer, nginx static (page cache)."""
-    big = [(f"/chunks/{r.digest.hex()[:2]}/{r.digest.hex()}", {}) for r in refs["4m"][:64]]
-    small = [(f"/packs/{r.pack.hex()[:2]}/{r.pack.hex()}", {"Range": f"bytes={r.pack_off}-{r.pack_off + r.stored_len - 1}"})
+    big = [("/" + relpath(object_key(r)), {}) for r in refs["4m"][:64]]
+    small = [("/" + relpath(object_key(r)), {"Range": f"bytes={r.pack_off}-{r.pack_off + r.stored_len - 1}"})
              for r in refs["4k"][:2000]]
     rows = []
     stacks = [("casfs cache-server (threaded, raw sockets)", lambda: cache_server(store_dir)),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from . import chunk as chunkmod
 from .errors import CorruptChunk
+from .layout import index_key, object_key
 from .store import Store
 
 
@@ -41,7 +42,7 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
     # object key -> chunk refs to verify inside it
     wanted: dict[str, list] = {}
     for ref in ix.all_chunks():
-        key = f"packs/{ref.pack.hex()}" if ref.pack else f"chunks/{ref.digest.hex()}"
+        key = object_key(ref)
         wanted.setdefault(key, []).append(ref)
     keys = list(wanted)
     copied = 0
@@ -81,8 +82,8 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
         chunkmod.decode(frame, expect=bytes.fromhex(image_id))
     except CorruptChunk as e:
         raise CorruptChunk(f"index of {image_id[:12]} in {src.url} is corrupt: {e}") from None
-    if not dst.objects.contains(f"indexes/{image_id}"):
-        dst.objects.put(f"indexes/{image_id}", frame)
+    if not dst.objects.contains(index_key(image_id)):
+        dst.objects.put(index_key(image_id), frame)
         copied += 1
         nbytes += len(frame)
     if tag is None and name != image_id and not name.startswith(image_id[:8]):

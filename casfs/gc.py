@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import CasfsError, StoreError
+from .layout import INDEXES, PROFILES, TAGS, kind_prefix, name_of, object_key
 from .store import Store
 
 
@@ -28,9 +29,9 @@ class GcResult:
 
 def collect(store: Store, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> GcResult:
     """Delete unreferenced objects (or only list them with ``dry_run``)."""
-    tag_keys = list(store.objects.list("tags/"))
+    tag_keys = list(store.objects.list(kind_prefix(TAGS)))
     readable = store.tags()
-    unreadable = [k for k in tag_keys if k.partition("/")[2] not in readable]
+    unreadable = [k for k in tag_keys if name_of(k) not in readable]
     if unreadable:
         # an unreadable tag still protects its image: refuse rather than sweep its chunks
         raise StoreError(f"gc refused: tag(s) {', '.join(unreadable[:5])} in {store.url} are unreadable; "
@@ -42,22 +43,22 @@ def collect(store: Store, *, dry_run: bool = False, grace_seconds: float = 3600.
     if mtime is not None and grace_seconds > 0:
         # a young index not tagged yet (a build or copy about to set its tag) keeps what it
         # references: it may reuse objects far older than the grace period
-        for key in list(store.objects.list("indexes/")):
+        for key in list(store.objects.list(kind_prefix(INDEXES))):
             if key in keep:
                 continue
             try:
                 if now - mtime(key) >= grace_seconds:
                     continue
-                ix = store.load_index(key.partition("/")[2])
+                ix = store.load_index(name_of(key))
             except (KeyError, CasfsError):
                 continue
             keep.add(key)
             for ref in ix.all_chunks():
-                keep.add(f"packs/{ref.pack.hex()}" if ref.pack else f"chunks/{ref.digest.hex()}")
-    kept_ids = {k.partition("/")[2] for k in keep if k.startswith("indexes/")}
+                keep.add(object_key(ref))
+    kept_ids = {name_of(k) for k in keep if k.startswith(kind_prefix(INDEXES))}
     for key in list(store.iter_objects()):
         kind, _, name = key.partition("/")
-        if key in keep or (kind == "profiles" and name in kept_ids):
+        if key in keep or (kind == PROFILES and name in kept_ids):
             res.kept += 1
             continue
         if mtime is not None and grace_seconds > 0:

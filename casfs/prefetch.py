@@ -34,6 +34,7 @@ from . import chunk as chunkmod
 from .digest import DIGEST_SIZE
 from .errors import CasfsError, CorruptChunk
 from .index import ChunkRef
+from .layout import profile_key
 
 if TYPE_CHECKING:
     from .image import Image
@@ -180,11 +181,6 @@ PROFILE_VERSION = 1
 MAX_PROFILE_ITEMS = 4_000_000
 _PROFILE_HEADER = struct.Struct("<8sIII32s")  # magic, version, chunk_size, count, image digest
 _PROFILE_ITEM = struct.Struct("<II32sIIB32sQ")  # entry, chunk, digest, raw, stored, packed, pack, off
-
-
-def profile_key(image_id: str) -> str:
-    """Object key of the startup profile of ``image_id``."""
-    return f"profiles/{image_id}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from .digest import from_hex
 from .errors import CasfsError, CorruptChunk, CorruptIndex, ImageNotFound, StoreError
 from .fsutil import atomic_write
 from .index import ChunkRef, Index
+from .layout import DATA_KINDS, INDEXES, TAGS, index_key, kind_prefix, name_of, object_key, tag_key
 from .tiered import TieredStore
 from .tiers.base import Tier
 from .tiers.blob import BlobTier, ObjectStore
@@ -82,8 +83,8 @@ class Store:
     def tags(self) -> dict[str, str]:
         """tag -> image id (hex) for every tag in the store."""
         out = {}
-        for key in self.objects.list("tags/"):
-            name = key.partition("/")[2]
+        for key in self.objects.list(kind_prefix(TAGS)):
+            name = name_of(key)
             try:
                 out[name] = self.objects.get(key).decode().strip()
             except (KeyError, UnicodeDecodeError):
@@ -93,15 +94,15 @@ class Store:
     def tag(self, name: str, image_id: str) -> None:
         """Point tag ``name`` at ``image_id`` (which must exist)."""
         check_tag(name)
-        if not self.objects.contains(f"indexes/{image_id}"):
+        if not self.objects.contains(index_key(image_id)):
             raise ImageNotFound(f"no image {image_id} in {self.url}")
-        self.objects.put(f"tags/{name}", (image_id + "\n").encode())
+        self.objects.put(tag_key(name), (image_id + "\n").encode())
 
     def untag(self, name: str) -> None:
         check_tag(name)
-        if not self.objects.contains(f"tags/{name}"):
+        if not self.objects.contains(tag_key(name)):
             raise ImageNotFound(f"no tag {name!r} in {self.url}")
-        self.objects.delete(f"tags/{name}")
+        self.objects.delete(tag_key(name))
 
     def resolve(self, name: str) -> str:
         """Image id (hex) of a tag or an image id (full, or a unique prefix of >= 8 hex digits).
@@ -109,11 +110,11 @@ class Store:
         Raises:
             ImageNotFound: naming the tags available.
         """
-        if _HEX.match(name) and self.objects.contains(f"indexes/{name}"):
+        if _HEX.match(name) and self.objects.contains(index_key(name)):
             return name
         if _TAG.match(name):
             try:
-                image_id = self.objects.get(f"tags/{name}").decode().strip()
+                image_id = self.objects.get(tag_key(name)).decode().strip()
                 from_hex(image_id)
                 return image_id
             except KeyError:
@@ -121,15 +122,15 @@ class Store:
             except (UnicodeDecodeError, ValueError):
                 raise StoreError(f"tag {name!r} in {self.url} is corrupt") from None
         if re.match(r"^[0-9a-f]{8,63}$", name):
-            hits = [k.partition("/")[2] for k in self.objects.list("indexes/")
-                    if k.partition("/")[2].startswith(name)]
+            hits = [name_of(k) for k in self.objects.list(kind_prefix(INDEXES))
+                    if name_of(k).startswith(name)]
             if len(hits) == 1:
                 return hits[0]
         known = ", ".join(sorted(self.tags())[:10]) or "none"
         raise ImageNotFound(f"no image or tag {name!r} in {self.url} (tags: {known})")
 
     def image_ids(self) -> list[str]:
-        return [k.partition("/")[2] for k in self.objects.list("indexes/")]
+        return [name_of(k) for k in self.objects.list(kind_prefix(INDEXES))]
 
     # -- indexes and images -------------------------------------------------------------------
 
@@ -137,13 +138,17 @@ class Store:
         """Store serialized index bytes; returns the image id (hex)."""
         digest, frame = chunkmod.encode(data)
         image_id = digest.hex()
-        if not self.objects.contains(f"indexes/{image_id}"):
-            self.objects.put(f"indexes/{image_id}", frame)
+        if not self.objects.contains(index_key(image_id)):
+            self.objects.put(index_key(image_id), frame)
         return image_id
+
+    def _cached_index(self, image_id: str) -> str | None:
+        """The local copy of an index under the cache dir (None without a cache dir)."""
+        return os.path.join(self.cache_dir, INDEXES, image_id) if self.cache_dir else None
 
     def index_frame(self, image_id: str) -> bytes:
         """The stored frame of an index (through the local cache dir for remote stores)."""
-        cached = os.path.join(self.cache_dir, "indexes", image_id) if self.cache_dir else None
+        cached = self._cached_index(image_id)
         if cached:
             try:
                 with open(cached, "rb") as f:
@@ -151,7 +156,7 @@ class Store:
             except OSError:
                 pass
         try:
-            frame = self.objects.get(f"indexes/{image_id}")
+            frame = self.objects.get(index_key(image_id))
         except KeyError:
             raise ImageNotFound(f"image {image_id} has no index in {self.url}") from None
         if cached:
@@ -181,7 +186,7 @@ class Store:
             except CorruptChunk as e:
                 if self.cache_dir:
                     try:
-                        os.unlink(os.path.join(self.cache_dir, "indexes", image_id))
+                        os.unlink(self._cached_index(image_id))  # type: ignore[arg-type]
                     except OSError:
                         pass
                 if attempt or not self.cache_dir:
@@ -217,12 +222,12 @@ class Store:
         """Object keys reachable from every tag (for gc)."""
         keep: set[str] = set()
         for image_id in set(self.tags().values()):
-            keep.add(f"indexes/{image_id}")
+            keep.add(index_key(image_id))
             ix = self.load_index(image_id)
             for ref in ix.all_chunks():
-                keep.add(f"packs/{ref.pack.hex()}" if ref.pack else f"chunks/{ref.digest.hex()}")
+                keep.add(object_key(ref))
         return keep
 
     def iter_objects(self) -> Iterator[str]:
-        for kind in ("indexes", "chunks", "packs", "profiles"):
-            yield from self.objects.list(kind + "/")
+        for kind in DATA_KINDS:
+            yield from self.objects.list(kind_prefix(kind))

@@ -26,7 +26,8 @@ from casfs.cacheserver.objects import _slot
 from casfs.errors import ChunkUnavailable, StoreError
 from casfs.index import ChunkRef
 from casfs.store import Store
-from casfs.tiers.azcache import AzCacheTier, _key_of
+from casfs.layout import object_key as key_of
+from casfs.tiers.azcache import AzCacheTier
 from casfs.tiers.blob_http import HttpObjectStore
 from casfs.tiers.blob_local import LocalObjectStore
 
@@ -62,7 +63,7 @@ def blob_bytes(store_dir: str, ref: ChunkRef) -> bytes:
 
 def routed_to(tier: AzCacheTier, url: str, refs: list[ChunkRef]) -> list[ChunkRef]:
     """The refs whose first-ranked node is ``url``."""
-    return [r for r in refs if tier._ranked(_key_of(r))[0].url == url]
+    return [r for r in refs if tier._ranked(key_of(r))[0].url == url]
 
 
 def pair_with_primary(built, make_proxy, **tier_args):
@@ -211,7 +212,7 @@ def test_a_node_serving_flipped_bits_is_caught_by_the_digest_check_and_marked_ba
             bad[off + 48 + 10] ^= 0x40  # a payload bit: length and header still look right
             return bytes(bad)
 
-        corrupt_in_memory(a, _key_of(ref), flip)
+        corrupt_in_memory(a, key_of(ref), flip)
         tier = AzCacheTier([a.url], bad_seconds=60.0)
         with casfs.open_store(built[0], memory_bytes=0) as plain:
             pack_members = plain.open_image("t").index.pack_members
@@ -232,11 +233,11 @@ def test_a_node_serving_short_or_foreign_frames_is_skipped_and_the_next_node_ser
     assert ref.stored_len == other.stored_len
     with CacheServer(LocalObjectStore(built[0])) as a, CacheServer(LocalObjectStore(built[0])) as b:
         tier = AzCacheTier([a.url, b.url], hedge_default=30.0)
-        bad = a if tier._ranked(_key_of(ref))[0].url == a.url else b
+        bad = a if tier._ranked(key_of(ref))[0].url == a.url else b
         if fault == "short":
-            corrupt_in_memory(bad, _key_of(ref), lambda d: d[:-100])
+            corrupt_in_memory(bad, key_of(ref), lambda d: d[:-100])
         else:
-            corrupt_in_memory(bad, _key_of(ref), lambda d: bad.objects.get(_key_of(other)))
+            corrupt_in_memory(bad, key_of(ref), lambda d: bad.objects.get(key_of(other)))
         with host(built[0], tier) as s:
             assert s.chunks.get(ref) == blob_bytes(built[0], ref)
             assert tier_hits(s)["azcache"] == 1 and s.chunks.verify_failures == 0  # caught in the tier

@@ -24,7 +24,7 @@ import pytest
 
 import casfs
 from casfs.index import EntrySpec, serialize
-from casfs.tiers.blob import chunk_key
+from casfs.layout import chunk_key
 
 pytestmark = pytest.mark.fuse
 

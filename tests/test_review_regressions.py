@@ -90,7 +90,7 @@ def test_an_ssd_file_that_vanished_is_cached_again_on_the_next_put(tmp_path):
     digest, frame = chunkmod.encode(b"y" * 1000)
     ref = ChunkRef(digest, 1000, len(frame))
     tier.put(ref, frame)
-    os.unlink(tier._path(digest))
+    os.unlink(tier.path_of(digest))
     assert tier.get(ref) is None
     assert tier.read_into(ref, memoryview(bytearray(1000))) is None
     tier.put(ref, frame)

@@ -193,7 +193,7 @@ def direct_pinned(blob, refs, threads: int, dev: str) -> float:
     """Prototype of a zero-copy raw path: pread the payload of a raw frame straight into a
     pinned slot (no GIL held), blake3 it there (max_threads=1), async H2D. zstd frames are
     decompressed one-shot and moved in with memmove (no GIL)."""
-    from casfs.tiers.blob import chunk_key
+    from casfs.layout import chunk_key
 
     total = sum(r.raw_len for r in refs)
     cs = max(r.raw_len for r in refs)
@@ -220,7 +220,7 @@ def direct_pinned(blob, refs, threads: int, dev: str) -> float:
             k += 1
             ev.synchronize()
             mv = memoryview((ctypes.c_char * r.raw_len).from_address(buf.data_ptr())).cast("B")
-            fd = os.open(blob.objects._path(chunk_key(r.digest)), os.O_RDONLY)
+            fd = os.open(blob.objects.local_path(chunk_key(r.digest)), os.O_RDONLY)
             try:
                 h = cm.parse_header(os.pread(fd, cm.HEADER_SIZE, 0))
                 if h.codec == cm.CODEC_RAW:

@@ -36,7 +36,8 @@ from .. import chunk as chunkmod
 from ..digest import digest_bytes
 from ..errors import BuildError
 from ..index import ChunkRef
-from ..tiers.blob import ObjectStore, chunk_key, pack_key
+from ..layout import chunk_key, pack_key
+from ..tiers.blob import ObjectStore
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 PACK_TARGET = 4 << 20  # close a pack once it holds this many bytes

@@ -25,13 +25,13 @@ import re
 import time
 
 from ..errors import CorruptChunk, StoreError
+from ..layout import name_of, parse_object_path
 from .http import HttpServer, Request, Response
 from .metrics import Metrics
 from .objects import KINDS, ObjectCache
 
 log = logging.getLogger("casfs.cacheserver")
 
-_OBJECT = re.compile(r"^/(chunks|packs|indexes)/(?:([0-9a-f]{2})/)?([0-9a-f]{64})$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 _IMMUTABLE = "public, max-age=31536000, immutable"
@@ -89,16 +89,18 @@ class CacheApp:
 
     def _route(self, req: Request) -> tuple[Response, bool]:
         """The response, and whether the request named an object (for the latency histogram)."""
-        m = _OBJECT.match(req.path)
-        if m:
+        try:
+            key, bad_path = parse_object_path(req.path), ""
+        except ValueError as e:  # an object path whose fan-out directory is wrong
+            key, bad_path = None, str(e)
+        if key is not None or bad_path:
             if req.method not in ("GET", "HEAD"):
                 return Response(405, b"only GET and HEAD\n", _TEXT + [("Allow", "GET, HEAD")]), False
             if not self._authorized(req):
                 return self._unauthorized(), False
-            kind, fan, name = m.groups()
-            if fan is not None and fan != name[:2]:
-                return Response(404, b"fan-out directory does not match the name\n", _TEXT), False
-            return self._object(req, f"{kind}/{name}", name), True
+            if key is None:
+                return Response(404, f"{bad_path}\n".encode(), _TEXT), False
+            return self._object(req, key, name_of(key)), True
         return self._other(req), False
 
     def _unauthorized(self) -> Response:

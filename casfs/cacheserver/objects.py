@@ -29,6 +29,7 @@ from .. import chunk as chunkmod
 from ..digest import digest_bytes
 from ..errors import CorruptChunk
 from ..index import ChunkRef
+from ..layout import CHUNKS, IMMUTABLE_KINDS, PACKS, fanout_name, split_key
 from ..tiers.blob import ObjectStore
 from ..tiers.memory import MemoryCache
 from ..tiers.ssd import SsdTier
@@ -36,7 +37,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("casfs.cacheserver")
 
-KINDS = ("chunks", "packs", "indexes")
+KINDS = IMMUTABLE_KINDS
 SERVER_SUBDIR = "azcache-server"
 
 
@@ -47,11 +48,14 @@ def verify_object(key: str, data: bytes | memoryview) -> None:
         CorruptChunk: when the bytes do not hash to the name (or a frame is malformed).
         ValueError: for a key that is not an immutable object name.
     """
-    kind, _, name = key.partition("/")
+    try:
+        kind, name = split_key(key)
+    except ValueError:
+        kind, name = "", ""
     if kind not in KINDS or len(name) != 64:
         raise ValueError(f"{key!r} is not an immutable object (chunks/, packs/ or indexes/ + 64 hex)")
     digest = bytes.fromhex(name)
-    if kind == "packs":
+    if kind == PACKS:
         if digest_bytes(data) != digest:
             raise CorruptChunk(f"pack {name[:16]}… failed digest verification ({len(data)} bytes)")
     else:
@@ -165,11 +169,16 @@ class ObjectCache:
                 return None
         return None
 
+    def _host_path(self, key: str) -> str | None:
+        """Where the host's ssd cache would hold loose chunk ``key`` (None: not applicable)."""
+        if not self.host_chunks:
+            return None
+        kind, name = split_key(key)
+        return os.path.join(self.host_chunks, fanout_name(name)) if kind == CHUNKS else None
+
     def _host_has(self, key: str) -> bool:
-        if not self.host_chunks or not key.startswith("chunks/"):
-            return False
-        name = key[7:]
-        return os.path.exists(os.path.join(self.host_chunks, name[:2], name))
+        path = self._host_path(key)
+        return path is not None and os.path.exists(path)
 
     def size(self, key: str) -> int | None:
         """The size of object ``key`` without filling anything (None when the blob lacks it).
@@ -197,10 +206,10 @@ class ObjectCache:
     def _local_paths(self, key: str, ref: ChunkRef) -> list[str]:
         paths = []
         if self.ssd is not None and self.ssd.contains(ref):
-            paths.append(self.ssd._path(ref.digest))  # noqa: SLF001 - same package family
-        if self.host_chunks and key.startswith("chunks/"):
-            name = key[7:]
-            paths.append(os.path.join(self.host_chunks, name[:2], name))
+            paths.append(self.ssd.path_of(ref.digest))
+        host = self._host_path(key)
+        if host is not None:
+            paths.append(host)
         return paths
 
     def _load(self, key: str, ref: ChunkRef) -> tuple[bytes, str]:
@@ -212,10 +221,10 @@ class ObjectCache:
                     self.metrics.inc("casfs_cache_hits_total", tier="ssd")
                     return data, "ssd"
                 self.ssd.delete(ref)
-        if self.host_chunks and key.startswith("chunks/"):
-            name = key[7:]
+        host = self._host_path(key)
+        if host is not None:
             try:
-                with open(os.path.join(self.host_chunks, name[:2], name), "rb") as f:
+                with open(host, "rb") as f:
                     data = f.read()
             except OSError:
                 data = None

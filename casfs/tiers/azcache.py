@@ -57,6 +57,7 @@ from urllib.parse import parse_qs, urlsplit
 from .. import chunk as chunkmod
 from ..errors import CorruptChunk, StoreError
 from ..index import ChunkRef
+from ..layout import FANOUT, FLAT, object_key, pack_key, relpath
 from .base import Tier
 
 log = logging.getLogger("casfs.azcache")
@@ -104,8 +105,7 @@ class _Node:
     stats: NodeStats = field(default_factory=NodeStats)
 
     def path(self, key: str) -> str:
-        kind, _, name = key.partition("/")
-        return f"{self.base}{kind}/{name}" if self.flat else f"{self.base}{kind}/{name[:2]}/{name}"
+        return self.base + relpath(key, FLAT if self.flat else FANOUT)
 
     def available(self, now: float) -> bool:
         return now >= self.down_until
@@ -144,10 +144,6 @@ def parse_node_url(url: str) -> tuple[str, int, str, bool]:
     except ValueError:
         raise StoreError(f"azcache URL {url!r}: invalid port") from None
     return u.hostname, port, u.path.rstrip("/") + "/", layout == "flat"
-
-
-def _key_of(ref: ChunkRef) -> str:
-    return f"packs/{ref.pack.hex()}" if ref.pack is not None else f"chunks/{ref.digest.hex()}"
 
 
 class AzCacheTier(Tier):
@@ -222,7 +218,7 @@ class AzCacheTier(Tier):
     def get(self, ref: ChunkRef) -> bytes | None:
         """The frame of ``ref`` from the best available node; None when it is missing or no
         node is available. Raises StoreError when every node tried failed."""
-        key = _key_of(ref)
+        key = object_key(ref)
         rng = (ref.pack_off, ref.stored_len) if ref.pack is not None else None
 
         def check(data: bytes) -> str:
@@ -239,7 +235,7 @@ class AzCacheTier(Tier):
 
     def get_span(self, pack: bytes, offset: int, length: int) -> bytes | None:
         """``length`` bytes at ``offset`` of pack ``pack`` (many frames in one request)."""
-        return self._read(f"packs/{pack.hex()}", (offset, length), length,
+        return self._read(pack_key(pack), (offset, length), length,
                           lambda d: "" if len(d) == length else f"{len(d)} bytes, expected {length}")
 
     def put(self, ref: ChunkRef, data: bytes) -> None:
@@ -250,7 +246,7 @@ class AzCacheTier(Tier):
 
     def contains(self, ref: ChunkRef) -> bool:
         """Whether the first available node can serve ``ref`` (HEAD; False on any failure)."""
-        key = _key_of(ref)
+        key = object_key(ref)
         for node in self._ranked(key)[:1]:
             conn = None
             try:
@@ -268,7 +264,7 @@ class AzCacheTier(Tier):
     def rejected(self, ref: ChunkRef) -> None:
         """The store found a frame from this tier corrupt: skip the node that served it."""
         with self._lock:
-            node = self._served.get(_key_of(ref))
+            node = self._served.get(object_key(ref))
         if node is not None:
             self._mark_bad(node, f"served chunk {ref.digest.hex()[:16]} that failed digest verification")
 

@@ -22,6 +22,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 from .. import chunk as chunkmod
 from ..index import ChunkRef
+from ..layout import chunk_key, pack_key
 from .base import Tier
 
 
@@ -39,14 +40,6 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def size(self, key: str) -> int: ...
-
-
-def chunk_key(digest: bytes) -> str:
-    return f"chunks/{digest.hex()}"
-
-
-def pack_key(digest: bytes) -> str:
-    return f"packs/{digest.hex()}"
 
 
 class BlobTier(Tier):

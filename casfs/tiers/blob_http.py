@@ -40,7 +40,7 @@ from typing import Iterator
 from urllib.parse import quote, urlsplit
 
 from ..errors import StoreError
-from .blob_local import check_key
+from ..layout import FANOUT, check_key, relpath
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -142,8 +142,7 @@ class HttpObjectStore:
     # -- HTTP ------------------------------------------------------------------------------
 
     def _path(self, key: str) -> str:
-        kind, _, name = check_key(key).partition("/")
-        return self.base_path + quote(f"{kind}/{name[:2]}/{name}", safe="/")
+        return self.base_path + quote(relpath(key, FANOUT), safe="/")
 
     def _request(self, method: str, path: str, headers: dict[str, str] | None = None,
                  what: str = "") -> _Response:

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Iterator
 
 from ..errors import StoreError
 from ..fsutil import atomic_write
-
-_KEY = re.compile(r"^[a-z]+/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
-
-
-def check_key(key: str) -> str:
-    """Validate an object key ('kind/name', no path tricks).
-
-    Raises:
-        ValueError: for a key that could escape the store or is malformed.
-    """
-    if not _KEY.match(key) or ".." in key:
-        raise ValueError(f"invalid object key {key!r}")
-    return key
+from ..layout import FANOUT, kind_prefix, relpath
 
 
 class LocalObjectStore:
@@ -46,8 +33,7 @@ class LocalObjectStore:
             raise StoreError(f"store directory {self.root} does not exist")
 
     def _path(self, key: str) -> str:
-        kind, _, name = check_key(key).partition("/")
-        return os.path.join(self.root, kind, name[:2], name)
+        return os.path.join(self.root, relpath(key, FANOUT))
 
     def local_path(self, key: str) -> str:
         """The file that holds object ``key`` (it may not exist). Lets readers ``pread`` an
@@ -101,7 +87,7 @@ class LocalObjectStore:
         for sub in sorted(os.scandir(base), key=lambda e: e.name):
             if sub.is_dir():
                 for f in sorted(os.listdir(sub.path)):
-                    yield f"{kind}/{f}"
+                    yield kind_prefix(kind) + f
 
     def size(self, key: str) -> int:
         try:

@@ -34,7 +34,7 @@ from typing import Iterator
 from urllib.parse import quote, urlencode
 
 from ..errors import StoreError
-from .blob_local import check_key
+from ..layout import FLAT, relpath
 
 try:
     import boto3
@@ -166,8 +166,8 @@ class S3ObjectStore:
     # -- keys and errors -------------------------------------------------------------------
 
     def _key(self, key: str) -> str:
-        check_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
+        path = relpath(key, FLAT)
+        return f"{self.prefix}/{path}" if self.prefix else path
 
     def _where(self) -> str:
         return f"s3://{self.bucket}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")

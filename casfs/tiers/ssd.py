@@ -27,6 +27,7 @@ from collections import OrderedDict
 from .. import chunk as chunkmod
 from ..fsutil import atomic_write
 from ..index import ChunkRef
+from ..layout import fanout_name
 from .base import Tier
 
 
@@ -50,9 +51,9 @@ class SsdTier(Tier):
         os.makedirs(os.path.join(self.root, "tmp"), exist_ok=True)
         self._scan()
 
-    def _path(self, digest: bytes) -> str:
-        h = digest.hex()
-        return os.path.join(self.root, h[:2], h)
+    def path_of(self, digest: bytes) -> str:
+        """The file that holds (or would hold) the frame of ``digest``."""
+        return os.path.join(self.root, fanout_name(digest.hex()))
 
     def _scan(self) -> None:
         """Rebuild the LRU from the directory (oldest mtime first); drop leftover temp files."""
@@ -80,7 +81,7 @@ class SsdTier(Tier):
 
     def get(self, ref: ChunkRef) -> bytes | None:
         t0 = time.perf_counter()
-        p = self._path(ref.digest)
+        p = self.path_of(ref.digest)
         try:
             with open(p, "rb") as f:
                 data = f.read()
@@ -112,7 +113,7 @@ class SsdTier(Tier):
         it and goes on to the next tier); ``buf`` then holds unspecified bytes.
         """
         t0 = time.perf_counter()
-        p = self._path(ref.digest)
+        p = self.path_of(ref.digest)
         try:
             fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError:
@@ -141,7 +142,7 @@ class SsdTier(Tier):
             if ref.digest in self._lru:
                 return
         try:
-            atomic_write(self._path(ref.digest), data, fsync=self.fsync, tmp_dir=os.path.join(self.root, "tmp"),
+            atomic_write(self.path_of(ref.digest), data, fsync=self.fsync, tmp_dir=os.path.join(self.root, "tmp"),
                          makedirs=True, mode=0o644)
         except OSError as e:
             self._stats.record_error()
@@ -162,7 +163,7 @@ class SsdTier(Tier):
                 evict.append(d)
         for d in evict:
             try:
-                os.unlink(self._path(d))
+                os.unlink(self.path_of(d))
             except OSError:
                 pass
         self._stats.record_put(len(data))
@@ -185,7 +186,7 @@ class SsdTier(Tier):
     def delete(self, ref: ChunkRef) -> None:
         self._forget(ref.digest)
         try:
-            os.unlink(self._path(ref.digest))
+            os.unlink(self.path_of(ref.digest))
         except OSError:
             pass
 
