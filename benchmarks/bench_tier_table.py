@@ -44,8 +44,8 @@ from casfs.index import ChunkRef  # noqa: E402
 from casfs.layout import object_key, relpath  # noqa: E402
 from casfs.store import Store  # noqa: E402
 from casfs.tiers.azcache import AzCacheTier  # noqa: E402
-from casfs.tiers.blob_http import HttpObjectStore  # noqa: E402
-from casfs.tiers.blob_local import LocalObjectStore  # noqa: E402
+from casfs.objects.http import HttpObjectStore  # noqa: E402
+from casfs.objects.local import LocalObjectStore  # noqa: E402
 from servers import NGINX, missing_binary, nginx_static  # noqa: E402
 
 PY = sys.executable
@@ -337,7 +337,7 @@ _STDLIB_SERVER = """
 import sys, re
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 sys.path.insert(0, {root!r})
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.local import LocalObjectStore
 store = LocalObjectStore({store!r})
 cache = {{}}
 class H(BaseHTTPRequestHandler):

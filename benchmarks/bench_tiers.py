@@ -10,7 +10,7 @@ read through ``Image.read_entry`` from each tier in turn:
               read + decode + verify per chunk
   blob-local  no memory or ssd tier: every read fetches the chunk object from the local blob
               store (in the page cache) and decodes + verifies it
-  blob-s3     as blob-local, from moto_server on 127.0.0.1 (when casfs.tiers.blob_s3 and
+  blob-s3     as blob-local, from moto_server on 127.0.0.1 (when casfs.objects.s3 and
               tests/servers.py exist; moto is slow per request: a correctness server, not a
               yardstick for S3 itself)
 
@@ -101,9 +101,9 @@ def tier_hits(store) -> dict[str, int]:
 def s3_endpoint():
     """moto_server on 127.0.0.1: yields (its URL, "") or (None, the reason it is unavailable)."""
     try:
-        import casfs.tiers.blob_s3  # noqa: F401
+        import casfs.objects.s3  # noqa: F401
     except ImportError as e:
-        yield None, f"casfs.tiers.blob_s3 unavailable ({e})"
+        yield None, f"casfs.objects.s3 unavailable ({e})"
         return
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     try:
@@ -225,7 +225,7 @@ def run_kind(kind: str, args, work: str, s3_url: str | None, rng: random.Random)
         s3 = None
         t_up = None
         if s3_url:
-            from casfs.tiers.blob_s3 import S3ObjectStore
+            from casfs.objects.s3 import S3ObjectStore
 
             S3ObjectStore("casfs-bench", endpoint_url=s3_url).create_bucket()
             url = f"s3://casfs-bench/{kind}?endpoint={s3_url}"

@@ -1,13 +1,15 @@
-"""Opening stores from URLs: ``file://`` / plain paths (default), ``s3://``, ``http(s)://``."""
+"""Opening stores from URLs (``file://`` / plain paths (default), ``s3://``, ``http(s)://``:
+the scheme table is ``casfs.objects``), and casfs's home directory."""
 
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qs, urlparse
 
 from .errors import StoreError
+from .objects import open_objects
 from .store import Store
-from .tiers.blob import ObjectStore
+
+__all__ = ["default_store_url", "home_dir", "open_objects", "open_store"]
 
 
 def home_dir() -> str:
@@ -22,44 +24,6 @@ def home_dir() -> str:
 def default_store_url() -> str:
     """``$CASFS_STORE``, else the embedded local store ``$CASFS_HOME/store``."""
     return os.environ.get("CASFS_STORE") or "file://" + os.path.join(home_dir(), "store")
-
-
-def open_objects(url: str) -> ObjectStore:
-    """The blob-store backend for ``url``.
-
-    ``s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1`` (endpoint also from
-    ``CASFS_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL``); ``http(s)://host/path`` is read-only.
-
-    Raises:
-        StoreError: for an unknown scheme or malformed URL.
-    """
-    u = urlparse(url)
-    if u.scheme in ("", "file"):
-        path = u.path if u.scheme == "file" else url
-        if u.scheme == "file" and u.netloc not in ("", "localhost"):
-            raise StoreError(f"{url}: file URLs name a local path (file:///abs/path)")
-        if not path:
-            raise StoreError(f"{url}: empty store path")
-        from .tiers.blob_local import LocalObjectStore
-
-        return LocalObjectStore(path)
-    if u.scheme == "s3":
-        if not u.netloc:
-            raise StoreError(f"{url}: an S3 URL needs a bucket: s3://bucket/prefix")
-        q = parse_qs(u.query)
-        try:
-            from .tiers.blob_s3 import S3ObjectStore
-        except ImportError as e:
-            raise StoreError(f"S3 stores need boto3: pip install 'casfs[s3]' ({e})") from None
-        endpoint = (q.get("endpoint") or [None])[0] or os.environ.get("CASFS_S3_ENDPOINT") \
-            or os.environ.get("AWS_ENDPOINT_URL")
-        region = (q.get("region") or [None])[0]
-        return S3ObjectStore(u.netloc, u.path.strip("/"), endpoint_url=endpoint, region=region)
-    if u.scheme in ("http", "https"):
-        from .tiers.blob_http import HttpObjectStore
-
-        return HttpObjectStore(url)
-    raise StoreError(f"{url}: unknown store scheme {u.scheme!r} (use a path, file://, s3:// or http(s)://)")
 
 
 def open_store(url: str | None = None, *, cache_dir: str | None = None, cache_bytes: int = 50 << 30,

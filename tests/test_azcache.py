@@ -24,7 +24,7 @@ from casfs.errors import StoreError
 from casfs.index import ChunkRef
 from casfs.store import Store
 from casfs.tiers.azcache import AzCacheTier
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.local import LocalObjectStore
 
 from conftest import write_tree
 
@@ -321,7 +321,7 @@ def test_nginx_proxy_cache_in_front_of_s3_works_with_the_flat_layout(built, monk
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     from casfs.copy import copy_image
-    from casfs.tiers.blob_s3 import S3ObjectStore
+    from casfs.objects.s3 import S3ObjectStore
 
     with moto_server() as endpoint:
         s3 = S3ObjectStore("casfs-test", "img", endpoint_url=endpoint, region="us-east-1")

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import casfs
 from casfs.errors import StoreError
-from casfs.tiers.blob_http import HttpObjectStore
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.http import HttpObjectStore
+from casfs.objects.local import LocalObjectStore
 from conftest import write_tree
 from servers import NGINX, FaultProxy, missing_binary, nginx_static
 

@@ -23,7 +23,7 @@ from servers import MOTO_SERVER, FaultProxy, free_port, missing_binary, moto_ser
 from conftest import write_tree
 
 pytest.importorskip("boto3", reason="S3 stores need boto3 (pip install 'casfs[s3]')")
-from casfs.tiers.blob_s3 import S3ObjectStore  # noqa: E402
+from casfs.objects.s3 import S3ObjectStore  # noqa: E402
 
 pytestmark = pytest.mark.skipif(missing_binary(MOTO_SERVER) is not None,
                                 reason=f"{missing_binary(MOTO_SERVER)} (pip install 'moto[server]')")

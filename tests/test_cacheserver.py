@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import casfs
 from casfs.cacheserver import CacheServer, parse_listen, parse_range, verify_object
 from casfs.errors import CorruptChunk, StoreError
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.local import LocalObjectStore
 
 from conftest import write_tree
 

@@ -28,8 +28,8 @@ from casfs.index import ChunkRef
 from casfs.store import Store
 from casfs.layout import object_key as key_of
 from casfs.tiers.azcache import AzCacheTier
-from casfs.tiers.blob_http import HttpObjectStore
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.http import HttpObjectStore
+from casfs.objects.local import LocalObjectStore
 
 from conftest import write_tree
 
@@ -255,7 +255,7 @@ def s3_store(built, tmp_path_factory):
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     from casfs.copy import copy_image
-    from casfs.tiers.blob_s3 import S3ObjectStore
+    from casfs.objects.s3 import S3ObjectStore
 
     with moto_server() as endpoint:
         s3 = S3ObjectStore("casfs-faults", "img", endpoint_url=endpoint, region="us-east-1")
@@ -268,7 +268,7 @@ def s3_store(built, tmp_path_factory):
 def test_s3_errors_and_throttling_behind_a_cache_server_are_retried_and_never_served(built, s3_store):
     """moto behind a FaultProxy that answers 503, 500 and 429 (throttling) to chosen requests;
     the cache server fills from S3 through it; botocore retries with backoff."""
-    from casfs.tiers.blob_s3 import S3ObjectStore
+    from casfs.objects.s3 import S3ObjectStore
 
     with FaultProxy(int(s3_store.rsplit(":", 1)[1])) as proxy:
         s3 = S3ObjectStore("casfs-faults", "img", endpoint_url=proxy.url, region="us-east-1")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import casfs
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.local import LocalObjectStore
 
 
 def _no_temps(d) -> bool:

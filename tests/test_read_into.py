@@ -20,7 +20,7 @@ from casfs.build.packer import WEIGHT_SUFFIXES, codec_choice
 from casfs.cli.main import main as cli_main
 from casfs.digest import digest_bytes
 from casfs.errors import BuildError, ChunkUnavailable, CorruptChunk
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.local import LocalObjectStore
 
 from conftest import write_tree
 

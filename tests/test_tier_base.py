@@ -16,7 +16,7 @@ from casfs.store import Store
 from casfs.tiered import TieredStore
 from casfs.tiers.base import Tier
 from casfs.tiers.blob import BlobTier
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.local import LocalObjectStore
 from casfs.tiers.memory import MemoryCache
 
 from conftest import write_tree

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import casfs
 from casfs.errors import ChunkUnavailable
-from casfs.tiers.blob_local import LocalObjectStore
+from casfs.objects.local import LocalObjectStore
 
 from conftest import write_tree
 

@@ -37,7 +37,7 @@ from ..digest import digest_bytes
 from ..errors import BuildError
 from ..index import ChunkRef
 from ..layout import chunk_key, pack_key
-from ..tiers.blob import ObjectStore
+from ..objects.base import ObjectStore
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 PACK_TARGET = 4 << 20  # close a pack once it holds this many bytes

@@ -3,7 +3,7 @@
 Path layout (what any HTTP cache must offer to work as the ``azcache`` tier):
 
 - ``GET|HEAD /<kind>/<hex[:2]>/<hex>``: the store object ``<kind>/<hex>``, the same layout as a
-  local store directory served by a static web server (``casfs.tiers.blob_http``), where
+  local store directory served by a static web server (``casfs.objects.http``), where
   ``<kind>`` is ``chunks``, ``packs`` or ``indexes`` and ``<hex>`` is 64 hex digits;
 - ``GET|HEAD /<kind>/<hex>``: the same object, flat (the layout of S3 keys under a prefix);
 - ``Range: bytes=a-b`` (one range; ``a-`` and ``-n`` too) answers 206 with ``Content-Range``;

@@ -30,7 +30,7 @@ from ..digest import digest_bytes
 from ..errors import CorruptChunk
 from ..index import ChunkRef
 from ..layout import CHUNKS, IMMUTABLE_KINDS, PACKS, fanout_name, split_key
-from ..tiers.blob import ObjectStore
+from ..objects.base import ObjectStore
 from ..tiers.memory import MemoryCache
 from ..tiers.ssd import SsdTier
 from .metrics import Metrics

@@ -8,7 +8,7 @@ import os
 import socket
 
 from ..errors import StoreError
-from ..tiers.blob import ObjectStore
+from ..objects.base import ObjectStore
 from .app import CacheApp
 from .http import HttpServer
 from .metrics import Metrics

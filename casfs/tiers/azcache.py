@@ -2,7 +2,7 @@
 
 Placed between the ssd tier and the blob tier (``open_store(azcache=...)`` or
 ``$CASFS_AZCACHE``, a comma-separated URL list). It speaks plain HTTP GET with ``Range`` to
-the path layout of a store directory (``casfs.tiers.blob_http``)::
+the path layout of a store directory (``casfs.objects.http``)::
 
     <base>/chunks/<hex[:2]>/<hex>   a loose chunk frame
     <base>/packs/<hex[:2]>/<hex>    a pack; a packed chunk or a pack span is a byte range of it

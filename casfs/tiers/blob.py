@@ -1,15 +1,8 @@
-"""The blob store: the durable bottom tier, an object store of named byte strings.
+"""The blob tier: the durable bottom tier, chunk frames read from an object store.
 
-Object names (keys)::
-
-    chunks/<hex>    one chunk frame (large chunks)
-    packs/<hex>     many small chunk frames back to back (read with ranged GETs)
-    indexes/<hex>   an image index, as a chunk frame; <hex> is the image id
-    tags/<name>     a text file holding an image id
-    profiles/<hex>  a startup access profile
-
-``ObjectStore`` is the backend protocol (local directory, S3, HTTP); ``BlobTier`` adapts one to
-the chunk ``Tier`` protocol. A backend whose objects are local files may also offer
+``BlobTier`` adapts an object store (``casfs.objects``: local directory, S3, HTTP; key ->
+bytes, keys from ``casfs.layout``) to the chunk ``Tier`` interface: a loose chunk is its own
+object, a packed one a byte range of its pack. A backend whose objects are local files offers
 ``local_path(key) -> str``; ``BlobTier.read_into`` then reads frames (loose or inside a pack)
 straight from those files into a caller's buffer.
 """
@@ -18,28 +11,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, Protocol, runtime_checkable
 
 from .. import chunk as chunkmod
 from ..index import ChunkRef
 from ..layout import chunk_key, pack_key
+from ..objects.base import ObjectStore
 from .base import Tier
-
-
-@runtime_checkable
-class ObjectStore(Protocol):
-    """A flat namespace of immutable objects. Thread-safe. Missing objects raise KeyError."""
-
-    url: str
-    read_only: bool
-
-    def get(self, key: str) -> bytes: ...
-    def get_range(self, key: str, offset: int, length: int) -> bytes: ...
-    def put(self, key: str, data: bytes) -> None: ...
-    def contains(self, key: str) -> bool: ...
-    def delete(self, key: str) -> None: ...
-    def list(self, prefix: str) -> Iterator[str]: ...
-    def size(self, key: str) -> int: ...
 
 
 class BlobTier(Tier):

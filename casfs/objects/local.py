@@ -1,13 +1,28 @@
-"""Local-directory blob store: the embedded default (``file:///path`` or a plain path)."""
+"""Local-directory object store: the embedded default (``file:///path`` or a plain path)."""
 
 from __future__ import annotations
 
 import os
 from typing import Iterator
+from urllib.parse import SplitResult
 
 from ..errors import StoreError
 from ..fsutil import atomic_write
 from ..layout import FANOUT, kind_prefix, relpath
+
+
+def from_url(url: str, parts: SplitResult) -> "LocalObjectStore":
+    """The store for a plain path or ``file:///abs/path`` (``casfs.objects``'s scheme table).
+
+    Raises:
+        StoreError: for a file URL with a host, or an empty path.
+    """
+    path = parts.path if parts.scheme else url
+    if parts.scheme and parts.netloc not in ("", "localhost"):
+        raise StoreError(f"{url}: file URLs name a local path (file:///abs/path)")
+    if not path:
+        raise StoreError(f"{url}: empty store path")
+    return LocalObjectStore(path)
 
 
 class LocalObjectStore:

@@ -1,7 +1,7 @@
 """Read-only HTTP(S) blob store: images published by any static web server or CDN.
 
-Layout: the SAME as a local store directory (``casfs.tiers.blob_local``): object
-``kind/name`` is fetched from ``<base>/<kind>/<name[:2]>/<name>``. So a local store directory
+Layout: the SAME as a local store directory (``casfs.objects.local``): object
+``kind/name`` is fetched from ``<base>/<kind>/<name[:2]>/<name>`` (``casfs.layout.FANOUT``). So a local store directory
 served as static files is a valid read-only store, e.g. with nginx::
 
     location /casfs/ {
@@ -37,7 +37,7 @@ import ssl
 import threading
 import time
 from typing import Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from ..errors import StoreError
 from ..layout import FANOUT, check_key, relpath
@@ -91,6 +91,11 @@ class _Pool:
             idle, self._idle = self._idle, []
         for c in idle:
             c.close()
+
+
+def from_url(url: str, parts: SplitResult) -> "HttpObjectStore":
+    """The read-only store at ``http(s)://host[:port]/path/`` (``casfs.objects``'s table)."""
+    return HttpObjectStore(url)
 
 
 class HttpObjectStore:

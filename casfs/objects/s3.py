@@ -1,6 +1,6 @@
 """S3 blob store (boto3): AWS S3 or any S3-compatible store through an endpoint URL.
 
-URL form (see ``casfs.urls``)::
+URL form (``from_url``)::
 
     s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1
 
@@ -27,11 +27,12 @@ Behaviour:
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
 import time
 from typing import Iterator
-from urllib.parse import quote, urlencode
+from urllib.parse import SplitResult, parse_qs, quote, urlencode
 
 from ..errors import StoreError
 from ..layout import FLAT, relpath
@@ -95,6 +96,22 @@ def _read_body(resp: dict, offset: int, length: int | None) -> tuple[bytes, int 
         raise _Truncated(f"asked for bytes {offset}-{offset + length - 1}, "
                          f"got {resp.get('ContentRange')!r} ({len(data)} bytes)")
     return data, None if m.group(3) == "*" else int(m.group(3))
+
+
+def from_url(url: str, parts: SplitResult) -> "S3ObjectStore":
+    """The store for ``s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1``
+    (endpoint also from ``CASFS_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL``).
+
+    Raises:
+        StoreError: for a URL without a bucket.
+    """
+    if not parts.netloc:
+        raise StoreError(f"{url}: an S3 URL needs a bucket: s3://bucket/prefix")
+    q = parse_qs(parts.query)
+    endpoint = (q.get("endpoint") or [None])[0] or os.environ.get("CASFS_S3_ENDPOINT") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    region = (q.get("region") or [None])[0]
+    return S3ObjectStore(parts.netloc, parts.path.strip("/"), endpoint_url=endpoint, region=region)
 
 
 class S3ObjectStore:
