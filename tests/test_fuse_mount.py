@@ -424,7 +424,7 @@ def test_a_recorded_profile_is_replayed_into_the_memory_tier(tree_image, mounts,
         assert "/" + rel in shown
     assert "total:" in shown
 
-    from casfs.prefetch import load_profile
+    from casfs.profiles import load_profile
 
     prof = load_profile(store, image.id)
     expect = {r.digest for r in prof.refs()}

@@ -1,4 +1,5 @@
-"""casfs.prefetch: readahead windows, safetensors headers, startup profiles (no FUSE needed)."""
+"""Prefetch: readahead windows (casfs.readahead), safetensors headers (casfs.safetensors_header),
+startup profiles (casfs.profiles); no FUSE needed."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from hypothesis import strategies as st
 import casfs
 from casfs import chunk as chunkmod
 from casfs.errors import CorruptChunk
-from casfs.prefetch import (Profile, ProfileItem, ProfileRecorder, ProfileReplayer, Readahead,
-                            check_profile, decode_profile, encode_profile, load_profile, profile_key,
-                            safetensors_header_size, safetensors_region, save_profile)
+from casfs.profiles import (Profile, ProfileItem, ProfileRecorder, ProfileReplayer, check_profile,
+                            decode_profile, encode_profile, load_profile, profile_key, save_profile)
+from casfs.readahead import Readahead
+from casfs.safetensors_header import safetensors_header_size, safetensors_region
 
 MiB = 1 << 20
 

@@ -112,7 +112,7 @@ def cmd_profile_stop(args: argparse.Namespace) -> int:
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
     from casfs.errors import CasfsError
-    from casfs.prefetch import load_profile
+    from casfs.profiles import load_profile
 
     store = open_store_from_args(args)
     image = store.open_image(args.name)

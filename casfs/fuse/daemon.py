@@ -38,7 +38,7 @@ class _Daemon:
     """One mount being served: the pieces ``serve`` wires together on the trio loop."""
 
     def __init__(self, image: "Image", mountpoint: str, opts: MountOptions) -> None:
-        from ..prefetch import ProfileRecorder
+        from ..profiles import ProfileRecorder
         from .ops import CasfsOperations
 
         self.image = image
@@ -68,7 +68,7 @@ class _Daemon:
 
     def save_recording(self) -> dict:
         """Stop recording and store the profile (once). Raises MountError when not recording."""
-        from ..prefetch import save_profile
+        from ..profiles import save_profile
 
         with self._save_lock:
             if self.recorder is None:
@@ -82,7 +82,7 @@ class _Daemon:
 
     def start_replay(self) -> None:
         """Prefetch the image's stored profile in the background (nothing when there is none)."""
-        from ..prefetch import ProfileReplayer, check_profile, load_profile
+        from ..profiles import ProfileReplayer, check_profile, load_profile
 
         image = self.image
         try:

@@ -32,7 +32,9 @@ import pyfuse3
 import trio
 
 from ..errors import CasfsError
-from ..prefetch import ProfileRecorder, Readahead, safetensors_header_size, safetensors_region
+from ..profiles import ProfileRecorder
+from ..readahead import Readahead
+from ..safetensors_header import safetensors_header_size, safetensors_region
 
 if TYPE_CHECKING:
     from ..image import Image

@@ -1,29 +1,15 @@
-"""Readahead windows and startup profiles: deciding which chunks to fetch before they are read.
+"""Startup profiles: the chunks an image's first boot touched, replayed as a prefetch list later.
 
-Three mechanisms, all best effort (a prefetch that fails is logged by the store, never raised):
-
-* ``Readahead``: one per open file. Detects sequential reads and answers which chunk numbers
-  to fetch ahead; its window doubles with every sequential read, from one chunk up to
-  ``max_ahead_bytes`` (default 64 MiB, at most ``max_chunks`` chunks), and collapses on a
-  random jump. ``hint_region`` switches it to *stream mode* for a byte range known to be read
-  in order (the data region of a safetensors file): the window stays at its maximum and jumps
-  inside the region do not reset it.
-* ``safetensors_region``: where the tensor bytes of a ``*.safetensors`` file lie, from its
-  first bytes (8-byte little-endian header length, then a JSON header).
-* Startup profiles: ``ProfileRecorder`` notes the first touch of every (entry, chunk) during
-  a boot; ``encode_profile``/``decode_profile`` give it a compact, validated binary form
-  stored as the object ``profiles/<image id>``; ``ProfileReplayer`` fetches the chunks of a
-  profile in order on a few background threads, backing off while foreground reads wait on
-  the store.
-
-Nothing here knows about FUSE: the mount and any other reader (the weights loader, snapshot
-restore) drive these classes with plain offsets.
+``ProfileRecorder`` notes the first touch of every (entry, chunk) during a boot;
+``encode_profile``/``decode_profile`` give it a compact, validated binary form stored as the
+object ``profiles/<image id>`` (``casfs.layout.profile_key``); ``ProfileReplayer`` fetches the
+chunks of a profile in order on a few background threads, backing off while foreground reads
+wait on the store. Best effort: a prefetch that fails is logged by the store, never raised.
+Nothing here knows about FUSE: the mount drives these classes with plain entry/chunk numbers.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import struct
 import threading
 import time
@@ -40,141 +26,9 @@ if TYPE_CHECKING:
     from .image import Image
     from .store import Store
 
-log = logging.getLogger("casfs.prefetch")
-
-# ---------------------------------------------------------------------------------------------
-# Sequential readahead
-
-
-class Readahead:
-    """Sequential-read detection for one open file.
-
-    Args:
-        chunk_size: the image's chunk size in bytes.
-        file_size: the file's size in bytes.
-        max_ahead_bytes: the largest window, in bytes past the end of the latest read.
-        max_chunks: the largest window in chunks (bounds the work for tiny chunk sizes).
-
-    ``on_read(offset, size)`` returns the chunk numbers to start fetching now; each chunk is
-    returned at most once while the reader keeps moving forward (after a random jump, chunks
-    may be returned again: the store skips those already in memory).
-    """
-
-    __slots__ = ("chunk_size", "n_chunks", "max_window", "window", "next_off", "issued_to",
-                 "region", "furthest", "sequential_reads", "resets")
-
-    def __init__(self, chunk_size: int, file_size: int, *, max_ahead_bytes: int = 64 << 20,
-                 max_chunks: int = 64) -> None:
-        if chunk_size <= 0:
-            raise ValueError("chunk_size must be > 0")
-        self.chunk_size = chunk_size
-        self.n_chunks = -(-file_size // chunk_size)
-        self.max_window = max(1, min(max_chunks, max_ahead_bytes // chunk_size))
-        self.window = 0  # chunks ahead of the latest read; 0 = not sequential (yet)
-        self.next_off = -1  # where a sequential reader reads next
-        self.issued_to = -1  # highest chunk number handed out
-        self.region: tuple[int, int] | None = None  # stream mode: [first chunk, last chunk]
-        self.furthest = -1  # highest chunk read so far
-        self.sequential_reads = 0
-        self.resets = 0
-
-    def hint_region(self, start: int, end: int) -> range:
-        """Declare bytes [start, end) as read in order; returns the chunks to fetch now."""
-        if end <= start or self.n_chunks == 0:
-            return range(0)
-        cs = self.chunk_size
-        first = start // cs
-        last = min(self.n_chunks - 1, (end - 1) // cs)
-        self.region = (first, last)
-        self.window = self.max_window
-        base = max(self.furthest, first - 1)
-        return self._issue(base, limit=last)
-
-    def on_read(self, offset: int, size: int) -> range:
-        """Record a read of ``size`` bytes at ``offset``; returns chunk numbers to fetch now."""
-        if size <= 0 or self.n_chunks == 0:
-            return range(0)
-        cs = self.chunk_size
-        end = offset + size
-        last = min(self.n_chunks - 1, (end - 1) // cs)
-        if last > self.furthest:
-            self.furthest = last
-        region = self.region
-        if region is not None and region[0] <= offset // cs <= region[1] + 1:
-            self.next_off = max(self.next_off, end)
-            return self._issue(max(self.furthest, region[0] - 1), limit=region[1])
-        tol = max(4 * size, 1 << 20)
-        if self.next_off >= 0 and self.next_off - tol <= offset <= self.next_off + tol:
-            self.sequential_reads += 1
-            if offset >= self.next_off - size:  # moving forward: grow the window
-                self.window = min(self.max_window, max(1, self.window * 2))
-            self.next_off = max(self.next_off, end)
-        else:
-            if self.window:
-                self.resets += 1
-            self.window = 0
-            self.next_off = end
-            self.issued_to = last
-            return range(0)
-        return self._issue(last)
-
-    def _issue(self, base: int, limit: int | None = None) -> range:
-        top = base + self.window
-        top = min(top, self.n_chunks - 1 if limit is None else limit)
-        lo = max(self.issued_to + 1, base + 1)
-        if top < lo:
-            return range(0)
-        self.issued_to = top
-        return range(lo, top + 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors
-
-SAFETENSORS_MAX_HEADER = 100 << 20
-
-
-def safetensors_header_size(first8: bytes | memoryview) -> int | None:
-    """Bytes needed to parse a safetensors header (8 + its JSON length), or None if implausible."""
-    if len(first8) < 8:
-        return None
-    (n,) = struct.unpack_from("<Q", first8, 0)
-    if n < 2 or n > SAFETENSORS_MAX_HEADER:
-        return None
-    return 8 + n
-
-
-def safetensors_region(head: bytes | memoryview, file_size: int) -> tuple[int, int] | None:
-    """[start, end) of the tensor data of a safetensors file, from its first bytes.
-
-    ``head`` must hold at least ``safetensors_header_size(head)`` bytes. Returns None for
-    anything that is not a well-formed safetensors header (this parses untrusted bytes: a bad
-    header only means no prefetch).
-    """
-    need = safetensors_header_size(head)
-    if need is None or len(head) < need or need > file_size:
-        return None
-    try:
-        header = json.loads(bytes(head[8:need]))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__" or not isinstance(info, dict):
-            continue
-        offs = info.get("data_offsets")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(x, int) for x in offs)):
-            return None
-        end = max(end, offs[1])
-    if end <= 0:
-        return None
-    return need, min(file_size, need + end)
-
-
-# ---------------------------------------------------------------------------------------------
-# Startup profiles
+__all__ = ["MAX_PROFILE_ITEMS", "PROFILE_MAGIC", "PROFILE_VERSION", "Profile", "ProfileItem",
+           "ProfileRecorder", "ProfileReplayer", "check_profile", "decode_profile", "encode_profile",
+           "load_profile", "profile_key", "save_profile"]
 
 PROFILE_MAGIC = b"CASFSPR1"
 PROFILE_VERSION = 1
