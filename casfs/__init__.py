@@ -26,6 +26,11 @@ from .fuse.mount import MountError, MountInfo, MountOptions, is_mounted, mount, 
 from .image import Image
 from .index import ChunkRef, Stat
 from .listen import parse_listen
+from .safetensors_header import DTYPES as SAFETENSORS_DTYPES
+from .safetensors_header import InvalidSafetensors, SafetensorsHeader, TensorInfo
+from .safetensors_header import header_length as safetensors_header_length
+from .safetensors_header import parse_header as parse_safetensors_header
+from .safetensors_header import parse_shard_index as parse_safetensors_index
 from .sizes import format_size
 from .stats import TierStats, tier_stats
 from .store import Store
@@ -45,14 +50,18 @@ __all__ = [
     "ExportResult",
     "Image",
     "ImageNotFound",
+    "InvalidSafetensors",
     "MountError",
     "MountInfo",
     "MountOptions",
     "NotAFile",
     "PathNotFound",
+    "SAFETENSORS_DTYPES",
+    "SafetensorsHeader",
     "Stat",
     "Store",
     "StoreError",
+    "TensorInfo",
     "TierStats",
     "atomic_directory",
     "atomic_open",
@@ -68,7 +77,10 @@ __all__ = [
     "open_source",
     "open_store",
     "parse_listen",
+    "parse_safetensors_header",
+    "parse_safetensors_index",
     "runtime_dir",
+    "safetensors_header_length",
     "tier_stats",
     "unmount",
 ]

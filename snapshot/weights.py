@@ -16,7 +16,8 @@ chunk is read straight into where its bytes go:
   ``memmove`` (no GIL).
 
 A safetensors file is untrusted input: an 8-byte little-endian header length, a JSON header,
-then the data region. ``parse_header`` bounds the header length, rejects duplicate keys,
+then the data region. ``parse_header`` (``casfs.parse_safetensors_header``, the one parser,
+shared with the FUSE mount's prefetch) bounds the header length, rejects duplicate keys,
 unknown dtypes, non-integer or negative shapes and offsets, sizes that disagree with
 dtype x shape, tensors outside the data region and tensors that overlap. A header that lies
 can only produce ``InvalidSafetensors``, never an out-of-bounds copy.
@@ -35,8 +36,6 @@ On an error, destination tensors hold unspecified bytes.
 from __future__ import annotations
 
 import ctypes
-import json
-import posixpath
 import queue
 import threading
 import time
@@ -44,6 +43,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import casfs
+from casfs import InvalidSafetensors, SafetensorsHeader, TensorInfo
+from casfs import SAFETENSORS_DTYPES as DTYPES
+from casfs import parse_safetensors_header as parse_header
+from casfs import parse_safetensors_index as parse_shard_index
+from casfs import safetensors_header_length as header_length
 
 if TYPE_CHECKING:  # torch is imported lazily: ``import snapshot`` must not need it
     import torch
@@ -60,63 +64,13 @@ __all__ = [
     "read_header",
 ]
 
-MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
-MAX_INDEX_JSON_BYTES = 64 << 20
-MAX_DIMS = 64
 DEFAULT_CONCURRENCY = 16
 DEFAULT_STREAMS = 4
 SLOTS_PER_WORKER = 2
 
-# safetensors dtype name -> (bytes per element, torch dtype attribute name)
-DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
-    "U64": (8, "uint64"), "U32": (4, "uint32"), "U16": (2, "uint16"), "U8": (1, "uint8"),
-    "BOOL": (1, "bool"), "C64": (8, "complex64"),
-    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
-    "F8_E5M2": (1, "float8_e5m2"), "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
-}
-
-
-class InvalidSafetensors(ValueError):
-    """A safetensors file (or a sharded set's index json) is malformed, truncated or hostile."""
-
 
 class ModuleMismatch(ValueError):
     """A module's parameters do not match a file's tensors (missing, unexpected or wrong shape)."""
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One tensor of a safetensors header. ``begin``/``end`` are offsets in the data region."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """A parsed, validated header. The data region is [data_start, file_size) of the file."""
-
-    header_len: int
-    file_size: int
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
-
-    @property
-    def data_start(self) -> int:
-        return 8 + self.header_len
-
-    @property
-    def data_len(self) -> int:
-        return self.file_size - self.data_start
 
 
 @dataclass
@@ -133,121 +87,6 @@ class LoadStats:
     @property
     def gib_per_s(self) -> float:
         return self.bytes / (1 << 30) / self.seconds if self.seconds else 0.0
-
-
-# ------------------------------------------------------------------------------------------
-# Header parsing (pure Python, no torch)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k[:100]!r}")
-        out[k] = v
-    return out
-
-
-def _is_int(x: object) -> bool:
-    return type(x) is int  # bool is an int subclass; it is not a valid size
-
-
-def header_length(prefix: bytes, file_size: int, what: str = "file") -> int:
-    """Validate the 8-byte length prefix of a ``file_size``-byte safetensors file.
-
-    Raises:
-        InvalidSafetensors: the file is too short, or the length is 0, over
-            ``MAX_HEADER_BYTES`` or past the end of the file.
-    """
-    if file_size < 8 or len(prefix) < 8:
-        raise InvalidSafetensors(f"{what}: {file_size} bytes is too short for a safetensors file "
-                                 "(it needs an 8-byte header length); is the file truncated?")
-    n = int.from_bytes(prefix[:8], "little")
-    if n == 0 or n > MAX_HEADER_BYTES:
-        raise InvalidSafetensors(f"{what}: header length {n} is outside 1..{MAX_HEADER_BYTES}: "
-                                 "not a safetensors file, or a corrupted one")
-    if 8 + n > file_size:
-        raise InvalidSafetensors(f"{what}: header length {n} runs past the end of the "
-                                 f"{file_size}-byte file: the file is truncated")
-    return n
-
-
-def parse_header(raw: bytes, file_size: int, what: str = "file") -> SafetensorsHeader:
-    """Parse and validate the JSON header ``raw`` of a ``file_size``-byte safetensors file.
-
-    Every tensor must have a known dtype, a shape of non-negative integers, and data offsets
-    ``[begin, end)`` inside the data region whose length is dtype size x number of elements;
-    no two tensors may overlap. Gaps between tensors are allowed (nothing is read from them).
-
-    Raises:
-        InvalidSafetensors: with the offending tensor name and what is wrong with it.
-    """
-    n = len(raw)
-    data_len = file_size - 8 - n
-    if data_len < 0:
-        raise InvalidSafetensors(f"{what}: header runs past the end of the file (truncated)")
-    try:
-        text = raw.decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InvalidSafetensors(f"{what}: header is not valid JSON ({e}); the file is corrupted "
-                                 "or not safetensors") from None
-    if not isinstance(doc, dict):
-        raise InvalidSafetensors(f"{what}: header must be a JSON object, got {type(doc).__name__}")
-    metadata: dict[str, str] = {}
-    tensors: list[TensorInfo] = []
-    for name, spec in doc.items():
-        if name == "__metadata__":
-            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
-                raise InvalidSafetensors(f"{what}: __metadata__ must map strings to strings")
-            metadata = dict(spec)
-            continue
-        label = f"{what}: tensor {name[:200]!r}"
-        if not isinstance(spec, dict):
-            raise InvalidSafetensors(f"{label}: entry must be an object")
-        extra = set(spec) - {"dtype", "shape", "data_offsets"}
-        if extra:
-            raise InvalidSafetensors(f"{label}: unknown fields {sorted(extra)[:5]}")
-        dtype = spec.get("dtype")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise InvalidSafetensors(f"{label}: unknown dtype {str(dtype)[:40]!r} "
-                                     f"(known: {', '.join(sorted(DTYPES))})")
-        shape = spec.get("shape")
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS \
-                or not all(_is_int(d) and d >= 0 for d in shape):
-            raise InvalidSafetensors(f"{label}: shape must be a list of at most {MAX_DIMS} "
-                                     f"non-negative integers, got {str(shape)[:80]}")
-        offs = spec.get("data_offsets")
-        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
-            raise InvalidSafetensors(f"{label}: data_offsets must be [begin, end] integers")
-        begin, end = offs
-        if not (0 <= begin <= end <= data_len):
-            raise InvalidSafetensors(f"{label}: data_offsets [{begin}, {end}] fall outside the "
-                                     f"{data_len}-byte data region (truncated or corrupted file)")
-        count = 0 if 0 in shape else 1
-        for d in shape:
-            if count > data_len:  # bounds the product before it can grow huge
-                break
-            count *= d
-        want = count * DTYPES[dtype][0]
-        if want != end - begin:
-            raise InvalidSafetensors(f"{label}: {dtype}{shape} needs {want} bytes but its "
-                                     f"data_offsets span {end - begin}")
-        tensors.append(TensorInfo(name, dtype, tuple(shape), begin, end))
-    tensors.sort(key=lambda t: (t.begin, t.end))
-    prev: TensorInfo | None = None
-    for t in tensors:
-        if t.nbytes == 0:
-            continue
-        if prev is not None and t.begin < prev.end:
-            raise InvalidSafetensors(f"{what}: tensors {prev.name[:100]!r} and {t.name[:100]!r} "
-                                     "overlap in the data region")
-        prev = t
-    return SafetensorsHeader(n, file_size, {t.name: t for t in tensors}, metadata)
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,26 +131,8 @@ def read_header(image: "casfs.Image", path: str) -> SafetensorsHeader:
 def _shard_paths(image: "casfs.Image", index_path: str) -> dict[str, list[str]]:
     """shard path -> tensor names, from a ``model.safetensors.index.json``."""
     entry, size = _file_entry(image, index_path)
-    what = f"{index_path} (image {image.name})"
-    if size > MAX_INDEX_JSON_BYTES:
-        raise InvalidSafetensors(f"{what}: {size} bytes is too large for a shard index")
-    try:
-        doc = json.loads(image.read_entry(entry).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InvalidSafetensors(f"{what}: not valid JSON ({e})") from None
-    wm = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wm, dict) or not wm:
-        raise InvalidSafetensors(f"{what}: needs a non-empty 'weight_map' object of tensor -> file")
-    base = posixpath.dirname(index_path)
-    shards: dict[str, list[str]] = {}
-    for name, fname in wm.items():
-        if not isinstance(fname, str) or not fname or fname.startswith("/") \
-                or ".." in fname.split("/") or "\\" in fname:
-            raise InvalidSafetensors(f"{what}: tensor {name[:100]!r} names an unsafe shard file "
-                                     f"{str(fname)[:100]!r} (must be a relative path inside the image)")
-        shards.setdefault(posixpath.normpath(posixpath.join(base, fname)), []).append(name)
-    return shards
+    return parse_shard_index(lambda: image.read_entry(entry), size, index_path,
+                             f"{index_path} (image {image.name})")
 
 
 # ------------------------------------------------------------------------------------------

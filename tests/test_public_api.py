@@ -10,6 +10,8 @@ EXPECTED = {
     # the face snapshot/ and serve/ use (issue 11)
     "ExportResult", "MountError", "MountInfo", "MountOptions", "TierStats", "export", "format_size", "home_dir",
     "is_mounted", "parse_listen", "runtime_dir", "tier_stats",
+    "InvalidSafetensors", "SAFETENSORS_DTYPES", "SafetensorsHeader", "TensorInfo",
+    "parse_safetensors_header", "parse_safetensors_index", "safetensors_header_length",
 }
 
 
