@@ -18,9 +18,11 @@ Behaviour:
 - ``get_range`` sends ``Range: bytes=a-b``; a 206 is checked against the asked range, and a
   server that ignores ranges (200 with the whole object) is sliced locally.
 - 404 is a KeyError; 5xx, 429, timeouts and broken connections are retried with jittered
-  exponential backoff (honouring a short ``Retry-After``), then a ``StoreError``.
-- connections are HTTP/1.1 keep-alive, from a small thread-safe pool (stdlib ``http.client``:
-  no dependency beyond Python).
+  exponential backoff (honouring a short ``Retry-After``), then a ``StoreError``. This is the
+  one retry layer of an HTTP blob read (the tier walk above does not retry).
+- connections are HTTP/1.1 keep-alive, from a small thread-safe pool; pool, resend on a stale
+  connection, Content-Range and backoff are ``casfs.httpclient`` (stdlib ``http.client``: no
+  dependency beyond Python).
 - ``put``/``delete`` raise ``StoreError`` (read-only).
 - ``list`` needs a JSON directory index (nginx ``autoindex_format json``); without one it
   raises ``StoreError``. Opening an image by tag or full id never lists: tags are fetched as
@@ -29,68 +31,14 @@ Behaviour:
 
 from __future__ import annotations
 
-import http.client
 import json
-import random
-import re
-import ssl
-import threading
 import time
 from typing import Iterator
 from urllib.parse import SplitResult, quote, urlsplit
 
 from ..errors import StoreError
+from ..httpclient import NET_ERRORS, RETRY_STATUS, Answer, Backoff, ConnectionPool, exchange, parse_content_range
 from ..layout import FANOUT, check_key, relpath
-
-_RETRY_STATUS = {429, 500, 502, 503, 504}
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_RETRYABLE_ERRORS = (OSError, http.client.HTTPException)  # timeouts, resets, short bodies
-
-
-class _Response:
-    __slots__ = ("status", "headers", "body")
-
-    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-
-class _Pool:
-    """Keep-alive connections to one host, each used by one thread at a time."""
-
-    def __init__(self, scheme: str, host: str, port: int | None, *, maxsize: int, timeout: float) -> None:
-        self.scheme = scheme
-        self.host = host
-        self.port = port
-        self.maxsize = maxsize
-        self.timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-        self._ssl = ssl.create_default_context() if scheme == "https" else None
-
-    def acquire(self) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection and whether it was used before (it may have been closed by the server)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        if self._ssl is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                               context=self._ssl), False
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
-
-    def release(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if len(self._idle) < self.maxsize:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for c in idle:
-            c.close()
 
 
 def from_url(url: str, parts: SplitResult) -> "HttpObjectStore":
@@ -127,13 +75,12 @@ class HttpObjectStore:
         self.base_path = u.path.rstrip("/") + "/"
         self.url = f"{u.scheme}://{u.netloc}{self.base_path}"
         self.attempts = max(1, attempts)
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.backoff = Backoff(backoff, max_backoff)
         try:
             port = u.port
         except ValueError:
             raise StoreError(f"{url}: invalid port") from None
-        self._pool = _Pool(u.scheme, u.hostname, port, maxsize=pool_size, timeout=timeout)
+        self._pool = ConnectionPool(u.scheme, u.hostname, port, maxsize=pool_size, timeout=timeout)
         self._headers = {"User-Agent": "casfs", **(headers or {})}
         self._can_list: bool | None = None
 
@@ -150,8 +97,8 @@ class HttpObjectStore:
         return self.base_path + quote(relpath(key, FANOUT), safe="/")
 
     def _request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                 what: str = "") -> _Response:
-        """One request with retries. Returns any non-retryable response (2xx, 3xx, 4xx).
+                 what: str = "") -> Answer:
+        """One request with retries. Returns any non-retryable answer (2xx, 3xx, 4xx).
 
         A 2xx GET must be framed (Content-Length or chunked): a connection cut inside the
         headers otherwise looks like a complete response with an empty body.
@@ -161,44 +108,23 @@ class HttpObjectStore:
         """
         hdrs = {**self._headers, **(headers or {})}
         last = ""
-        stale_retry = True
-        attempt = 0
-        while attempt < self.attempts:
-            conn, reused = self._pool.acquire()
+        for attempt in range(1, self.attempts + 1):
             retry_after = None
             try:
-                conn.request(method, path, headers=hdrs)
-                resp = conn.getresponse()
-                body = resp.read()  # raises IncompleteRead on a short body
-            except _RETRYABLE_ERRORS as e:
-                conn.close()
-                if reused and stale_retry and not isinstance(e, TimeoutError):
-                    stale_retry = False  # a keep-alive connection the server had closed: once, at once
-                    continue
+                resp = exchange(self._pool, method, path, hdrs, framed=True)
+            except NET_ERRORS as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             else:
-                if resp.will_close:
-                    conn.close()
-                else:
-                    self._pool.release(conn)
-                if resp.status in _RETRY_STATUS:
-                    last = f"HTTP {resp.status} {resp.reason}"
-                    retry_after = resp.headers.get("Retry-After")
-                elif 200 <= resp.status < 300 and method == "GET" and resp.headers.get("Content-Length") is None and not resp.chunked:
-                    conn.close()
-                    last = f"HTTP {resp.status} without Content-Length (cut off?)"
-                else:
-                    return _Response(resp.status, resp.headers, body)
-            attempt += 1
+                if resp.status not in RETRY_STATUS:
+                    return resp
+                last = f"HTTP {resp.status} {resp.reason}"
+                retry_after = resp.headers.get("Retry-After")
             if attempt < self.attempts:
-                delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-                if retry_after and retry_after.isdigit():
-                    delay = max(delay, min(float(retry_after), self.max_backoff))
-                time.sleep(delay)
+                time.sleep(self.backoff.delay(attempt, retry_after))
         raise StoreError(f"{what or method} from {self.url} failed after {self.attempts} attempts "
                          f"({last}); check that the server is up and reachable")
 
-    def _fail(self, what: str, resp: _Response) -> StoreError:
+    def _fail(self, what: str, resp: Answer) -> StoreError:
         if resp.status in (401, 403):
             return StoreError(f"{what}: {self.url} answered {resp.status} (access denied); "
                               "check the URL and any credentials passed as headers")
@@ -233,9 +159,8 @@ class HttpObjectStore:
         resp = self._request("GET", self._path(key),
                              {"Range": f"bytes={offset}-{offset + length - 1}"}, what=what)
         if resp.status == 206:
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-            if not m or int(m.group(1)) != offset or len(resp.body) != int(m.group(2)) - offset + 1 \
-                    or len(resp.body) > length:
+            cr = parse_content_range(resp.headers.get("Content-Range"))
+            if cr is None or cr.first != offset or len(resp.body) != cr.length or len(resp.body) > length:
                 raise StoreError(f"{what}: {self.url} sent a different range "
                                  f"({resp.headers.get('Content-Range')!r}, {len(resp.body)} bytes)")
             return resp.body
@@ -247,7 +172,7 @@ class HttpObjectStore:
             raise KeyError(key)
         raise self._fail(what, resp)
 
-    def _head(self, key: str, what: str) -> _Response | None:
+    def _head(self, key: str, what: str) -> Answer | None:
         resp = self._request("HEAD", self._path(key), what=what)
         if resp.status == 200:
             return resp
@@ -269,9 +194,9 @@ class HttpObjectStore:
         what = f"size {key}"
         resp = self._request("GET", self._path(key), {"Range": "bytes=0-0"}, what=what)
         if resp.status == 206:
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-            if m and m.group(3) != "*" and len(resp.body) == 1:
-                return int(m.group(3))
+            cr = parse_content_range(resp.headers.get("Content-Range"))
+            if cr is not None and cr.total is not None and len(resp.body) == 1:
+                return cr.total
             raise StoreError(f"{what}: {self.url} sent no usable Content-Range "
                              f"({resp.headers.get('Content-Range')!r})")
         if resp.status == 200:  # ranges ignored: the whole object came

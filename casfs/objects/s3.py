@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import io
 import os
-import random
-import re
 import time
 from typing import Iterator
 from urllib.parse import SplitResult, parse_qs, quote, urlencode
 
 from ..errors import StoreError
+from ..httpclient import Backoff, parse_content_range
 from ..layout import FLAT, relpath
 
 try:
@@ -64,7 +63,7 @@ _BODY_ERRORS: tuple[type[BaseException], ...] = (
     _Truncated, bexc.IncompleteReadError, bexc.ResponseStreamingError, bexc.ReadTimeoutError,
     bexc.ConnectionClosedError, _Urllib3Error, ConnectionError, TimeoutError,
 )
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_BACKOFF = Backoff(0.1, 2.0)  # between our own retries of cut-off responses
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
            "ExpiredToken", "InvalidToken"}
@@ -90,12 +89,11 @@ def _read_body(resp: dict, offset: int, length: int | None) -> tuple[bytes, int 
     status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if status == 200 and "ContentRange" not in resp:  # the server ignored Range: slice
         return data[offset:offset + length], len(data)
-    m = _CONTENT_RANGE.fullmatch(resp.get("ContentRange", "").strip())
-    if not m or int(m.group(1)) != offset or int(m.group(2)) - offset + 1 != len(data) \
-            or len(data) > length:
+    cr = parse_content_range(resp.get("ContentRange"))
+    if cr is None or cr.first != offset or cr.length != len(data) or len(data) > length:
         raise _Truncated(f"asked for bytes {offset}-{offset + length - 1}, "
                          f"got {resp.get('ContentRange')!r} ({len(data)} bytes)")
-    return data, None if m.group(3) == "*" else int(m.group(3))
+    return data, cr.total
 
 
 def from_url(url: str, parts: SplitResult) -> "S3ObjectStore":
@@ -252,7 +250,7 @@ class S3ObjectStore:
         err: BaseException | None = None
         for attempt in range(self.max_attempts):
             if attempt:
-                time.sleep(random.uniform(0, min(2.0, 0.05 * 2 ** attempt)))
+                time.sleep(_BACKOFF.delay(attempt))
             try:
                 resp = self.client.get_object(**args)
             except bexc.ClientError as e:
@@ -313,7 +311,7 @@ class S3ObjectStore:
         err: BaseException | None = None
         for attempt in range(self.max_attempts):
             if attempt:
-                time.sleep(random.uniform(0, min(2.0, 0.05 * 2 ** attempt)))
+                time.sleep(_BACKOFF.delay(attempt))
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
                 return True

@@ -17,7 +17,8 @@ Behaviour:
   available node is asked first, so every node caches a disjoint share and adding or removing
   a node moves only that node's share. All chunks of one pack go to one node.
 - **Pooled keep-alive connections** per node; a reused connection the server had closed is
-  retried once at once.
+  retried once at once (``casfs.httpclient``). No other retries: a failing node is skipped and
+  the next one (or the blob tier) asked.
 - **Timeouts**: ``connect_timeout`` to connect, ``timeout`` for a whole request (socket reads
   and, with more than one node, the caller's wait).
 - **Hedging**, in two stages so that a slow *fill* is not mistaken for a slow *node*: when a
@@ -43,10 +44,8 @@ Behaviour:
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -56,6 +55,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .. import chunk as chunkmod
 from ..errors import CorruptChunk, StoreError
+from ..httpclient import NET_ERRORS, ConnectionPool, exchange, parse_content_range
 from ..index import ChunkRef
 from ..layout import FANOUT, FLAT, object_key, pack_key, relpath
 from .base import Tier
@@ -64,8 +64,6 @@ log = logging.getLogger("casfs.azcache")
 
 ENV = "CASFS_AZCACHE"
 TOKEN_ENV = "CASFS_AZCACHE_TOKEN"
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_NET_ERRORS = (OSError, http.client.HTTPException)
 _SIZE_CLASSES = (64 << 10, 1 << 20)  # latency classes of hits: <= 64 KiB, <= 1 MiB, larger
 _FILL = len(_SIZE_CLASSES) + 1  # the latency class of answers the node had to fill first
 _SAMPLES = 512
@@ -96,7 +94,7 @@ class _Node:
     base: str
     flat: bool
     salt: bytes
-    idle: list = field(default_factory=list)
+    pool: ConnectionPool
     lock: threading.Lock = field(default_factory=threading.Lock)
     failures: int = 0
     down_until: float = 0.0
@@ -184,7 +182,9 @@ class AzCacheTier(Tier):
         self.nodes: list[_Node] = []
         for u in dict.fromkeys(urls):
             host, port, base, flat = parse_node_url(u)
-            self.nodes.append(_Node(u, host, port, base, flat, u.encode() + b"\0"))
+            pool = ConnectionPool("http", host, port, maxsize=pool_size, timeout=timeout,
+                                  connect_timeout=min(connect_timeout, timeout))
+            self.nodes.append(_Node(u, host, port, base, flat, u.encode() + b"\0", pool))
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self._headers = {"User-Agent": "casfs-azcache"}
         if token:
@@ -248,17 +248,10 @@ class AzCacheTier(Tier):
         """Whether the first available node can serve ``ref`` (HEAD; False on any failure)."""
         key = object_key(ref)
         for node in self._ranked(key)[:1]:
-            conn = None
             try:
-                conn, _ = self._acquire(node)
-                conn.request("HEAD", node.path(key), headers=self._headers)
-                resp = conn.getresponse()
-                resp.read()
-                self._release(node, conn, resp)
-                return resp.status == 200
-            except _NET_ERRORS:
-                if conn is not None:
-                    conn.close()
+                return exchange(node.pool, "HEAD", node.path(key), self._headers).status == 200
+            except NET_ERRORS:
+                pass
         return False
 
     def rejected(self, ref: ChunkRef) -> None:
@@ -297,10 +290,7 @@ class AzCacheTier(Tier):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         for n in self.nodes:
-            with n.lock:
-                idle, n.idle = n.idle, []
-            for c in idle:
-                c.close()
+            n.pool.close()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -441,26 +431,13 @@ class AzCacheTier(Tier):
             node.stats.requests += 1
         path = node.path(key)
         t0 = time.perf_counter()
-        for attempt in (0, 1):
-            conn = None
-            reused = False
-            try:
-                conn, reused = self._acquire(node)
-                conn.request("GET", path, headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-            except TimeoutError as e:
-                if conn is not None:
-                    conn.close()
-                return self._fail(node, "timeout", f"timed out ({e or 'socket timeout'})")
-            except _NET_ERRORS as e:
-                if conn is not None:
-                    conn.close()
-                if attempt == 0 and reused and not isinstance(e, http.client.IncompleteRead):
-                    continue  # a keep-alive connection the server had closed: once, at once
-                return self._fail(node, "error", f"{type(e).__name__}: {e}")
-            break
-        self._release(node, conn, resp)
+        try:
+            resp = exchange(node.pool, "GET", path, headers)  # resends once on a stale connection
+        except TimeoutError as e:
+            return self._fail(node, "timeout", f"timed out ({e or 'socket timeout'})")
+        except NET_ERRORS as e:
+            return self._fail(node, "error", f"{type(e).__name__}: {e}")
+        body = resp.body
         seconds = time.perf_counter() - t0
         status = resp.status
         if status == 404:
@@ -473,8 +450,8 @@ class AzCacheTier(Tier):
         if status == 200 and rng is not None:
             body = body[rng[0]:rng[0] + rng[1]]  # the node ignored Range and sent everything
         elif status == 206 and rng is not None:
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-            if not m or int(m.group(1)) != rng[0]:
+            cr = parse_content_range(resp.headers.get("Content-Range"))
+            if cr is None or cr.first != rng[0]:
                 return self._mark_bad(node, f"answered another range ({resp.headers.get('Content-Range')!r})")
         elif status != 200:
             return self._fail(node, "error", f"HTTP {status} {resp.reason}", http_status=status)
@@ -553,24 +530,3 @@ class AzCacheTier(Tier):
                 ordered = sorted(s)
                 self._p95[c] = ordered[int(0.95 * (len(ordered) - 1))]
                 self._since_p95[c] = 0
-
-    # -- connections -------------------------------------------------------------------------
-
-    def _acquire(self, node: _Node) -> tuple[http.client.HTTPConnection, bool]:
-        with node.lock:
-            if node.idle:
-                return node.idle.pop(), True
-        conn = http.client.HTTPConnection(node.host, node.port, timeout=self.connect_timeout)
-        conn.connect()
-        conn.sock.settimeout(self.timeout)
-        return conn, False
-
-    def _release(self, node: _Node, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
-        if resp.will_close:
-            conn.close()
-            return
-        with node.lock:
-            if len(node.idle) < self.pool_size:
-                node.idle.append(conn)
-                return
-        conn.close()

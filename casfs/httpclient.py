@@ -1,0 +1,191 @@
+"""The HTTP client pieces casfs's remote readers share: a keep-alive pool, one request on it,
+Content-Range parsing, and the retry backoff.
+
+Used by the HTTP object store (``casfs.objects.http``: retries with backoff), the cache-server
+client tier (``casfs.tiers.azcache``: no retries, it fails over to the next node) and the S3
+store (``casfs.objects.s3``: Content-Range and the backoff of its cut-body retries; botocore
+owns its connections). Standard library only (``http.client``).
+
+Rules written once here:
+
+- a pooled connection is used by one thread at a time; a response that says it will close
+  its connection, or a pool already holding ``maxsize`` idle ones, closes it;
+- a *reused* connection that fails before any answer arrived was most likely closed by the
+  server while idle (keep-alive timeout): the request is sent once more at once, on a fresh
+  connection, without counting as a retry. A timeout, a body cut short or an unframed answer
+  is not that case (the server did answer, or is slow): those go to the caller;
+- a 2xx answer to a GET that has neither Content-Length nor chunked framing may have been cut
+  inside its headers (http.client then reads "to the end" and sees a complete empty body):
+  with ``framed=True`` it is an error (``Unframed``), not data;
+- backoff: full jitter, ``base * 2**(retry-1)`` capped at ``cap``, and at least a short
+  ``Retry-After`` (whole seconds, capped too).
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import re
+import ssl
+import threading
+from dataclasses import dataclass
+
+__all__ = ["Answer", "Backoff", "ConnectionPool", "ContentRange", "NET_ERRORS", "RETRY_STATUS",
+           "Unframed", "exchange", "parse_content_range"]
+
+NET_ERRORS = (OSError, http.client.HTTPException)  # timeouts, resets, refused, short bodies
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})  # worth asking again after a backoff
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class ContentRange:
+    """A parsed ``Content-Range: bytes first-last/total`` (``total`` None for ``*``)."""
+
+    first: int
+    last: int
+    total: int | None
+
+    @property
+    def length(self) -> int:
+        return self.last - self.first + 1
+
+
+def parse_content_range(value: str | None) -> ContentRange | None:
+    """``bytes a-b/n`` (or ``/*``) -> ContentRange; None for anything else (absent, malformed,
+    ``bytes */n``, last before first)."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if not m:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    if last < first:
+        return None
+    return ContentRange(first, last, None if m.group(3) == "*" else int(m.group(3)))
+
+
+class Unframed(http.client.HTTPException):
+    """A 2xx answer without Content-Length or chunked framing (possibly cut off)."""
+
+
+@dataclass
+class Answer:
+    """A complete HTTP answer: status, reason, headers and the whole body."""
+
+    status: int
+    reason: str
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+class ConnectionPool:
+    """Keep-alive connections to one host, each used by one thread at a time. Thread-safe.
+
+    Args:
+        scheme: "http" or "https" (the system's default TLS context).
+        host, port: the server (port None: the scheme's default).
+        maxsize: idle connections kept (busy ones are not capped).
+        timeout: seconds for each socket operation.
+        connect_timeout: when set, connections are opened at once with this (shorter) timeout
+            and then use ``timeout``; else they connect lazily within ``timeout``.
+    """
+
+    def __init__(self, scheme: str, host: str, port: int | None, *, maxsize: int = 32,
+                 timeout: float = 30.0, connect_timeout: float | None = None) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.maxsize = maxsize
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._ssl = ssl.create_default_context() if scheme == "https" else None
+
+    def acquire(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection and whether it was used before (the server may have closed it since).
+
+        Raises:
+            OSError: with ``connect_timeout``, when connecting fails.
+        """
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        first = self.connect_timeout if self.connect_timeout is not None else self.timeout
+        if self._ssl is not None:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self.host, self.port, timeout=first, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=first)
+        if self.connect_timeout is not None:
+            conn.connect()
+            conn.sock.settimeout(self.timeout)
+        return conn, False
+
+    def release(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """Give back ``conn`` after ``resp`` was read whole (closed if it will not be reused)."""
+        if not resp.will_close:
+            with self._lock:
+                if len(self._idle) < self.maxsize:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections (the pool stays usable)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+
+def _stale(e: BaseException, reused: bool) -> bool:
+    return reused and not isinstance(e, (TimeoutError, http.client.IncompleteRead, Unframed))
+
+
+def exchange(pool: ConnectionPool, method: str, path: str, headers: dict[str, str], *,
+             framed: bool = False) -> Answer:
+    """One request and its whole answer on a pooled connection (see the module doc for the
+    one immediate resend on a stale keep-alive connection).
+
+    Args:
+        framed: raise ``Unframed`` for a 2xx answer to a GET without Content-Length or
+            chunked framing.
+
+    Raises:
+        TimeoutError, OSError, http.client.HTTPException (``Unframed``,
+        ``IncompleteRead`` ...): the connection failed; it is closed, never pooled.
+    """
+    for attempt in (0, 1):
+        conn, reused = pool.acquire()
+        try:
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()  # raises IncompleteRead on a short body
+            if framed and method == "GET" and 200 <= resp.status < 300 \
+                    and resp.headers.get("Content-Length") is None and not resp.chunked:
+                raise Unframed(f"HTTP {resp.status} without Content-Length (cut off?)")
+        except NET_ERRORS as e:
+            conn.close()
+            if attempt == 0 and _stale(e, reused):
+                continue  # a keep-alive connection the server had closed: once, at once
+            raise
+        pool.release(conn, resp)
+        return Answer(resp.status, resp.reason, resp.headers, body)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between attempts: full jitter over ``base * 2**(retry-1)`` seconds, at most
+    ``cap``; a ``Retry-After`` of whole seconds raises the delay to it (capped)."""
+
+    base: float = 0.1
+    cap: float = 5.0
+
+    def delay(self, retry: int, retry_after: str | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
+        d = random.uniform(0, min(self.cap, self.base * 2 ** max(0, retry - 1)))
+        if retry_after and retry_after.strip().isdigit():
+            d = max(d, min(float(retry_after), self.cap))
+        return d
