@@ -26,6 +26,8 @@ from .fuse.mount import MountError, MountInfo, MountOptions, is_mounted, mount, 
 from .image import Image
 from .index import ChunkRef, Stat
 from .listen import parse_listen
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Counter, Gauge, Histogram, MetricRegistry
 from .safetensors_header import DTYPES as SAFETENSORS_DTYPES
 from .safetensors_header import InvalidSafetensors, SafetensorsHeader, TensorInfo
 from .safetensors_header import header_length as safetensors_header_length
@@ -45,12 +47,17 @@ __all__ = [
     "ChunkRef",
     "ChunkUnavailable",
     "CorruptChunk",
+    "Counter",
     "CorruptIndex",
     "DEFAULT_CHUNK_SIZE",
     "ExportResult",
+    "Gauge",
+    "Histogram",
     "Image",
     "ImageNotFound",
     "InvalidSafetensors",
+    "METRICS_CONTENT_TYPE",
+    "MetricRegistry",
     "MountError",
     "MountInfo",
     "MountOptions",

@@ -12,6 +12,7 @@ EXPECTED = {
     "is_mounted", "parse_listen", "runtime_dir", "tier_stats",
     "InvalidSafetensors", "SAFETENSORS_DTYPES", "SafetensorsHeader", "TensorInfo",
     "parse_safetensors_header", "parse_safetensors_index", "safetensors_header_length",
+    "Counter", "Gauge", "Histogram", "METRICS_CONTENT_TYPE", "MetricRegistry",
 }
 
 

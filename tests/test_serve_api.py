@@ -23,7 +23,9 @@ import pytest
 from serve.app import ServeApp, error_response
 from serve.echo import EchoEngine
 from serve.http import HttpServer
-from serve.metrics import Counter, Histogram, Registry, ServeMetrics
+from casfs import Counter, Histogram
+from casfs import MetricRegistry as Registry
+from serve.metrics import ServeMetrics
 
 MODEL = "tiny-echo"
 

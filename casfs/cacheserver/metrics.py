@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+from ..metrics import format_labels as _labels, format_value as _num  # the one Prometheus text writer
+
 # Prometheus histogram upper bounds, in seconds: 100 us .. 10 s.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -98,18 +100,3 @@ class Metrics:
                 out.append(f"{name}_sum{_labels(labels)} {total:.6f}")
                 out.append(f"{name}_count{_labels(labels)} {count}")
         return "\n".join(out) + "\n"
-
-
-def _labels(pairs: tuple) -> str:
-    if not pairs:
-        return ""
-    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in pairs)
-    return "{" + inner + "}"
-
-
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
