@@ -63,11 +63,8 @@ def wait_instructions(timeout: float = INSTRUCTIONS_TIMEOUT_S) -> dict:
 def write_instructions(pid: int, data: dict) -> str:
     """(Supervisor side) hand the restored worker ``pid`` its instructions; returns the path.
 
-    Written to a temporary name and renamed, so the worker never reads half of it.
+    Written atomically (``casfs.atomic_write``), so the worker never reads half of it.
     """
     path = instructions_path(pid)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.rename(tmp, path)
+    casfs.atomic_write(path, json.dumps(data))
     return path

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import casfs
 
 __all__ = ["PHASE_ORDER", "BootReport", "PhaseTimer", "write_report"]
 
@@ -62,9 +63,7 @@ class _Phase:
 
 
 def write_report(report: BootReport, path: str) -> None:
-    """Write the report as JSON, atomically."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    """Write the report as JSON, atomically (``casfs.atomic_open``)."""
+    with casfs.atomic_open(path, "w") as f:
         json.dump(report.to_dict(), f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)

@@ -1,7 +1,8 @@
 """CRIU as a managed dependency: finding a usable binary, running it, and explaining failures.
 
 CRIU (Checkpoint/Restore In Userspace) dumps a process tree to image files and restores it.
-This module knows three things about it and nothing about casfs:
+This module knows three things about it and nothing about casfs images (it uses only
+casfs.atomic_write, for its check cache):
 
 * **Finding it.** ``find_criu()`` returns the first usable binary (version >= 4.2 and
   ``criu check`` passing) among ``$CASFS_CRIU``, the project-local builds
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+
+import casfs
 
 __all__ = [
     "Criu",
@@ -152,10 +155,7 @@ def _save_check(c: Criu) -> None:
         except (OSError, ValueError):
             data = {}
         data[_check_cache_key(c.path)] = {"version_text": c.version_text, "features": c.features}
-        tmp = f"{p}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.rename(tmp, p)
+        casfs.atomic_write(p, json.dumps(data))
     except OSError:
         pass
 

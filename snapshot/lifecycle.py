@@ -131,10 +131,9 @@ def _report() -> dict:
 
 
 def _write_report(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_report(), f)
-    os.rename(tmp, path)
+    import casfs  # here, not at the top: only a supervised process pays for the import
+
+    casfs.atomic_write(path, json.dumps(_report()))
 
 
 def _run_hooks() -> None:
