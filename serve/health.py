@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from casfs.errors import CasfsError
+from casfs import CasfsError
 
 DEFAULT_MAX_TEMP_C = 85
 
