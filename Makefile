@@ -19,7 +19,7 @@ fuzz: setup
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
 
 bench: setup
-	@$(PY) benchmarks/run_all.py
+	@$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,6 +4,10 @@ Every benchmark measures its baseline in the same run and prints ratios against 
 the machines these run on (2-core Firecracker VMs shared with other work) vary run to run far
 more than any code change: a number without its same-run baseline says little.
 
+Benchmarks run from the repository root as modules (``python -m benchmarks.bench_tiers``),
+so that ``casfs``, ``benchmarks._common`` and the test servers (``tests.support``) import
+without any ``sys.path`` edits.
+
 Results are written as JSON (``write_results``): ``{"benchmark", "command", "machine",
 "started", "seconds", "params", "results"}``, by default to ``benchmarks/results/<name>.json``.
 """
@@ -23,8 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 MiB = 1 << 20

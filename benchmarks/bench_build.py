@@ -29,7 +29,7 @@ processes on a shared machine falls on every variant alike; medians are reported
 (this process and its children, all threads) are reported beside wall time because they barely
 move with other people's load.
 
-Usage: python benchmarks/bench_build.py [--tree DIR] [--chunk-sizes 1,4,16] [--out FILE]
+Usage: python -m benchmarks.bench_build [--tree DIR] [--chunk-sizes 1,4,16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -45,11 +45,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (ROOT, Clock, MiB, Samples, describe_machine, human_bytes, machine_info,  # noqa: E402
+from benchmarks._common import (ROOT, Clock, MiB, Samples, describe_machine, human_bytes, machine_info,
                      ratio, table, write_results)
 
-import casfs  # noqa: E402
+import casfs
 
 DEFAULT_TREE = os.path.join(ROOT, ".venv", "lib", "python3.11", "site-packages")
 SMALL = 64 << 10

@@ -2,7 +2,7 @@
 """Cold container start: `import torch` from a ~1 GB venv image over an emulated network.
 
 The blob store is a casfs store directory served by Debian's nginx (the ``http://`` backend)
-behind a user-space delay relay (``tests/servers.py`` FaultProxy: this kernel has no netem), so
+behind a user-space delay relay (``tests.support.FaultProxy``: this kernel has no netem), so
 every blob request pays the emulated round trip and bandwidth cap. Scenarios, each timed from
 "nothing local" to the end of ``python -c "import torch; torch.ones(2).sum()"``:
 
@@ -17,7 +17,7 @@ The interpreter and the standard library come from the host in every scenario (a
 torch (what an inference image adds on top of a base). Prints a table and the ratios, and writes
 JSON next to ``--out``.
 
-Usage: bench_cold_start.py [--venv DIR] [--rtt-ms 50] [--rate-mbit 1000] [--repeat 2]
+Usage: python -m benchmarks.bench_cold_start [--venv DIR] [--rtt-ms 50] [--rate-mbit 1000] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ import sys
 import tempfile
 import time
 
+from tests.support import FaultProxy, nginx_static
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, REPO)
-
-from servers import FaultProxy, nginx_static  # noqa: E402
 
 CASFS = [sys.executable, "-m", "casfs.cli.main"]
 WORKLOAD = ["-c", "import torch; torch.ones(2).sum()"]

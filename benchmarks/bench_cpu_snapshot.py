@@ -19,7 +19,7 @@ Each is run eager and lazy (CRIU lazy-pages, userfaultfd). Also measured: dump a
 of the snapshot, and dedup of a second snapshot of a separate run (``spawn(deterministic=True)``)
 at several chunk sizes.
 
-Usage: python benchmarks/bench_cpu_snapshot.py [--repeats N] [--rtt MS] [--quick] [--out FILE]
+Usage: python -m benchmarks.bench_cpu_snapshot [--repeats N] [--rtt MS] [--quick] [--out FILE]
 Needs root and CRIU >= 4.2 (``make setup``).
 """
 
@@ -36,13 +36,12 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, describe_machine, machine_info, table, write_results
+from benchmarks._common import ROOT, describe_machine, machine_info, table, write_results
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import casfs  # noqa: E402
-import snapshot  # noqa: E402
-from snapshot import cpu  # noqa: E402
+import casfs
+import snapshot
+from snapshot import cpu
 
 PROGRAM = r'''
 import json, os, sys, time
@@ -121,7 +120,7 @@ def main() -> int:
     machine = machine_info()
     crit = snapshot.find_criu()
     print(f"machine: {describe_machine(machine)}; CRIU {crit.version_text} ({crit.path})")
-    from servers import FaultProxy, nginx_static
+    from tests.support import FaultProxy, nginx_static
 
     work = tempfile.mkdtemp(prefix="bench-cpu-snap-")
     results: dict = {"cases": []}

@@ -16,7 +16,7 @@ loose, a few empty files, symlinks and xattrs) is serialized and stored in a loc
 and per-operation costs: ``Index.lookup`` of random existing paths (ns/op) against walking the
 JSON tree's nested dicts, ``Index.walk`` of every entry, and ``serialize``.
 
-Usage: python benchmarks/bench_index.py [--entries 50000] [--repeats 20] [--out FILE]
+Usage: python -m benchmarks.bench_index [--entries 50000] [--repeats 20] [--out FILE]
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (MiB, describe_machine, human_bytes, machine_info, ratio, repeat, table,  # noqa: E402
+from benchmarks._common import (MiB, describe_machine, human_bytes, machine_info, ratio, repeat, table,
                      write_results)
 
-import casfs  # noqa: E402
-from casfs import chunk as chunkmod  # noqa: E402
-from casfs.digest import from_hex  # noqa: E402
-from casfs.index import ChunkRef, EntrySpec, Index, serialize  # noqa: E402
+import casfs
+from casfs import chunk as chunkmod
+from casfs.digest import from_hex
+from casfs.index import ChunkRef, EntrySpec, Index, serialize
 
 GOAL_MS = 50.0
 CHUNK_SIZE = 4 * MiB

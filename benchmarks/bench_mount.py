@@ -12,7 +12,7 @@ local store; its chunks are never read. ``--repeats`` times each (median reporte
                       loaded: fork + daemon start (trio/pyfuse3 imports) + FUSE mount
   mount -> first stat the cli time plus the first stat: the number to hold against ~100 ms
 
-Needs root and /dev/fuse. Usage: python benchmarks/bench_mount.py [--entries 50000] [--repeats 7]
+Needs root and /dev/fuse. Usage: python -m benchmarks.bench_mount [--entries 50000] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Samples, describe_machine, machine_info, table, write_results  # noqa: E402
-from bench_index import make_tree  # noqa: E402
+from benchmarks._common import Samples, describe_machine, machine_info, table, write_results
+from benchmarks.bench_index import make_tree
 
-import casfs  # noqa: E402
-from casfs.index import serialize  # noqa: E402
+import casfs
+from casfs.index import serialize
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ Caveats: 2-core VMs shared with other work; freshly allocated page cache is slow
 first time here (see DESIGN.md), which caps every cold number, the baselines' too.
 
 Needs root and /dev/fuse. Usage:
-  python benchmarks/bench_readahead.py [--size-mib 1024] [--repeats 2] [--ra 128,1024,4096,32768]
+  python -m benchmarks.bench_readahead [--size-mib 1024] [--repeats 2] [--ra 128,1024,4096,32768]
       [--bg 12,64] [--store-dir /dev/shm]
 """
 
@@ -38,11 +38,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MiB, describe_machine, machine_info, table, write_results  # noqa: E402
+from benchmarks._common import MiB, describe_machine, machine_info, table, write_results
 
-import casfs  # noqa: E402
-from casfs.fuse.mount import control  # noqa: E402
+import casfs
+from casfs.fuse.mount import control
 
 GiB = 1 << 30
 

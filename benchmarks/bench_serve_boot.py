@@ -17,7 +17,7 @@ time (the store is local, its files in the page cache). Times: ``external`` is f
 back); ``total`` and the phases are the pipeline's own (serve/boot.py). The replica is stopped
 between boots (not timed).
 
-Usage: python benchmarks/bench_serve_boot.py [--boots 3] [--configs eager,default]
+Usage: python -m benchmarks.bench_serve_boot [--boots 3] [--configs eager,default]
        [--plot docs/serve_boot.png] [--out benchmarks/results/serve_boot.json] [--quick]
 ``--quick``: eager only, 1 boot each.
 """
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, describe_machine, machine_info, table, write_results
+from benchmarks._common import ROOT, describe_machine, machine_info, table, write_results
 
 VLLM_PY = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 CONFIGS = {"eager": ["--eager", "--fast-boot"], "default": []}

@@ -3,7 +3,7 @@ tiers, a sequential read of a large file through each, the hit-rate split of rep
 across three hosts sharing a cache server, and the cache server's HTTP stack against the
 alternatives.
 
-Links are emulated with user-space delay relays (``tests/servers.FaultProxy`` in their own
+Links are emulated with user-space delay relays (``tests.support.FaultProxy`` in their own
 processes): this kernel has no netem. Settings (defaults): AZ link 1 ms RTT (0.5 ms each
 way), blob link 100 ms RTT (50 ms each way) plus one RTT per new connection, no rate caps.
 The blob store is Debian's nginx serving the store directory (``http://`` store) behind the
@@ -13,8 +13,8 @@ this process: a ``casfs.Store`` with only the tier under test above the blob sto
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_tier_table.py [--seq-mib 1024] [--plot docs/tier_table.png]
-    .venv/bin/python benchmarks/bench_tier_table.py --http-stacks       # only the HTTP stack comparison
+    python -m benchmarks.bench_tier_table [--seq-mib 1024] [--plot docs/tier_table.png]
+    python -m benchmarks.bench_tier_table --http-stacks       # only the HTTP stack comparison
 
 Results: ``benchmarks/results/tier_table.json`` and a markdown table on stdout.
 """
@@ -35,26 +35,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from _common import GiB, MiB, ROOT, Samples, describe_machine, machine_info, table, write_results
+from benchmarks._common import GiB, MiB, ROOT, Samples, describe_machine, machine_info, table, write_results
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import casfs  # noqa: E402
-from casfs.index import ChunkRef  # noqa: E402
-from casfs.layout import object_key, relpath  # noqa: E402
-from casfs.store import Store  # noqa: E402
-from casfs.tiers.azcache import AzCacheTier  # noqa: E402
-from casfs.objects.http import HttpObjectStore  # noqa: E402
-from casfs.objects.local import LocalObjectStore  # noqa: E402
-from servers import NGINX, missing_binary, nginx_static  # noqa: E402
+import casfs
+from casfs.index import ChunkRef
+from casfs.layout import object_key, relpath
+from casfs.store import Store
+from casfs.tiers.azcache import AzCacheTier
+from casfs.objects.http import HttpObjectStore
+from casfs.objects.local import LocalObjectStore
+from tests.support import NGINX, missing_binary, nginx_cache, nginx_static
 
 PY = sys.executable
 LAMBDA_SPLIT = {"local": 67.0, "az": 32.0, "s3": 0.1}  # AWS Lambda container loader (paper), % of chunk reads
 
 _RELAY = """
 import sys, time
-sys.path.insert(0, {tests!r})
-from servers import FaultProxy
+from tests.support import FaultProxy
 p = FaultProxy({port}, http=False).start()
 p.set_latency(up={one_way}, down={one_way}, connect={connect})
 print(p.port, flush=True)
@@ -67,8 +65,9 @@ p.close()
 def relay(target_port: int, rtt_s: float) -> Iterator[str]:
     """A delay relay process in front of ``target_port``: RTT/2 each way, one RTT per new
     connection. Yields ``http://127.0.0.1:PORT``."""
-    code = _RELAY.format(tests=os.path.join(ROOT, "tests"), port=target_port, one_way=rtt_s / 2, connect=rtt_s)
-    proc = subprocess.Popen([PY, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    code = _RELAY.format(port=target_port, one_way=rtt_s / 2, connect=rtt_s)
+    proc = subprocess.Popen([PY, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # -c imports from the cwd: tests.support
     try:
         port = int(proc.stdout.readline())
         yield f"http://127.0.0.1:{port}"
@@ -261,7 +260,6 @@ def tier_table(store_dir: str, refs: dict, seq_bytes: int, rtt_az: float, rtt_bl
                 rows.append(measure_tier("AZ cache: casfs cache-server (loopback, no relay)", s, refs, slow, seq_bytes))
                 assert s.blob.stats().hits == 0
             tier.close()
-        from test_azcache import nginx_cache
 
         with nginx_cache(blob_url + "/") as ngx:
             warm = AzCacheTier([ngx])
@@ -336,7 +334,6 @@ def server_misses(metrics_url: str) -> int:
 _STDLIB_SERVER = """
 import sys, re
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
-sys.path.insert(0, {root!r})
 from casfs.objects.local import LocalObjectStore
 store = LocalObjectStore({store!r})
 cache = {{}}
@@ -371,8 +368,8 @@ srv.serve_forever()
 
 @contextlib.contextmanager
 def stdlib_server(store_dir: str, nodelay: bool) -> Iterator[str]:
-    code = _STDLIB_SERVER.format(root=ROOT, store=store_dir, nodelay=nodelay)
-    proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    code = _STDLIB_SERVER.format(store=store_dir, nodelay=nodelay)
+    proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{int(proc.stdout.readline())}/"
         _PIDS[url] = proc.pid

@@ -11,7 +11,7 @@ read through ``Image.read_entry`` from each tier in turn:
   blob-local  no memory or ssd tier: every read fetches the chunk object from the local blob
               store (in the page cache) and decodes + verifies it
   blob-s3     as blob-local, from moto_server on 127.0.0.1 (when casfs.objects.s3 and
-              tests/servers.py exist; moto is slow per request: a correctness server, not a
+              tests/support exist; moto is slow per request: a correctness server, not a
               yardstick for S3 itself)
 
 and the baseline, ``os.pread`` of the same bytes from the original file in the page cache.
@@ -27,7 +27,7 @@ passes, each pass over every tier in turn, and each random offset read from ever
 so that load from other processes on a shared machine falls on every tier alike (memory hits
 first, then the other tiers in an order that rotates per offset). Medians of the sequential rounds are reported.
 
-Usage: python benchmarks/bench_tiers.py [--size-mib 256] [--kinds random,site-packages] [--out FILE]
+Usage: python -m benchmarks.bench_tiers [--size-mib 256] [--kinds random,site-packages] [--out FILE]
 """
 
 from __future__ import annotations
@@ -42,11 +42,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (ROOT, Clock, MiB, Samples, describe_machine, machine_info, ratio, table,  # noqa: E402
+from benchmarks._common import (ROOT, Clock, MiB, Samples, describe_machine, machine_info, ratio, table,
                      write_results)
 
-import casfs  # noqa: E402
+import casfs
 
 SEQ_BLOCK = 4 * MiB
 DATA_NAME = "data.img"  # no weight-file suffix (.bin, .safetensors ...): the build's compress="auto" stores those raw
@@ -105,12 +104,7 @@ def s3_endpoint():
     except ImportError as e:
         yield None, f"casfs.objects.s3 unavailable ({e})"
         return
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    try:
-        from servers import MOTO_SERVER, missing_binary, moto_server
-    except ImportError as e:
-        yield None, f"tests/servers.py has no moto_server ({e})"
-        return
+    from tests.support import MOTO_SERVER, missing_binary, moto_server
     if missing_binary(MOTO_SERVER):
         yield None, missing_binary(MOTO_SERVER)
         return

@@ -18,7 +18,7 @@ entry (chunk size in MiB and the build's compress policy, e.g. ``4:auto,16:auto,
 Page cache warm: one unmeasured run of each first, then ``--repeats`` measured runs (median).
 Cold (``--drop-caches``, root): ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each run.
 
-Usage: python benchmarks/bench_weights.py --size-gib 6 --stores 4:auto,16:auto --drop-caches --out results.json
+Usage: python -m benchmarks.bench_weights --size-gib 6 --stores 4:auto,16:auto --drop-caches --out results.json
 """
 
 from __future__ import annotations
@@ -34,13 +34,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from safetensors.torch import load_file, save_file
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import casfs  # noqa: E402
-from snapshot.weights import LoadStats, load_safetensors  # noqa: E402
+import casfs
+from snapshot.weights import LoadStats, load_safetensors
 
 GiB = 1 << 30
 

@@ -4,7 +4,7 @@ Each benchmark prints its own tables (with same-run baselines) and writes
 ``benchmarks/results/<name>.json``. This runner adds nothing but order, a header per
 benchmark, and an exit status: nonzero when any benchmark failed.
 
-Usage: python benchmarks/run_all.py [NAME ...] [--list] [--markdown]
+Usage: python -m benchmarks.run_all [NAME ...] [--list] [--markdown]
    NAME: a benchmark name from the list below (default: all of DEFAULT), e.g. ``index tiers``.
    Extra arguments for one benchmark: ``--args NAME="--repeats 5"`` (repeatable).
    ``--markdown`` runs nothing: it prints the tables of docs/benchmarks.md's "Core" section
@@ -157,10 +157,11 @@ def main() -> int:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     failed = []
     for name in names:
-        cmd = [sys.executable, os.path.join(HERE, BENCHMARKS[name]), *extra.get(name, [])]
+        module = "benchmarks." + BENCHMARKS[name].removesuffix(".py")
+        cmd = [sys.executable, "-m", module, *extra.get(name, [])]
         print(f"\n===== {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, cwd=os.path.dirname(HERE))  # from the repo root: see benchmarks/_common.py
         print(f"===== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.0f} s",
               flush=True)
         if rc:

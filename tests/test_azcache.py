@@ -4,17 +4,12 @@ an HTTP store and in front of S3)."""
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import json
 import os
-import pwd
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from typing import Iterator
 
 import pytest
 
@@ -28,8 +23,7 @@ from casfs.objects.local import LocalObjectStore
 
 from conftest import write_tree
 
-sys.path.insert(0, os.path.dirname(__file__))
-from servers import NGINX, FaultProxy, free_port, missing_binary, moto_server, nginx_static  # noqa: E402
+from tests.support import NGINX, FaultProxy, free_port, missing_binary, moto_server, nginx_cache, nginx_static
 
 CHUNK = 2 << 20
 
@@ -220,72 +214,6 @@ def test_the_cli_takes_azcache_urls(built, tmp_path):
 
 
 # -- any HTTP cache works as the AZ tier: nginx proxy_cache ---------------------------------------
-
-_CACHE_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-{user}
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    proxy_cache_path {tmp}/cache levels=1:2 keys_zone=casfs:8m max_size=1g inactive=30d use_temp_path=off;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            limit_except GET {{ deny all; }}
-            proxy_pass {upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache casfs;
-            proxy_cache_key $uri;
-            proxy_cache_valid 200 365d;
-            proxy_cache_lock on;
-            add_header X-Cache-Status $upstream_cache_status;
-        }}
-    }}
-}}
-"""
-
-
-@contextlib.contextmanager
-def nginx_cache(upstream: str) -> Iterator[str]:
-    """Debian's nginx as a caching proxy (proxy_cache, keyed by path, one fetch per object with
-    proxy_cache_lock) in front of ``upstream``; yields its base URL."""
-    user = ""
-    if os.geteuid() == 0:
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
-    with tempfile.TemporaryDirectory(prefix="casfs-nginx-cache-") as tmp:
-        port = free_port()
-        conf = os.path.join(tmp, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(_CACHE_CONF.format(tmp=tmp, port=port, upstream=upstream, user=user))
-        proc = subprocess.Popen([NGINX, "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    import socket
-
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(open(os.path.join(tmp, "error.log")).read())
-                    time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
 
 @pytest.mark.skipif(bool(missing_binary(NGINX)), reason=missing_binary(NGINX) or "")
 def test_nginx_proxy_cache_in_front_of_an_http_store_works_as_the_azcache_tier(built):

@@ -1,6 +1,6 @@
 """The read-only HTTP blob store against a real web server: a local store directory served by
 Debian's nginx. Faults (5xx replies, cut connections, a hung server) are injected by a real TCP
-proxy (``servers.FaultProxy``) between the client and nginx.
+proxy (``tests.support.FaultProxy``) between the client and nginx.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from casfs.errors import StoreError
 from casfs.objects.http import HttpObjectStore
 from casfs.objects.local import LocalObjectStore
 from conftest import write_tree
-from servers import NGINX, FaultProxy, missing_binary, nginx_static
+from tests.support import NGINX, FaultProxy, missing_binary, nginx_static
 
 pytestmark = pytest.mark.skipif(missing_binary(NGINX) is not None,
                                 reason=f"{missing_binary(NGINX)} (apt-get install nginx-light)")

@@ -1,7 +1,7 @@
 """The S3 blob store against a real S3-compatible server (moto_server in its own process).
 
 Faults (5xx replies, connections cut mid-body) are injected by a real TCP proxy
-(``servers.FaultProxy``) between the client and moto.
+(``tests.support.FaultProxy``) between the client and moto.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import casfs
 from casfs.urls import open_objects
 from casfs.errors import StoreError
-from servers import MOTO_SERVER, FaultProxy, free_port, missing_binary, moto_server
+from tests.support import MOTO_SERVER, FaultProxy, free_port, missing_binary, moto_server
 from conftest import write_tree
 
 pytest.importorskip("boto3", reason="S3 stores need boto3 (pip install 'casfs[s3]')")

@@ -1,5 +1,5 @@
 """Faults in the tiers below memory, each with real servers on 127.0.0.1 and a fault-injecting
-proxy (``tests/servers.py``). Every test asserts that no wrong byte reaches the caller: reads
+proxy (``tests/support``). Every test asserts that no wrong byte reaches the caller: reads
 either return the source's bytes or raise a clean error.
 
 Covered: a cache node cut off mid-transfer and killed with a request in flight; a hung node
@@ -33,8 +33,7 @@ from casfs.objects.local import LocalObjectStore
 
 from conftest import write_tree
 
-sys.path.insert(0, os.path.dirname(__file__))
-from servers import NGINX, FaultProxy, missing_binary, moto_server, nginx_static  # noqa: E402
+from tests.support import NGINX, FaultProxy, missing_binary, moto_server, nginx_static
 
 CHUNK = 2 << 20
 

@@ -30,17 +30,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import blake3
+import torch
+import zstandard
 
-import blake3  # noqa: E402
-import torch  # noqa: E402
-import zstandard  # noqa: E402
-
-import casfs  # noqa: E402
-from casfs import chunk as cm  # noqa: E402
-from snapshot.weights import load_safetensors  # noqa: E402
+import casfs
+from casfs import chunk as cm
+from snapshot.weights import load_safetensors
 
 GiB = 1 << 30
 _tl = threading.local()
@@ -260,7 +256,7 @@ def main() -> int:
                          "(the bf16 file stored uncompressed, 4 / 16 MiB chunks)")
     a = ap.parse_args()
     dev = "cuda:0" if torch.cuda.is_available() else "cpu"
-    from bench_weights import make_file
+    from benchmarks.bench_weights import make_file
 
     res = {"env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC")}, "images": {}}
     known = {"bf16": ("bf16", 4), "bf16c16": ("bf16", 16), "raw": ("random", 4),
