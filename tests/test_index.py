@@ -42,7 +42,7 @@ def trees(draw):
             entries[path] = EntrySpec(path, REG, uid, gid, mt, size=n * 4096 - (1 if n else 0),
                                       chunks=[draw(st.integers(0, 4)) for _ in range(n)], xattrs=x)
         else:
-            entries[path] = EntrySpec(path, LNK, uid, gid, mt, symlink=draw(st.binary(max_size=50)))
+            entries[path] = EntrySpec(path, LNK, uid, gid, mt, symlink=draw(st.binary(max_size=50).map(lambda b: b.replace(b"\0", b"x"))))
     return entries
 
 
