@@ -12,6 +12,8 @@ Input formats of the targets (the first byte selects the mode):
   the rest drives structured mutations of one of ``sample_indexes()`` (see that target).
 - ``fuzz_chunk.py``: even first byte: the rest is a raw frame for ``decode``; odd: the rest
   drives structured mutations of one of ``sample_frames()``.
+- ``fuzz_export.py``: the first byte's low bit switches the parser's name check off (1) or
+  leaves it on (0); the rest drives mutations of an index from ``export_store()``.
 """
 
 from __future__ import annotations
@@ -113,6 +115,37 @@ def built_index() -> bytes:
             return chunkmod.decode(store.index_frame(res.image_id))
 
 
+def export_store(path: str):
+    """A real local store at ``path`` holding images built from small real trees (files of
+    several sizes, nested dirs, symlinks, a hard link, a fifo, an xattr), so an export of a
+    mutated index can write real contents. Returns (store, [serialized index bytes]); the
+    store stays open (the export target keeps it for its whole run)."""
+    import casfs
+
+    store = casfs.open_store(path, memory_bytes=8 << 20)
+    bases = []
+    rng = random.Random(13)
+    for k in range(2):
+        with tempfile.TemporaryDirectory(prefix="casfs-fuzz-export-src-") as src:
+            os.makedirs(os.path.join(src, "a", "b"))
+            os.makedirs(os.path.join(src, "c"))
+            for name, n in (("a/x.py", 10), ("a/b/y.bin", 5000 * (k + 1)), ("c/z", 3), ("top", 0),
+                            ("a/b/zz", 1)):
+                with open(os.path.join(src, name), "wb") as f:
+                    f.write(bytes(rng.randrange(256) for _ in range(n)))
+            os.symlink("../c/z", os.path.join(src, "a", "link"))
+            os.symlink("/etc/hostname", os.path.join(src, "abs"))
+            os.link(os.path.join(src, "a/x.py"), os.path.join(src, "c", "hard"))
+            os.mkfifo(os.path.join(src, "c", "fifo"))
+            try:
+                os.setxattr(os.path.join(src, "top"), "user.k", b"v")
+            except OSError:
+                pass
+            res = casfs.build(store, src, chunk_size=4096, progress=False)
+            bases.append(chunkmod.decode(store.index_frame(res.image_id)))
+    return store, bases
+
+
 def sample_indexes() -> list[bytes]:
     """Valid serialized indexes of a few shapes (the bases of the structured index mutator)."""
     return [
@@ -141,6 +174,7 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
     seeds = {
         "corpus-index": [b"\x00" + d for d in sample_indexes()]
         + [b"\x01" + bytes([k, 3, 0, 1, 200, 7, 7, 7, 9, 0xFF, 0x10, 5]) for k in range(6)],
+        "corpus-export": [bytes([k]) + bytes([k * 7 % 256, 3, k, 1, 200, 7, k, 9, 0xFF, 0x10, 5]) for k in range(12)],
         "corpus-chunk": [b"\x00" + f for f in sample_frames()]
         + [b"\x01" + bytes([k, 2, 9, 200, 1, 0, 0x40]) for k in range(8)],
     }
@@ -156,4 +190,4 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
 
 if __name__ == "__main__":
     write_corpora()
-    print("fuzz seeds written to fuzz/corpus-index and fuzz/corpus-chunk")
+    print("fuzz seeds written to fuzz/corpus-index, fuzz/corpus-chunk and fuzz/corpus-export")

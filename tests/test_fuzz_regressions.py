@@ -1,4 +1,5 @@
-"""Regression tests for bugs the fuzz targets (fuzz/fuzz_index.py, fuzz/fuzz_chunk.py) found,
+"""Regression tests for bugs the fuzz targets (fuzz/fuzz_index.py, fuzz/fuzz_chunk.py,
+fuzz/fuzz_export.py) found,
 plus a replay of every seed input through the targets' own contract checks."""
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def test_bytes_after_the_zstd_frame_in_a_payload_are_rejected_on_every_read_path
     assert chunkmod.decode(clean) == data
 
 
-@pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk"])
+@pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk", "fuzz_export"])
 def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
     """Runs each target's TestOneInput (its contract checks, without libFuzzer) on the seeds."""
     pytest.importorskip("atheris")
@@ -193,7 +194,7 @@ def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
         seeds = importlib.import_module("seeds")
         mod = importlib.import_module(target)
         seeds.write_corpora(str(tmp_path))
-        corpus = tmp_path / ("corpus-index" if target == "fuzz_index" else "corpus-chunk")
+        corpus = tmp_path / ("corpus-" + target.removeprefix("fuzz_"))
         files = sorted(corpus.iterdir())
         assert len(files) >= 8
         for f in files:
