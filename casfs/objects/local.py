@@ -28,6 +28,9 @@ def from_url(url: str, parts: SplitResult) -> "LocalObjectStore":
 class LocalObjectStore:
     """Objects as files: ``<root>/<kind>/<name[:2]>/<name>``.
 
+    A missing file is a KeyError; any other failure of the filesystem (EIO, a directory in the
+    way) is a ``StoreError`` naming the file, as the ``ObjectStore`` contract asks.
+
     Writes are atomic (``casfs.fsutil.atomic_write``: a temporary file in ``<root>/tmp``, then a
     rename); with ``fsync`` (the default) the file is flushed before the rename and its
     directory after it, so an object that ``put`` returned for survives a power loss.
@@ -59,22 +62,33 @@ class LocalObjectStore:
         """
         return self._path(key)
 
+    def _failed(self, op: str, key: str, e: OSError) -> StoreError:
+        return StoreError(f"cannot {op} {key} in {self.root}: {e.strerror or e}")
+
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            with open(self._path(key), "rb") as f:
+            with open(path, "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise KeyError(key) from None
+        except OSError as e:
+            raise self._failed("read", key, e) from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise ValueError("negative range")
+        path = self._path(key)
         try:
-            fd = os.open(self._path(key), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise KeyError(key) from None
+        except OSError as e:
+            raise self._failed("read", key, e) from None
         try:
             return os.pread(fd, length, offset)
+        except OSError as e:
+            raise self._failed("read", key, e) from None
         finally:
             os.close(fd)
 
@@ -105,10 +119,13 @@ class LocalObjectStore:
                     yield kind_prefix(kind) + f
 
     def size(self, key: str) -> int:
+        path = self._path(key)
         try:
-            return os.stat(self._path(key)).st_size
+            return os.stat(path).st_size
         except FileNotFoundError:
             raise KeyError(key) from None
+        except OSError as e:
+            raise self._failed("stat", key, e) from None
 
     def mtime(self, key: str) -> float:
         """Last modification time (seconds since the epoch); KeyError when missing."""

@@ -307,13 +307,15 @@ class S3ObjectStore:
             raise self._error("put", key, e) from None
 
     def contains(self, key: str) -> bool:
-        """Whether ``key`` exists (HEAD). Raises StoreError on failure or a missing bucket."""
+        """Whether ``key`` exists (HEAD). Raises StoreError on failure or a missing bucket,
+        ValueError for an invalid key."""
+        s3key = self._key(key)  # before the loop: its ValueError is not a cut-off response
         err: BaseException | None = None
         for attempt in range(self.max_attempts):
             if attempt:
                 time.sleep(_BACKOFF.delay(attempt))
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                self.client.head_object(Bucket=self.bucket, Key=s3key)
                 return True
             except bexc.ClientError as e:
                 if self._missing(e):
