@@ -12,6 +12,9 @@ Everything here starts real processes or real sockets (no in-process mocking):
     context manager: starts ``moto_server`` (from ``moto[server]``) as a separate process on a
     free port, yields its endpoint URL (``http://127.0.0.1:PORT``), kills it on exit.
 
+``aws_test_environment()``
+    context manager: dummy AWS credentials and none of the developer's AWS settings.
+
 ``nginx_static(root)``
     context manager: starts Debian's ``/usr/sbin/nginx`` with a generated config (daemon off,
     one process, pid and logs in a private temp dir) serving ``root`` read-only (GET/HEAD only)
@@ -30,9 +33,9 @@ clear reason instead of failing where a server cannot run.
 """
 
 from .faultproxy import DOWN, UP, FaultProxy
-from .moto import MOTO_SERVER, moto_server
+from .moto import MOTO_SERVER, aws_test_environment, moto_server
 from .nginx import NGINX, nginx_cache, nginx_static
 from .procs import free_port, missing_binary
 
-__all__ = ["DOWN", "FaultProxy", "MOTO_SERVER", "NGINX", "UP", "free_port", "missing_binary",
-           "moto_server", "nginx_cache", "nginx_static"]
+__all__ = ["DOWN", "FaultProxy", "MOTO_SERVER", "NGINX", "UP", "aws_test_environment", "free_port",
+           "missing_binary", "moto_server", "nginx_cache", "nginx_static"]

@@ -11,9 +11,33 @@ from typing import Iterator
 
 from .procs import free_port, log_tail, stop, wait_http
 
-__all__ = ["MOTO_SERVER", "moto_server"]
+__all__ = ["MOTO_SERVER", "aws_test_environment", "moto_server"]
 
 MOTO_SERVER = os.path.join(os.path.dirname(sys.executable), "moto_server")
+
+
+_AWS_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "CASFS_S3_ENDPOINT")
+
+
+@contextlib.contextmanager
+def aws_test_environment() -> Iterator[None]:
+    """Dummy credentials for boto3's chain, and nothing from the developer's shell (no profile,
+    session token, endpoint or config files), for the duration of the block; the environment is
+    restored afterwards."""
+    values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+              "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    saved = {k: os.environ.get(k) for k in (*values, *_AWS_CLEARED)}
+    os.environ.update(values)
+    for var in _AWS_CLEARED:
+        os.environ.pop(var, None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
