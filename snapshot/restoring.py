@@ -28,27 +28,59 @@ from .spawning import ready_caller_pid
 __all__ = ["RestoredProcess", "restore"]
 
 
+def _host_item(kind: str, item: object) -> tuple[str, str]:
+    """(host path, stored name) of a /dev/shm segment or link_remap file the snapshot's
+    metadata asks to put back, checked: the metadata comes from the image, and an image must
+    not choose where on this host its bytes are written. A segment goes directly under
+    /dev/shm; a link_remap file is named ``link_remap.*`` (CRIU's name) at a normalised
+    absolute path; the stored copy is one name inside the image.
+
+    Raises:
+        CriuError: naming the entry that breaks these rules.
+    """
+    path = item.get("path") if isinstance(item, dict) else None
+    stored = item.get("stored") if isinstance(item, dict) else None
+    ok = (isinstance(path, str) and isinstance(stored, str) and "\0" not in path
+          and os.path.isabs(path) and os.path.normpath(path) == path
+          and stored not in ("", ".", "..") and "/" not in stored and "\0" not in stored)
+    if ok and kind == "shm":
+        ok = os.path.dirname(path) == "/dev/shm"
+    elif ok:
+        ok = os.path.basename(path).startswith("link_remap.")
+    if not ok:
+        raise CriuError(f"snapshot metadata lists a {kind} file {path!r} (stored as {stored!r}) that "
+                        "is not one this casfs puts back: refusing to restore from this image")
+    return path, stored
+
+
 def _prepare_host(meta: dict, imgdir: str) -> None:
     """Put back what CRIU does not carry: /dev/shm segments, link_remap files, missing logs.
 
     Raises:
-        CriuError: when a file the process had open read-only is missing here.
+        CriuError: when a file the process had open read-only is missing here, or the metadata
+            names a segment or link_remap file outside where those live (``_host_item``).
     """
     for kind in ("shm", "link_remap"):
         for item in meta.get(kind) or []:
-            if kind == "shm" and os.path.exists(item["path"]) and not mapped_anywhere(item["path"]):
+            path, stored = _host_item(kind, item)
+            if kind == "shm" and os.path.exists(path) and not mapped_anywhere(path):
                 with contextlib.suppress(OSError):  # left by an earlier replica: stale contents
-                    os.unlink(item["path"])
-            if os.path.exists(item["path"]):
+                    os.unlink(path)
+            if os.path.lexists(path):
                 continue
-            os.makedirs(os.path.dirname(item["path"]), exist_ok=True)
-            # unique per thread too: concurrent restores may run in one process
-            tmp = f"{item['path']}.casfs-{os.getpid()}-{threading.get_ident()}"
-            shutil.copyfile(os.path.join(imgdir, item["stored"]), tmp)
-            os.chmod(tmp, item.get("mode", 0o600))  # restore refuses a link_remap whose mode differs
-            with contextlib.suppress(OSError):
-                os.link(tmp, item["path"])  # never replaces one a concurrent restore put back
-            os.unlink(tmp)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # unique per thread too: concurrent restores may run in one process. O_EXCL and
+            # O_NOFOLLOW: /dev/shm is world-writable, a name planted there is never written through
+            tmp = f"{path}.casfs-{os.getpid()}-{threading.get_ident()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                with open(fd, "wb") as dst, open(os.path.join(imgdir, stored), "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    os.fchmod(dst.fileno(), item.get("mode", 0o600))  # restore refuses a link_remap whose mode differs
+                with contextlib.suppress(OSError):
+                    os.link(tmp, path)  # never replaces one a concurrent restore put back
+            finally:
+                os.unlink(tmp)
     missing = []
     for f in meta.get("open_files") or []:
         if os.path.exists(f["path"]):
