@@ -62,7 +62,7 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
         data = src.objects.get(key)
         for ref in wanted[key]:
             frame = data if ref.pack is None else data[ref.pack_off:ref.pack_off + ref.stored_len]
-            chunkmod.decode(frame, expect=ref.digest)  # raises CorruptChunk
+            chunkmod.decode(frame, expect=ref.digest, length=ref.raw_len)  # raises CorruptChunk
         dst.objects.put(key, data)
         return len(data)
 

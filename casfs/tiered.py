@@ -175,6 +175,7 @@ class TieredStore:
         if len(out) < ref.raw_len:
             raise ValueError(f"buffer of {len(out)} bytes is smaller than chunk "
                              f"{ref.digest.hex()[:16]}… ({ref.raw_len} bytes)")
+        out = out[:ref.raw_len]  # every decoder below refuses a frame that declares more
         if self.memory is not None:
             data = self.memory.get(ref)
             if data is not None and len(data) <= len(out):
@@ -320,7 +321,7 @@ class TieredStore:
 
     def _verify(self, frame: bytes, ref: ChunkRef, tier: Tier | None, errors: list[str]) -> bytes | None:
         try:
-            data = chunkmod.decode(frame, expect=ref.digest)
+            data = chunkmod.decode(frame, expect=ref.digest, length=ref.raw_len)
         except CorruptChunk as e:
             self._corrupt(ref, tier, e, errors)
             return None

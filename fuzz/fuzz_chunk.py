@@ -1,5 +1,6 @@
 """Fuzz target: ``casfs.chunk`` frame decoders on hostile frames: ``decode``, ``parse_header``,
-``frame_digest``, and (differentially against ``decode``) ``decode_into`` and ``read_frame_into``.
+``frame_digest``, and (differentially against ``decode``) ``decode_into``, ``read_frame_into``,
+``verify`` and ``decode``'s ``length`` check.
 
 Contract under test: for any bytes, ``parse_header`` returns a header whose lengths are within
 the documented limits or raises ``CorruptChunk``; ``decode(frame, expect)`` returns bytes whose
@@ -112,11 +113,20 @@ def check(frame: bytes, expect_mode: int) -> None:
         expect = h.digest
     elif expect_mode == 2:
         expect = b"\x07" * 32
+    accepted = False
     for view in (frame, memoryview(frame)):
         try:
             data = chunkmod.decode(view, expect=expect)
         except CorruptChunk:
             continue
+        accepted = True
+        if chunkmod.decode(view, expect=expect, length=len(data)) != data:
+            raise AssertionError("decode with the right length disagrees with decode")
+        try:
+            chunkmod.decode(view, expect=expect, length=len(data) + 1)
+            raise AssertionError("decode accepted a frame whose length is not the index's")
+        except CorruptChunk:
+            pass
         if h is None:
             raise AssertionError("decode accepted a frame whose header parse_header rejects")
         if len(data) != h.raw_len or digest_bytes(data) != h.digest:
@@ -126,6 +136,16 @@ def check(frame: bytes, expect_mode: int) -> None:
         digest, again = chunkmod.encode(data)
         if digest != h.digest or chunkmod.decode(again, expect=digest) != data:
             raise AssertionError("re-encoding decoded bytes does not round-trip")
+    # verify (bounded memory, streaming) accepts what decode accepts; it may also accept the
+    # zstd framing leniency of the streaming decoders (see _framing_leniency), nothing else
+    try:
+        vh = chunkmod.verify(frame, expect=expect)
+    except CorruptChunk:
+        vh = None
+    if accepted and vh is None:
+        raise AssertionError("verify rejected a frame that decode accepts")
+    if vh is not None and not accepted and vh.codec != chunkmod.CODEC_ZSTD:
+        raise AssertionError("verify accepted a raw frame that decode rejects")
 
 
 INTO_CAP = 1 << 20  # largest destination buffer the differential check allocates

@@ -4,7 +4,7 @@ filled from the blob store on a miss, and verified before they are cached or ser
 Objects are the blob store's immutable kinds, named by blake3 digests:
 
 - ``chunks/<hex>`` and ``indexes/<hex>``: one chunk frame whose decoded bytes hash to <hex>
-  (verified with ``casfs.chunk.decode(frame, expect=digest)``);
+  (verified with ``casfs.chunk.verify(frame, expect=digest)``, in bounded memory);
 - ``packs/<hex>``: many frames back to back; the pack's own bytes hash to <hex>.
 
 So every object is checked against its name before it enters a tier (a bad blob answer is
@@ -59,7 +59,7 @@ def verify_object(key: str, data: bytes | memoryview) -> None:
         if digest_bytes(data) != digest:
             raise CorruptChunk(f"pack {name[:16]}… failed digest verification ({len(data)} bytes)")
     else:
-        chunkmod.decode(data, expect=digest)
+        chunkmod.verify(data, expect=digest)  # (bounded memory, whatever the frame declares)
 
 
 def _slot(key: str) -> ChunkRef:
