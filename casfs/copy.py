@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import chunk as chunkmod
-from .errors import CorruptChunk
+from .errors import CorruptChunk, StoreError
 from .layout import index_key, object_key
+from .leases import begin_writer, missing_objects
 from .store import Store
 
 
@@ -28,7 +29,10 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
 
     Chunks and packs already in ``dst`` are skipped. Every copied frame is verified against its
     digest first, so a corrupt source is an error, never a corrupt destination. The index is
-    written last and the tag after it, so an interrupted copy tags nothing.
+    written last and the tag after it, so an interrupted copy tags nothing. While it runs the
+    copy holds a lease in ``dst`` that names every object of the image (``casfs.leases``), so a
+    gc there keeps the objects it skipped as present; before the index is written each one is
+    checked again and any that vanished is copied again.
 
     Args:
         tag: tag to set in ``dst`` (default: ``name`` when it is a tag).
@@ -45,6 +49,20 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
         key = object_key(ref)
         wanted.setdefault(key, []).append(ref)
     keys = list(wanted)
+    lease = begin_writer(dst, "copy", record=keys + [index_key(image_id)], on_wait=_say)
+    try:
+        return _copy(src, dst, name, image_id, wanted, keys, tag, threads, progress, t0)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _say(msg: str) -> None:
+    print(f"casfs: {msg}", file=sys.stderr, flush=True)
+
+
+def _copy(src: Store, dst: Store, name: str, image_id: str, wanted: dict, keys: list[str],
+          tag: str | None, threads: int, progress: bool | None, t0: float) -> CopyResult:
     copied = 0
     nbytes = 0
     show = sys.stderr.isatty() if progress is None else progress
@@ -56,8 +74,8 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
         bar.start()
         task = bar.add_task(f"copying {name}", total=len(keys))
 
-    def one(key: str) -> int:
-        if dst.objects.contains(key):
+    def one(key: str, check: bool = True) -> int:
+        if check and dst.objects.contains(key):
             return -1
         data = src.objects.get(key)
         for ref in wanted[key]:
@@ -77,6 +95,17 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
     finally:
         if bar is not None:
             bar.stop()
+    for _ in range(3):  # the final check (casfs.leases, step 6): what vanished is copied again
+        gone = missing_objects(dst.objects, keys, threads)
+        if not gone:
+            break
+        _say(f"{len(gone)} object(s) vanished from {dst.url} during the copy; copying them again")
+        for key in gone:
+            nbytes += one(key, check=False)
+            copied += 1
+    else:
+        raise StoreError(f"objects keep vanishing from {dst.url} during the copy (is an outside "
+                         "cleaner running?); copy again")
     frame = src.index_frame(image_id)
     try:
         chunkmod.decode(frame, expect=bytes.fromhex(image_id))

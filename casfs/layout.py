@@ -9,6 +9,7 @@ Object keys (``kind/name``), the names every object store uses::
     indexes/<hex>   an image index, as a chunk frame; <hex> is the image id
     tags/<name>     a text file holding an image id
     profiles/<hex>  a startup access profile of image <hex>
+    leases/<kind>-<id>  a running build, copy or gc announcing itself (``casfs.leases``)
 
 A chunk's object is its pack when it is packed, else its own loose object (``object_key``).
 
@@ -31,10 +32,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .index import ChunkRef
 
-CHUNKS, PACKS, INDEXES, TAGS, PROFILES = "chunks", "packs", "indexes", "tags", "profiles"
-KINDS = (CHUNKS, PACKS, INDEXES, TAGS, PROFILES)
+CHUNKS, PACKS, INDEXES, TAGS, PROFILES, LEASES = "chunks", "packs", "indexes", "tags", "profiles", "leases"
+KINDS = (CHUNKS, PACKS, INDEXES, TAGS, PROFILES, LEASES)
 IMMUTABLE_KINDS = (CHUNKS, PACKS, INDEXES)  # named by a digest of their contents
-DATA_KINDS = (INDEXES, CHUNKS, PACKS, PROFILES)  # what gc considers (tags are roots)
+DATA_KINDS = (INDEXES, CHUNKS, PACKS, PROFILES)  # what gc considers (tags are roots; leases its own)
 FANOUT, FLAT = "fanout", "flat"
 
 _KEY = re.compile(r"^[a-z]+/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")

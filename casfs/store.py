@@ -203,13 +203,16 @@ class Store:
         image_id = self.resolve(name)
         return Image(self, image_id, self.load_index(image_id), name=name)
 
-    def known_chunks(self, limit_images: int = 64) -> dict[bytes, ChunkRef]:
-        """digest -> location for every chunk of the (up to ``limit_images``) tagged images.
+    def known_chunks(self, limit_images: int = 64, *, image_ids: list[str] | None = None) -> dict[bytes, ChunkRef]:
+        """digest -> location for every chunk of the (up to ``limit_images``) tagged images, or
+        of ``image_ids`` when given (the images a build's lease pinned: ``casfs.leases``).
 
-        Builders use it to reference existing chunks instead of storing them again.
+        Builders use it to reference existing chunks instead of storing them again. An image
+        whose index is gone or unreadable is skipped.
         """
         known: dict[bytes, ChunkRef] = {}
-        for image_id in list(dict.fromkeys(self.tags().values()))[:limit_images]:
+        ids = image_ids if image_ids is not None else list(dict.fromkeys(self.tags().values()))
+        for image_id in ids[:limit_images]:
             try:
                 ix = self.load_index(image_id)
             except CasfsError:

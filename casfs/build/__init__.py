@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from ..errors import BuildError
 from ..index import serialize
+from ..layout import object_key
+from ..leases import Lease, begin_writer, missing_objects
 from .packer import COMPRESS_POLICIES, DEFAULT_CHUNK_SIZE, WEIGHT_SUFFIXES, Packer, PackStats
 from .source import Source
 
@@ -36,6 +38,34 @@ class BuildResult:
     def dedup_ratio(self) -> float:
         """Input bytes per newly stored raw byte (1.0 = nothing deduplicated)."""
         return self.pack.bytes_in / self.pack.bytes_new_raw if self.pack.bytes_new_raw else float("inf")
+
+
+def _say(msg: str) -> None:
+    print(f"casfs: {msg}", file=sys.stderr, flush=True)
+
+
+def _ensure_stored(store, packer: Packer, lease: Lease | None, attempts: int = 3) -> list:
+    """The chunk table, once every object it references is in the store (step 6 of
+    ``casfs.leases``): the objects are recorded in the build's lease (a gc starting later keeps
+    them; one already running is waited for), then each is checked, and the chunks of any that
+    vanished are read from the source and stored again.
+
+    Raises:
+        BuildError: when objects keep vanishing, or the source changed.
+        StoreError: when the store cannot be read or written.
+    """
+    for _ in range(attempts):
+        keys = {object_key(ref) for ref in packer.table}
+        if lease is not None:
+            lease.record(keys, on_wait=_say)
+        gone = missing_objects(store.objects, keys)
+        if not gone:
+            return list(packer.table)
+        _say(f"{len(gone)} object(s) this build references vanished from {store.url} while it ran "
+             f"(e.g. {gone[0]}); storing their chunks again from the source")
+        packer.restore(set(gone))
+    raise BuildError(f"objects this build references keep vanishing from {store.url} (is a gc with "
+                     "leases disabled or an outside cleaner running?); build again")
 
 
 def open_source(path: str) -> Source:
@@ -65,7 +95,10 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
     """Build an image from ``source`` into ``store`` and optionally tag it.
 
     Nothing is tagged unless every chunk and the index were stored: a failed build leaves at
-    most unreferenced objects (removed by ``gc``).
+    most unreferenced objects (removed by ``gc``). While it runs the build holds a lease in the
+    store (``casfs.leases``): a concurrent ``gc`` keeps the images it reuses chunks of and what
+    it uploads, and before the index is written every object it references is checked (a chunk
+    whose object vanished is stored again from the source).
 
     Args:
         store: a ``casfs.Store``.
@@ -108,35 +141,46 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
             on_bytes = lambda n: bar.advance(task, n)  # noqa: E731
         else:
             on_bytes = None
-        known = store.known_chunks() if dedup_against_tags else {}
-        packer = Packer(store.objects, chunk_size, known=known, on_bytes=on_bytes, compress=compress)
+        lease = begin_writer(store, "build", pin_tags=dedup_against_tags, on_wait=_say)
         try:
-            parallel = bool(getattr(src, "parallel_reads", False))
-            linked: dict[object, list[int]] = {}  # hard links: read one name, share its chunks
-            for e in entries:
-                if e.open is not None:
-                    group = e.spec.link_group
-                    if group is not None and group in linked:
-                        e.spec.chunks = linked[group]
-                        continue
-                    e.spec.chunks = packer.add_file(e.open, e.spec.size, parallel_read=parallel,
-                                                    name=e.spec.path)
-                    if group is not None:
-                        linked[group] = e.spec.chunks
-            table = packer.finish()
-        except BaseException:
-            packer.abort()
-            raise
+            pins = lease.pins if lease is not None else None
+            known = store.known_chunks(image_ids=pins) if dedup_against_tags else {}
+            packer = Packer(store.objects, chunk_size, known=known, on_bytes=on_bytes, compress=compress)
+            try:
+                parallel = bool(getattr(src, "parallel_reads", False))
+                linked: dict[object, list[int]] = {}  # hard links: read one name, share its chunks
+                for e in entries:
+                    if e.open is not None:
+                        group = e.spec.link_group
+                        if group is not None and group in linked:
+                            e.spec.chunks = linked[group]
+                            continue
+                        e.spec.chunks = packer.add_file(e.open, e.spec.size, parallel_read=parallel,
+                                                        name=e.spec.path)
+                        if group is not None:
+                            linked[group] = e.spec.chunks
+                packer.finish()
+                if bar is not None:
+                    bar.stop()
+                    bar = None
+                table = _ensure_stored(store, packer, lease)
+            except BaseException:
+                packer.abort()
+                raise
+            finally:
+                if bar is not None:
+                    bar.stop()
+            packer.close()
+            try:
+                data = serialize([e.spec for e in entries], table, chunk_size)
+            except (ValueError, OverflowError) as err:
+                raise BuildError(f"{src.description}: {err} (a field is out of range or the tree is malformed)") from None
+            image_id = store.put_index(data)
+            if tag is not None:
+                store.tag(tag, image_id)
         finally:
-            if bar is not None:
-                bar.stop()
-        try:
-            data = serialize([e.spec for e in entries], table, chunk_size)
-        except (ValueError, OverflowError) as err:
-            raise BuildError(f"{src.description}: {err} (a field is out of range or the tree is malformed)") from None
-        image_id = store.put_index(data)
-        if tag is not None:
-            store.tag(tag, image_id)
+            if lease is not None:
+                lease.release()
         return BuildResult(image_id, tag, len(entries), time.perf_counter() - t0, packer.stats, len(data))
     finally:
         src.close()

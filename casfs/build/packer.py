@@ -20,6 +20,10 @@ Compression policy (``compress``), decided per file:
 * ``"never"``: every chunk is stored raw.
 
 A chunk that is already in the store (deduplicated) keeps the frame it was stored with.
+
+Every chunk's place in the source (its file's opener, offset, length) is remembered, so that
+``restore`` can store again, from the source, a chunk whose object vanished while the build ran
+(a gc that no lease covered: ``casfs.leases``). That costs one small tuple per distinct chunk.
 """
 
 from __future__ import annotations
@@ -97,6 +101,21 @@ def _read_full(f: BinaryIO, n: int) -> bytes:
     return data
 
 
+def _skip(f: BinaryIO, n: int) -> None:
+    """Move ``f`` forward ``n`` bytes (seek where it can, else read and drop)."""
+    try:
+        if f.seekable():
+            f.seek(n)
+            return
+    except (AttributeError, OSError):
+        pass
+    while n > 0:
+        got = f.read(min(n, 1 << 20))
+        if not got:
+            return
+        n -= len(got)
+
+
 def _read_small(opener: Callable[[], BinaryIO], size: int, name: str,
                 codec: tuple[bool, float | None]) -> tuple[bytes, bytes, int]:
     with opener() as f:
@@ -141,8 +160,10 @@ class Packer:
         self._uploads: deque[Future] = deque()
         self._up = ThreadPoolExecutor(max_workers=4, thread_name_prefix="casfs-upload")
         self._on_bytes = on_bytes
-        self._window: deque[tuple[Future, list[int]]] = deque()
+        self._window: deque[tuple[Future, list[int], tuple]] = deque()
         self._window_bytes = 0
+        # table slot -> (opener, offset, raw length, codec): where to read the chunk again
+        self._origin: list[tuple] = []
 
     # -- input --------------------------------------------------------------------------------
 
@@ -163,7 +184,7 @@ class Packer:
         codec = codec_choice(name, self.compress)
         if parallel_read and size <= self.chunk_size:
             fut = self._pool.submit(_read_small, opener, size, name, codec)
-            self._enqueue(fut, size, slots)
+            self._enqueue(fut, size, slots, (opener, 0, size, codec))
             return slots
         total = 0
         with opener() as f:
@@ -171,8 +192,9 @@ class Packer:
                 data = _read_full(f, self.chunk_size)
                 if not data:
                     break
+                self._enqueue(self._pool.submit(_hash_and_encode, data, codec), len(data), slots,
+                              (opener, total, len(data), codec))
                 total += len(data)
-                self._enqueue(self._pool.submit(_hash_and_encode, data, codec), len(data), slots)
                 if len(data) < self.chunk_size:
                     break
         if total != size:
@@ -180,19 +202,19 @@ class Packer:
                              "build again from a stable tree")
         return slots
 
-    def _enqueue(self, fut: Future, nbytes: int, slots: list[int]) -> None:
-        self._window.append((fut, slots))
+    def _enqueue(self, fut: Future, nbytes: int, slots: list[int], origin: tuple) -> None:
+        self._window.append((fut, slots, origin))
         self._window_bytes += nbytes
         self._drain(WINDOW_BYTES, WINDOW_ITEMS)
 
     def _drain(self, max_bytes: int, max_items: int = 0) -> None:
         while self._window and (self._window_bytes > max_bytes or len(self._window) > max_items):
-            fut, slots = self._window.popleft()
+            fut, slots, origin = self._window.popleft()
             digest, frame, raw_len = fut.result()
             self._window_bytes -= raw_len
-            slots.append(self._place(digest, frame, raw_len))
+            slots.append(self._place(digest, frame, raw_len, origin))
 
-    def _place(self, digest: bytes, frame: bytes, raw_len: int) -> int:
+    def _place(self, digest: bytes, frame: bytes, raw_len: int, origin: tuple = ()) -> int:
         st = self.stats
         st.bytes_in += raw_len
         st.chunks_total += 1
@@ -207,6 +229,7 @@ class Packer:
             ref = ChunkRef(digest, raw_len, len(frame))
         slot = len(self.table)
         self._slot[digest] = slot
+        self._origin.append(origin)
         if ref is not None:
             st.chunks_reused += 1
             self.table.append(ref)
@@ -247,19 +270,62 @@ class Packer:
             self._uploads.popleft().result()
         self._uploads.append(self._up.submit(self.objects.put, key, data))
 
+    def _flush(self) -> None:
+        self._close_pack()
+        while self._uploads:
+            self._uploads.popleft().result()
+
     def finish(self) -> list[ChunkRef]:
-        """Close the last pack, wait for every upload, and return the chunk table.
+        """Close the last pack, wait for every upload, and return the chunk table (the packer
+        stays usable for ``restore`` until ``close``).
 
         Raises:
             whatever an upload raised (StoreError, botocore errors).
         """
         self._drain(-1)
-        self._close_pack()
-        while self._uploads:
-            self._uploads.popleft().result()
+        self._flush()
+        return list(self.table)
+
+    def restore(self, missing: set[str]) -> int:
+        """Store again, read from the source, every chunk whose object is in ``missing``
+        (object keys that vanished from the store after the chunk was placed); the chunk table
+        then points at the new objects. Returns the number of chunks stored again.
+
+        Raises:
+            BuildError: when the source no longer holds the same bytes (it changed meanwhile).
+            StoreError: when the store cannot be written.
+        """
+        from ..layout import object_key
+
+        redo = [slot for slot, ref in enumerate(self.table) if object_key(ref) in missing]
+        for slot in redo:
+            ref = self.table[slot]
+            opener, offset, length, codec = self._origin[slot]
+            with opener() as f:
+                if offset:
+                    _skip(f, offset)
+                data = _read_full(f, length)
+            digest, frame, raw_len = _hash_and_encode(data, codec)
+            if digest != ref.digest:
+                raise BuildError("a source file changed during the build (a chunk read again to replace "
+                                 "one that vanished from the store differs); build again from a stable tree")
+            self.stats.bytes_stored += len(frame)
+            if len(frame) > PACK_ENTRY_MAX:
+                self.table[slot] = ChunkRef(digest, raw_len, len(frame))
+                self._upload(chunk_key(digest), frame)
+            else:
+                self._pending_pack[digest] = slot
+                self._pack_entries.append((digest, len(self._pack_buf), len(frame), raw_len))
+                self._pack_buf += frame
+                if len(self._pack_buf) >= PACK_TARGET:
+                    self._close_pack()
+        self._flush()
+        return len(redo)
+
+    def close(self) -> None:
+        """Stop the worker threads (after ``finish`` and any ``restore``)."""
         self._pool.shutdown()
         self._up.shutdown()
-        return list(self.table)
 
     def abort(self) -> None:
         self._pool.shutdown(cancel_futures=True)

@@ -26,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("gc", help="delete objects no tag references",
                        description="Mark everything reachable from any tag, then delete the rest. Never "
-                                   "deletes a chunk a tagged image references; keeps objects younger "
-                                   "than --grace seconds (a build in progress).")
+                                   "deletes a chunk a tagged image references, nor what a running build "
+                                   "or copy uses (they hold leases in the store; one that crashed lapses "
+                                   "after 5 minutes); keeps objects younger than --grace seconds. Also "
+                                   "removes lapsed leases and a local store's stale temporary files.")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                    help="keep unreferenced objects younger than this (default 3600)")
@@ -81,4 +83,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(k)
     print(f"gc: kept {r.kept} objects, {verb} {r.deleted} ({human(r.bytes_deleted)}), "
           f"{r.young} unreferenced but younger than {args.grace:.0f} s")
+    if r.writers:
+        print(f"gc: {len(r.writers)} build(s)/copy(ies) running: kept {r.leased} more objects they may "
+              f"use ({', '.join(r.writers[:3])})")
+    if r.leases_removed or r.tmp_removed:
+        print(f"gc: removed {r.leases_removed} lapsed lease(s) and {r.tmp_removed} stale temporary "
+              f"file(s) ({human(r.tmp_bytes)})")
     return 0

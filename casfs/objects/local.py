@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Iterator
 from urllib.parse import SplitResult
 
@@ -126,6 +128,33 @@ class LocalObjectStore:
             raise KeyError(key) from None
         except OSError as e:
             raise self._failed("stat", key, e) from None
+
+    def clean_tmp(self, older_than: float) -> tuple[int, int]:
+        """Remove files in ``<root>/tmp`` last modified more than ``older_than`` seconds ago:
+        the leftovers of writers killed between writing a temporary file and renaming it (a
+        running write renews its file's time with every write). Returns (files, bytes) removed.
+        """
+        tmp = os.path.join(self.root, "tmp")
+        now = time.time()
+        files = nbytes = 0
+        try:
+            entries = list(os.scandir(tmp))
+        except FileNotFoundError:
+            return 0, 0
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+                if now - st.st_mtime <= older_than:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                continue
+            files += 1
+            nbytes += st.st_size
+        return files, nbytes
 
     def mtime(self, key: str) -> float:
         """Last modification time (seconds since the epoch); KeyError when missing."""

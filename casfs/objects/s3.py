@@ -340,6 +340,20 @@ class S3ObjectStore:
             raise StoreError(f"size {key}: {self._where()} did not report the object's size")
         return total
 
+    def mtime(self, key: str) -> float:
+        """When ``key`` was last written (seconds since the epoch, the server's clock: its
+        LastModified). Raises KeyError if missing, StoreError on failure. gc uses it for its
+        grace period and for the leases of running builds (``casfs.leases``)."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except bexc.ClientError as e:
+            if self._missing(e):
+                raise KeyError(key) from None
+            raise self._error("mtime", key, e) from None
+        except (bexc.BotoCoreError, ConnectionError, ValueError) as e:
+            raise self._error("mtime", key, e) from None
+        return head["LastModified"].timestamp()
+
     def delete(self, key: str) -> None:
         """Remove ``key``; removing a missing key is not an error."""
         try:
