@@ -440,9 +440,9 @@ class TieredStore:
                     frame = bytes(mv[m.pack_off - start:m.pack_off - start + m.stored_len])
                     if m.digest == ref.digest:
                         mine = frame
-                    else:
+                    elif len(frame) == m.stored_len:  # (a short span: a truncated pack)
                         self._staged.add(m.digest, frame)
-                        self._queue_fill(m, frame, level)
+                        self._queue_fill(m, frame, level, verify=True)
             fut.set_result(None)
             return mine
         except BaseException as e:
@@ -452,9 +452,11 @@ class TieredStore:
             with self._lock:
                 self._span_inflight.pop(key, None)
 
-    def _queue_fill(self, ref: ChunkRef, frame: bytes, upto: int) -> None:
+    def _queue_fill(self, ref: ChunkRef, frame: bytes, upto: int, *, verify: bool = False) -> None:
         """Write ``frame`` (found at tier ``upto``) into the faster writable tiers, in the
-        background."""
+        background. ``verify``: the frame has not been checked yet (a pack neighbour that came
+        along with a span): the writer checks it (``chunk.verify``, the index's length) before
+        any tier gets it, so a torn or damaged pack never fills the ssd tier."""
         targets = [t for t in self.tiers[:upto] if t.writable]
         if not targets:
             return
@@ -465,6 +467,16 @@ class TieredStore:
 
         def write() -> None:
             try:
+                if verify:
+                    try:
+                        chunkmod.check_length(chunkmod.parse_header(frame), ref.raw_len)
+                        chunkmod.verify(frame, expect=ref.digest)
+                    except CorruptChunk as e:
+                        with self._lock:
+                            self.verify_failures += 1
+                        log.error("corrupt chunk %s in a pack from tier %s, not cached: %s",
+                                  ref.digest.hex()[:16], self.tiers[upto].name, e)
+                        return
                 for t in targets:
                     try:
                         t.put(ref, frame)

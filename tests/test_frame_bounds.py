@@ -147,3 +147,43 @@ def test_a_hostile_frame_inside_a_pack_span_is_refused_without_allocating_its_de
         assert image.read("s3") == small["s3"]  # its neighbours still read
     finally:
         store.close()
+
+
+def _ssd_frames(root):
+    out = []
+    for dp, _, fs in os.walk(root):
+        if os.path.basename(dp) != "tmp":
+            out += [os.path.join(dp, f) for f in fs]
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_pack_neighbours_are_verified_before_they_fill_the_ssd_tier(tmp_path, damage):
+    files = {f"s{i:03d}": os.urandom(3000) for i in range(60)}
+    write_tree(tmp_path / "src", files)
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", progress=False)
+    store = casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"), memory_bytes=0)
+    try:
+        image = store.open_image("t")
+        refs = {n: image.chunk_refs(image.lookup(n))[0] for n in files}
+        pack = tmp_path / "store" / "packs" / fanout_name(refs["s000"].pack.hex())
+        raw = bytearray(pack.read_bytes())
+        if damage == "truncated":
+            del raw[len(raw) // 2:]
+        else:
+            for r in refs.values():
+                raw[r.pack_off + r.stored_len - 1] ^= 0x55  # every frame's last byte
+            r0 = refs["s000"]
+            raw[r0.pack_off + r0.stored_len - 1] ^= 0x55  # ... but the first one's
+        pack.write_bytes(bytes(raw))
+        assert image.read("s000") == files["s000"]
+        store.chunks.flush()
+        cached = _ssd_frames(tmp_path / "cache" / "chunks")
+        assert cached  # s000 (verified) went in
+        for p in cached:  # and nothing else that does not verify: no zero-byte, torn or bad frame
+            frame = open(p, "rb").read()
+            chunkmod.verify(frame, expect=bytes.fromhex(os.path.basename(p)))
+        assert len(cached) < len(files)
+    finally:
+        store.close()
