@@ -241,9 +241,6 @@ class AzCacheTier(Tier):
     def put(self, ref: ChunkRef, data: bytes) -> None:
         raise PermissionError("the azcache tier is filled by its servers, never by the store")
 
-    def delete(self, ref: ChunkRef) -> None:
-        """Nothing to delete here: a node that served a bad frame is reported by ``rejected``."""
-
     def contains(self, ref: ChunkRef) -> bool:
         """Whether the first available node can serve ``ref`` (HEAD; False on any failure)."""
         key = object_key(ref)
