@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh local store per test, and generators of real directory trees."""
+"""Shared fixtures: a fresh local store per test, generators of real directory trees, and the
+real servers the contract suites run stores against (moto's S3 server, nginx), one per module."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 import pytest
 
 import casfs
+from tests.support import MOTO_SERVER, NGINX, aws_test_environment, missing_binary, moto_server, nginx_static
+
+S3_BUCKET = "casfs-contract"  # the bucket ``s3_endpoint`` creates
 
 
 @pytest.fixture
@@ -32,3 +36,28 @@ def write_tree(root, files: dict[str, bytes]) -> None:
         os.makedirs(os.path.dirname(p), exist_ok=True)
         with open(p, "wb") as f:
             f.write(data)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto_server's URL (its own process), with bucket ``S3_BUCKET`` and dummy credentials in
+    the environment for the module; skips when boto3 or moto is absent."""
+    pytest.importorskip("boto3", reason="S3 stores need boto3 (pip install 'casfs[s3]')")
+    if missing_binary(MOTO_SERVER):
+        pytest.skip(f"{missing_binary(MOTO_SERVER)} (pip install 'moto[server]')")
+    from casfs.objects.s3 import S3ObjectStore
+
+    with aws_test_environment(), moto_server() as url:
+        S3ObjectStore(S3_BUCKET, endpoint_url=url).create_bucket()
+        yield url
+
+
+@pytest.fixture(scope="module")
+def web_root(tmp_path_factory):
+    """(directory, URL): Debian's nginx serving the directory read-only with a JSON autoindex;
+    skips without nginx."""
+    if missing_binary(NGINX):
+        pytest.skip(f"{missing_binary(NGINX)} (apt-get install nginx-light)")
+    root = tmp_path_factory.mktemp("web")
+    with nginx_static(str(root)) as url:
+        yield str(root), url

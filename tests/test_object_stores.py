@@ -39,10 +39,9 @@ from casfs.errors import StoreError
 from casfs.objects import ObjectStore
 from casfs.objects.http import HttpObjectStore
 from casfs.objects.local import LocalObjectStore
-from tests.support import (MOTO_SERVER, NGINX, FaultProxy, aws_test_environment, free_port,
-                           missing_binary, moto_server, nginx_static)
+from conftest import S3_BUCKET as BUCKET
+from tests.support import FaultProxy, free_port
 
-BUCKET = "casfs-contract"
 _names = itertools.count()
 STORES = ["local", "s3", "http"]
 REMOTE = ["s3", "http"]
@@ -59,32 +58,6 @@ class Backend:
     kind: str
     store: ObjectStore
     seed: Callable[[str, bytes], None]
-
-
-# -- the servers (one per module) ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto_server's URL, with bucket BUCKET; skips when boto3 or moto is absent."""
-    pytest.importorskip("boto3", reason="S3 stores need boto3 (pip install 'casfs[s3]')")
-    if missing_binary(MOTO_SERVER):
-        pytest.skip(f"{missing_binary(MOTO_SERVER)} (pip install 'moto[server]')")
-    from casfs.objects.s3 import S3ObjectStore
-
-    with aws_test_environment(), moto_server() as url:
-        S3ObjectStore(BUCKET, endpoint_url=url).create_bucket()
-        yield url
-
-
-@pytest.fixture(scope="module")
-def web_root(tmp_path_factory):
-    """(directory, URL): nginx serving the directory, with a JSON autoindex; skips without nginx."""
-    if missing_binary(NGINX):
-        pytest.skip(f"{missing_binary(NGINX)} (apt-get install nginx-light)")
-    root = tmp_path_factory.mktemp("web")
-    with nginx_static(str(root)) as url:
-        yield str(root), url
 
 
 def _s3(endpoint: str, prefix: str, **kw) -> ObjectStore:

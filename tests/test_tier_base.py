@@ -15,7 +15,6 @@ from casfs.index import ChunkRef
 from casfs.store import Store
 from casfs.tiered import TieredStore
 from casfs.tiers.base import Tier
-from casfs.tiers.blob import BlobTier
 from casfs.objects.local import LocalObjectStore
 from casfs.tiers.memory import MemoryCache
 
@@ -160,28 +159,3 @@ def test_the_tier_walk_asks_a_failing_blob_store_once_per_read(tmp_path):
         with pytest.raises(ChunkUnavailable, match="blob: error backend down"):
             image.read("big", 0, 10)
         assert objects.calls == 1
-
-
-def test_a_blob_tier_over_a_remote_backend_reads_into_buffers_through_the_default(tmp_path):
-    write_tree(tmp_path / "src", {"f": os.urandom(70_000)})
-    with casfs.open_store(str(tmp_path / "store")) as s:
-        casfs.build(s, str(tmp_path / "src"), tag="t", chunk_size=65536, progress=False)
-        image = s.open_image("t")
-        ref = image.chunk_refs(image.lookup("f"))[0]
-        want = s.chunks.get(ref)
-
-    class NoLocalPath:
-        """The local store seen through its ObjectStore methods only (as S3 or HTTP would be)."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            if name == "local_path":
-                raise AttributeError(name)
-            return getattr(self.inner, name)
-
-    tier = BlobTier(NoLocalPath(LocalObjectStore(str(tmp_path / "store"), create=False)))
-    assert not tier.supports_read_into
-    buf = bytearray(ref.raw_len)
-    assert tier.read_into(ref, memoryview(buf)) == ref.raw_len and bytes(buf) == want

@@ -25,6 +25,9 @@ store never probes for undeclared methods:
 Retries are not a tier's job unless its source is remote: the tier walk makes one pass and
 fails over to the next tier; a remote object store retries what its protocol says is
 transient (``casfs.objects``).
+
+The contract every tier keeps (and the memory cache where it applies) is written once as a
+test suite, ``tests/test_tiers.py``, and run against each of them.
 """
 
 from __future__ import annotations
