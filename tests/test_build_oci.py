@@ -181,3 +181,15 @@ def test_a_layer_of_an_unknown_media_type_is_refused(store, tmp_path):
         json.dump({"schemaVersion": 2, "manifests": [new]}, f)
     with pytest.raises(casfs.BuildError, match="media type 'application/vnd.example.squashfs', not a tar layer"):
         casfs.build(store, layout)
+
+
+def test_an_oci_layout_keeps_nanosecond_mtimes_like_the_tree_it_was_made_from(store, tmp_path):
+    from test_build_tar import gnu_pax_tar, nanosecond_tree
+
+    src = nanosecond_tree(tmp_path / "src")
+    layer = gnu_pax_tar(src, tmp_path / "layer.tar")
+    write_docker_save(str(tmp_path / "img.tar"), [layer])
+    layout = skopeo_copy(str(tmp_path / "img.tar"), str(tmp_path / "layout"))
+    from_oci = casfs.build(store, layout, progress=False)
+    assert store.open_image(from_oci.image_id).stat("l").mtime_ns == 1_700_000_000_987_654_321
+    assert from_oci.image_id == casfs.build(store, src, progress=False).image_id

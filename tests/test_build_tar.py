@@ -380,3 +380,46 @@ def test_random_trees_round_trip_through_a_tar_byte_for_byte(files, how):
             assert built == set(files)
         finally:
             store.close()
+
+
+def nanosecond_tree(root) -> str:
+    """A small real tree whose files, directories and symlink have sub-microsecond mtimes."""
+    os.makedirs(root / "d")
+    (root / "a").write_bytes(b"hi\n")
+    (root / "d" / "b").write_bytes(b"x\n")
+    os.symlink("a", root / "l")
+    for k, p in enumerate(["a", "d/b", "d", "."]):
+        os.utime(root / p, ns=(1_700_000_000_123_456_789 + k, 1_700_000_000_123_456_789 + 7 * k + 10))
+    os.utime(root / "l", ns=(0, 1_700_000_000_987_654_321), follow_symlinks=False)
+    os.utime(root, ns=(0, 1_700_000_000_123_456_800))  # pax writes ".1234568": trailing zeros cut
+    return str(root)
+
+
+def gnu_pax_tar(src: str, dest) -> bytes:
+    """The tree as GNU tar's POSIX (pax) format writes it: mtimes as decimal text with ns."""
+    subprocess.run(["tar", "--format=posix", "-C", src, "-cf", str(dest), "."], check=True)
+    return open(dest, "rb").read()
+
+
+def test_a_tar_keeps_nanosecond_mtimes_so_a_tree_and_its_tar_give_one_image_id(store, tmp_path):
+    src = nanosecond_tree(tmp_path / "src")
+    data = gnu_pax_tar(src, tmp_path / "t.tar")
+    assert b"mtime=1700000000.987654321" in data
+    from_dir = casfs.build(store, src, progress=False)
+    from_tar = casfs.build(store, str(tmp_path / "t.tar"), progress=False)
+    image = store.open_image(from_tar.image_id)
+    assert image.stat("l").mtime_ns == 1_700_000_000_987_654_321
+    assert image.stat("").mtime_ns == 1_700_000_000_123_456_800
+    assert from_tar.image_id == from_dir.image_id
+
+
+@pytest.mark.parametrize("text,ns", [("-1.5", -1_500_000_000), ("0.000000001", 1), ("12", 12 * 10**9),
+                                     ("1.1234567899", 1_123_456_789), ("99999999999999999999", (1 << 63) - 1)])
+def test_pax_mtimes_are_read_exactly_from_their_text(store, tmp_path, text, ns):
+    ti = tarfile.TarInfo("f")
+    ti.pax_headers = {"mtime": text}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(ti, io.BytesIO(b""))
+    r = casfs.build(store, write_file(tmp_path / "t.tar", buf.getvalue()), progress=False)
+    assert store.open_image(r.image_id).stat("f").mtime_ns == ns

@@ -12,6 +12,8 @@ How names, duplicates, symlinks, hard links and whiteouts are treated is the con
   rejected;
 * mtimes are kept to the nanosecond range of the index: negative mtimes (before 1970) are kept,
   absurd ones (beyond 1677..2262, or not a number) are clamped to that range, never rejected;
+  a pax ``mtime`` record is read exactly from its decimal text (no float), so a tar of a tree
+  and the tree give the same image id;
 * pax ``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*`` records become xattrs;
 * regular files, directories, symlinks, hard links, character/block devices and fifos are
   supported; any other member type (GNU volume labels, multi-volume parts, ...) is rejected;
@@ -33,6 +35,7 @@ import json
 import lzma
 import math
 import os
+import re
 import stat as statmod
 import tarfile
 import zlib
@@ -288,7 +291,20 @@ def _xattrs(m: tarfile.TarInfo, what: str) -> dict[bytes, bytes]:
     return out
 
 
-def _mtime_ns(mtime: float | int) -> int:
+_PAX_TIME = re.compile(r"^(-?)([0-9]{1,30})(?:\.([0-9]{0,30}))?$")
+
+
+def _mtime_ns(mtime: float | int, pax: str | None = None) -> int:
+    """The member's mtime in nanoseconds. A pax ``mtime`` record ("1700000000.123456789") is
+    read from its text, digit by digit: tarfile turns it into a float, which keeps only about
+    7 digits after the point at today's dates, so a tar of a tree and the tree itself gave
+    different image ids (#17)."""
+    if pax is not None:
+        t = _PAX_TIME.match(pax.strip())
+        if t:
+            sign, secs, frac = t.groups()
+            ns = int(secs) * 1_000_000_000 + int((frac or "")[:9].ljust(9, "0"))
+            return min(max(-ns if sign else ns, _INT64[0]), _INT64[1])
     if isinstance(mtime, float):
         if math.isnan(mtime):
             return 0
@@ -322,7 +338,7 @@ def member_inode(tf: tarfile.TarFile, m: tarfile.TarInfo, path: str, where: str,
     for name, v in (("uid", m.uid), ("gid", m.gid)):
         if not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFF:
             raise BuildError(f"{what}: {name} {v!r} is outside 0..4294967295")
-    ino = Inode(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, mtime_ns=_mtime_ns(m.mtime),
+    ino = Inode(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, mtime_ns=_mtime_ns(m.mtime, m.pax_headers.get("mtime")),
                 xattrs=_xattrs(m, what))
     if m.isreg():
         if m.size < 0 or (m.issparse() and m.size > MAX_SPARSE_BYTES):
