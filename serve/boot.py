@@ -53,6 +53,7 @@ import casfs
 from .client import CONTROL_HEADER, first_token, http_json, wait_ready
 from .health import HealthReport, check_gpus, require_healthy
 from .modeldir import materialize
+from .preflight import check_model, preflight
 from .process import exit_reason, pid_alive, spawn_worker, terminate
 from .report import PHASE_ORDER, BootReport, PhaseTimer, write_report
 
@@ -188,11 +189,14 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     """Run the boot pipeline (see the module docstring) and return the serving replica.
 
     Raises:
+        PreflightError: the engine is not installed for ``cfg.python``, the listen port is
+            taken, or the image holds no model (``serve.preflight``; nothing was started).
         GpuUnhealthy: the GPU health phase failed (nothing else was started).
         BootError: any later phase failed (what was started is stopped again).
         ImageNotFound: the model image is not in the store.
     """
     t_start = time.monotonic()
+    preflight(cfg)  # engine installed, port free: one-line errors before any slow work
     workdir = _workdir(cfg)
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
     mode = "restore" if cfg.snapshot and not cfg.create_snapshot else "cold"
@@ -215,6 +219,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     with timer.phase("mount"):
         store = casfs.open_store(cfg.store, cache_dir=cfg.cache_dir)
         image = store.open_image(cfg.image)
+        check_model(image, cfg.engine)
         model_dir, how, detail = materialize(image, cfg.materialize, workdir)
     report.image_id, report.model_dir, report.materialize = image.id, model_dir, how
     report.details["mount"] = detail

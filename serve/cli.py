@@ -12,6 +12,8 @@ import json
 import signal
 import sys
 
+from .preflight import ENGINE_CHECKS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--create", action="store_true",
                    help="with --snapshot: cold boot, then snapshot the ready replica as TAG")
     p.add_argument("--name", default=None, help="model name in the API (default: MODEL_IMAGE)")
-    p.add_argument("--engine", choices=("vllm", "echo"), default="vllm",
+    p.add_argument("--engine", choices=tuple(ENGINE_CHECKS), default="vllm",
                    help="vllm (default), or echo: a deterministic stand-in that needs no model")
     p.add_argument("--eager", action="store_true", help="vLLM --enforce-eager: skip torch.compile")
     p.add_argument("--fast-boot", action="store_true",

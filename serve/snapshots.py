@@ -40,13 +40,6 @@ class SnapshotUnavailable(BootError):
     """Snapshots cannot be taken or restored on this host or checkout; the message says why."""
 
 
-def _shm_path(problem: str) -> str | None:
-    """The /dev/shm path a snapshot.criu rule problem names ("file /dev/shm/X is open ..."), if any."""
-    if problem.startswith("file /dev/shm/"):
-        return problem[len("file "):].split(" is open", 1)[0]
-    return None
-
-
 @dataclass
 class Restored:
     """A restored replica: ``process`` (snapshot.RestoredProcess: poll/wait/kill), the
@@ -94,13 +87,13 @@ class CriuBackend:
 
         snapshot.cpu's rule check refuses files open read-write; vLLM's multiprocess executor
         keeps its /dev/shm/psm_* message-queue segments open that way. snapshot.cpu saves those
-        segments with the snapshot and puts them back before a restore, and their size never
-        changes, so they are exempted here; every other rule still refuses the snapshot.
+        segments with the snapshot and puts them back before a restore, so its rule check
+        exempts them (no warning either); every other rule still refuses the snapshot.
         """
         snap = self.snapshot
         try:
-            shm = set(snap.shm_segments(snap.process_tree(proc.pid)))
-            problems = [p for p in snap.tree_rule_problems(proc.pid) if _shm_path(p) not in shm]
+            shm = snap.shm_segments(snap.process_tree(proc.pid))
+            problems = snap.tree_rule_problems(proc.pid, saved=shm)
             if problems:
                 raise BootError(f"the replica cannot be snapshotted: {'; '.join(problems)}")
             ref = snap.checkpoint(proc, store, tag, leave_running=False, strict=False)

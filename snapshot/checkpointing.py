@@ -95,7 +95,8 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
         pid = int(proc)
     pids = criumod.process_tree(pid)
     cmd = proc.cmd if isinstance(proc, SpawnedProcess) else _cmdline(pid)
-    problems = criumod.tree_rule_problems(pid)
+    shm = shm_segments(pids)  # stored with the images and put back before every restore
+    problems = criumod.tree_rule_problems(pid, saved=shm)
     if problems:
         if strict:
             raise RuleViolation(f"process {pid} cannot be snapshotted: " + "; ".join(problems),
@@ -104,7 +105,6 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
             log.warning("snapshot of %d: %s", pid, p)
     files = [f | {"pid": p} for p in pids for f in criumod.open_files(p)]
     key = cpu_snapshot_key(report, pids, criu)
-    shm = shm_segments(pids)
     deleted_dirs = {os.path.dirname(f["target"][:-len(" (deleted)")]) for f in files
                     if f["regular"] and f["deleted"] and f["target"].startswith("/")}
     deleted_dirs |= _deleted_mapping_dirs(pids)  # mapped-only (e.g. glibc semaphores in /dev/shm)

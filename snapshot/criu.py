@@ -29,6 +29,7 @@ import stat as statmod
 import subprocess
 import sys
 import threading
+from typing import Iterable
 from dataclasses import dataclass, field
 
 import casfs
@@ -439,20 +440,23 @@ def open_files(pid: int) -> list[dict]:
     return out
 
 
-def tree_rule_problems(pid: int) -> list[str]:
+def tree_rule_problems(pid: int, saved: Iterable[str] = ()) -> list[str]:
     """Rules broken by the process tree rooted at ``pid``, each with its fix ([] when none).
 
     Checked: regular files open for writing must be ``O_WRONLY|O_APPEND`` (CRIU refuses to
-    restore a file whose size changed, and a file the process writes changes); no io_uring;
+    restore a file whose size changed, and a file the process writes changes), except the
+    files in ``saved``: ones the snapshot stores and puts back before each restore (its
+    /dev/shm segments, such as vLLM's psm_* queues), so their size always matches; no io_uring;
     no terminal.
     """
+    saved = set(saved)
     problems = []
     for p in process_tree(pid):
         for f in open_files(p):
             acc = f["flags"] & os.O_ACCMODE
             where = f"pid {p} fd {f['fd']}"
             if f["regular"] and not f["deleted"] and acc != os.O_RDONLY and not (
-                    acc == os.O_WRONLY and f["flags"] & os.O_APPEND):
+                    acc == os.O_WRONLY and f["flags"] & os.O_APPEND) and f["target"] not in saved:
                 mode = "read-write" if acc == os.O_RDWR else "writing"
                 problems.append(
                     f"file {f['target']} is open for {mode} without O_APPEND ({where}): CRIU "

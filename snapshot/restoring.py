@@ -28,12 +28,20 @@ from .spawning import ready_caller_pid
 __all__ = ["RestoredProcess", "restore"]
 
 
+def _stored_name_ok(stored: str) -> bool:
+    """A stored copy is a relative path inside the image without ``..`` (checkpointing writes
+    ``casfs-extra/<kind>/<hex>``)."""
+    parts = stored.split("/")
+    return bool(stored) and "\0" not in stored and not stored.startswith("/") \
+        and all(p not in ("", ".", "..") for p in parts)
+
+
 def _host_item(kind: str, item: object) -> tuple[str, str]:
     """(host path, stored name) of a /dev/shm segment or link_remap file the snapshot's
     metadata asks to put back, checked: the metadata comes from the image, and an image must
     not choose where on this host its bytes are written. A segment goes directly under
     /dev/shm; a link_remap file is named ``link_remap.*`` (CRIU's name) at a normalised
-    absolute path; the stored copy is one name inside the image.
+    absolute path; the stored copy is a relative path inside the image (no ``..``).
 
     Raises:
         CriuError: naming the entry that breaks these rules.
@@ -42,7 +50,7 @@ def _host_item(kind: str, item: object) -> tuple[str, str]:
     stored = item.get("stored") if isinstance(item, dict) else None
     ok = (isinstance(path, str) and isinstance(stored, str) and "\0" not in path
           and os.path.isabs(path) and os.path.normpath(path) == path
-          and stored not in ("", ".", "..") and "/" not in stored and "\0" not in stored)
+          and _stored_name_ok(stored))
     if ok and kind == "shm":
         ok = os.path.dirname(path) == "/dev/shm"
     elif ok:
