@@ -27,6 +27,7 @@ import time
 from ..errors import CorruptChunk, StoreError
 from ..layout import name_of, parse_object_path
 from .http import HttpServer, Request, Response
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .objects import KINDS, ObjectCache
 
@@ -116,7 +117,7 @@ class CacheApp:
             return self._unauthorized()
         if req.path == "/metrics":
             return Response(200, self.render_metrics().encode(),
-                            [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
+                            [("Content-Type", METRICS_CONTENT_TYPE)])
         return Response(404, f"no such path; objects live at /<{'|'.join(KINDS)}>/<hh>/<hex>\n".encode(), _TEXT)
 
     def _authorized(self, req: Request) -> bool:
