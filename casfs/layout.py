@@ -21,11 +21,14 @@ Paths (relative, '/'-separated) of a key under a store's root, in one of two lay
 
 An ssd cache has no kinds: a frame of digest <hex> lives at ``fanout_name(<hex>)`` =
 ``<hex[:2]>/<hex>`` under its root (``casfs.tiers.ssd``; a cache server in peer mode reads a
-host's ssd cache through the same function).
+host's ssd cache through the same function). A host's cache directory holds its ssd tier at
+``cache_chunks_dir(cache_dir)`` = ``<cache_dir>/chunks`` and cached indexes at
+``<cache_dir>/indexes/<id>``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -96,6 +99,12 @@ def profile_key(image_id: str) -> str:
 def object_key(ref: ChunkRef) -> str:
     """The object that holds chunk ``ref``: its pack when packed, else its loose object."""
     return pack_key(ref.pack) if ref.pack is not None else chunk_key(ref.digest)
+
+
+def cache_chunks_dir(cache_dir: str) -> str:
+    """The ssd tier's root inside a host's cache directory (``casfs.Store``); a cache server
+    given the same directory (peer mode) serves the loose chunks found there."""
+    return os.path.join(cache_dir, CHUNKS)
 
 
 def fanout_name(name: str) -> str:

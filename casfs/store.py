@@ -12,7 +12,8 @@ from .digest import from_hex
 from .errors import CasfsError, CorruptChunk, CorruptIndex, ImageNotFound, StoreError
 from .fsutil import atomic_write
 from .index import ChunkRef, Index
-from .layout import DATA_KINDS, INDEXES, TAGS, index_key, kind_prefix, name_of, object_key, tag_key
+from .layout import (DATA_KINDS, INDEXES, TAGS, cache_chunks_dir, index_key, kind_prefix, name_of, object_key,
+                     tag_key)
 from .tiered import TieredStore
 from .tiers.base import Tier
 from .tiers.blob import BlobTier, ObjectStore
@@ -59,7 +60,7 @@ class Store:
         self.cache_dir = cache_dir
         tiers: list[Tier] = []
         self.memory = MemoryCache(memory_bytes) if memory_bytes > 0 else None
-        self.ssd = SsdTier(os.path.join(cache_dir, "chunks"), cache_bytes) if cache_dir else None
+        self.ssd = SsdTier(cache_chunks_dir(cache_dir), cache_bytes) if cache_dir else None
         if self.ssd:
             tiers.append(self.ssd)
         tiers.extend(extra_tiers or [])

@@ -50,5 +50,6 @@ def test_tags_profiles_and_kinds():
     assert layout.name_of("tags/latest") == "latest"
     assert layout.kind_prefix(layout.TAGS) == "tags/"
     assert layout.fanout_name("abcdef") == "ab/abcdef"
+    assert layout.cache_chunks_dir("/var/cache/casfs") == "/var/cache/casfs/chunks"
     with pytest.raises(ValueError, match="layout"):
         layout.relpath("tags/x", "deep")

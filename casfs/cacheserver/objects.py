@@ -29,7 +29,7 @@ from .. import chunk as chunkmod
 from ..digest import digest_bytes
 from ..errors import CorruptChunk
 from ..index import ChunkRef
-from ..layout import CHUNKS, IMMUTABLE_KINDS, PACKS, fanout_name, split_key
+from ..layout import CHUNKS, IMMUTABLE_KINDS, PACKS, cache_chunks_dir, fanout_name, split_key
 from ..objects.base import ObjectStore
 from ..tiers.memory import MemoryCache
 from ..tiers.ssd import SsdTier
@@ -92,7 +92,7 @@ class ObjectCache:
         self.memory = MemoryCache(memory_bytes, name="server-memory") if memory_bytes > 0 else None
         self.ssd = SsdTier(os.path.join(cache_dir, SERVER_SUBDIR), cache_bytes, fsync=fsync,
                            name="server-ssd") if cache_dir else None
-        self.host_chunks = os.path.join(cache_dir, "chunks") if cache_dir else None
+        self.host_chunks = cache_chunks_dir(cache_dir) if cache_dir else None
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._wb = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casfs-server-ssd")

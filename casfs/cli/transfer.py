@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+from ..layout import CHUNKS, INDEXES, PACKS, PROFILES
 from .format import human
 from .main import open_store_from_args
 
@@ -64,7 +65,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             pass
     print(f"store {store.url}")
     print(f"  tags: {len(store.tags())}")
-    for kind in ("indexes", "packs", "chunks", "profiles"):
+    for kind in (INDEXES, PACKS, CHUNKS, PROFILES):
         print(f"  {kind:<9} {count[kind]:>8} objects {human(size[kind]):>12}")
     print(f"  total     {sum(count.values()):>8} objects {human(sum(size.values())):>12}")
     if store.ssd:
