@@ -144,13 +144,14 @@ def _stale(e: BaseException, reused: bool) -> bool:
 
 
 def exchange(pool: ConnectionPool, method: str, path: str, headers: dict[str, str], *,
-             framed: bool = False) -> Answer:
+             framed: bool = False, body: bytes | memoryview | None = None) -> Answer:
     """One request and its whole answer on a pooled connection (see the module doc for the
     one immediate resend on a stale keep-alive connection).
 
     Args:
         framed: raise ``Unframed`` for a 2xx answer to a GET without Content-Length or
             chunked framing.
+        body: the request body (sent with its Content-Length), e.g. a registry blob upload.
 
     Raises:
         TimeoutError, OSError, http.client.HTTPException (``Unframed``,
@@ -159,7 +160,7 @@ def exchange(pool: ConnectionPool, method: str, path: str, headers: dict[str, st
     for attempt in (0, 1):
         conn, reused = pool.acquire()
         try:
-            conn.request(method, path, headers=headers)
+            conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             body = resp.read()  # raises IncompleteRead on a short body
             if framed and method == "GET" and 200 <= resp.status < 300 \

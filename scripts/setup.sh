@@ -7,7 +7,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights}
 
-APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static"
+APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static docker-registry containerd debootstrap"
 . scripts/apt_ensure.sh
 apt_ensure "system packages" $APT_PKGS
 

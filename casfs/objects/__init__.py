@@ -8,6 +8,7 @@ scheme is used. ``register_scheme`` adds a backend without touching this module.
     ""  / file://   casfs.objects.local   a directory (the embedded default)
     s3://           casfs.objects.s3      S3 or any S3-compatible store (boto3)
     http(s)://      casfs.objects.http    read-only: a store directory on any web server or CDN
+    oci://          casfs.objects.oci     an OCI registry repository (blobs + a catalog per tag)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _SCHEMES: dict[str, _Entry] = {
     "s3": _Entry("casfs.objects.s3:from_url", "S3 stores need boto3: pip install 'casfs[s3]'"),
     "http": _HTTP,
     "https": _HTTP,
+    "oci": _Entry("casfs.objects.oci:from_url"),
 }
 _lock = threading.Lock()
 
@@ -79,7 +81,8 @@ def _resolve(entry: _Entry) -> Opener:
 
 def open_objects(url: str) -> ObjectStore:
     """The object store for ``url``: a plain path or ``file:///abs/path``, ``s3://bucket/prefix
-    ?endpoint=...&region=...``, ``http(s)://host/path/`` (read-only), or a registered scheme.
+    ?endpoint=...&region=...``, ``http(s)://host/path/`` (read-only), ``oci://host[:port]/repo[?insecure=1]``, or a
+    registered scheme.
 
     Raises:
         StoreError: for an unknown scheme, a malformed URL or a missing optional dependency.

@@ -1,5 +1,5 @@
 """Real servers on 127.0.0.1 for tests and benchmarks, one module per server: ``moto`` (S3),
-``nginx`` (static files), ``faultproxy`` (a fault-injecting relay), ``procs`` (starting and
+``nginx`` (static files), ``faultproxy`` (a fault-injecting relay), ``registry`` (an OCI registry), ``procs`` (starting and
 stopping them).
 
 Tests import ``tests.support.<module>`` (pytest puts the repo root on ``sys.path``:
@@ -28,6 +28,11 @@ Everything here starts real processes or real sockets (no in-process mocking):
     direction (and per new connection), a bandwidth cap, a connection cut after N bytes, canned
     HTTP error replies to the next N requests, and a hang. See its docstring.
 
+``registry_server()``
+    context manager: Debian's ``docker-registry`` (distribution 2.8, the OCI distribution API)
+    on a free port with filesystem storage in a temp dir; yields a ``Registry`` (host, port,
+    storage root, ``blob_path(digest)``).
+
 ``procs.missing_binary(path)`` gives a skip reason when a binary is absent, so that tests skip with a
 clear reason instead of failing where a server cannot run.
 """
@@ -36,6 +41,8 @@ from .faultproxy import DOWN, UP, FaultProxy
 from .moto import MOTO_SERVER, aws_test_environment, moto_server
 from .nginx import NGINX, nginx_cache, nginx_static
 from .procs import free_port, missing_binary
+from .registry import REGISTRY, Registry, registry_server
 
-__all__ = ["DOWN", "FaultProxy", "MOTO_SERVER", "NGINX", "UP", "aws_test_environment", "free_port",
-           "missing_binary", "moto_server", "nginx_cache", "nginx_static"]
+__all__ = ["DOWN", "FaultProxy", "MOTO_SERVER", "NGINX", "REGISTRY", "Registry", "UP",
+           "aws_test_environment", "free_port", "missing_binary", "moto_server", "nginx_cache",
+           "nginx_static", "registry_server"]

@@ -1,0 +1,403 @@
+"""An OCI registry as a casfs store: ``oci://[user:password@]HOST[:PORT]/REPO[?insecure=1]``.
+
+Every casfs object (index, pack, loose chunk, profile) is a blob of one registry repository,
+stored byte for byte (the casfs frame), so reads are ranged blob GETs like those of the other
+remote stores, behind the same tiers; a P2P proxy or pull-through cache in front of the
+registry (Dragonfly, Spegel, Kraken, distribution's proxy mode) serves them like any layer.
+
+**Names.** A registry names a blob by the sha256 of its bytes; casfs names objects by blake3
+(of a chunk's uncompressed bytes, of a pack's bytes, of an index). One cannot be computed from
+the other without the bytes, so the mapping casfs name -> registry digest is written down, in
+the registry, where a casfs tag leads to it:
+
+- casfs tag ``T`` is registry tag ``T``: an OCI image index (manifest list) whose annotations
+  hold the tag's bytes (``org.casfs.tag-data``, base64), and which lists
+  (1) a *catalog* manifest (platform ``unknown/unknown``, like BuildKit's attestation
+  manifests, so container runtimes skip it): config ``{}``, one layer descriptor per casfs
+  object with its key in the ``org.casfs.key`` annotation; and (2) when the tag names an image,
+  a runnable linux image for containerd (``casfs.oci.publish``), so ``ctr image pull
+  HOST/REPO:T`` works with the casfs snapshotter;
+- the catalog of image ``<id>`` is also tagged ``casfs-<id>``, so an image opened by its id
+  (which is what a mount daemon does) costs one manifest GET, not a scan.
+
+Why a manifest per tag rather than blob digests derived from content: nothing can be derived
+(sha256 vs blake3), and a manifest is the registry's own way to say "these blobs belong
+together": registry GC keeps them, replication and P2P tools move them, and ``crane``/
+``skopeo`` can copy a casfs image between registries like any other.
+
+**What a catalog lists.** The objects this store handle wrote or found (``put``,
+``contains``, ``get``) since it was opened: for ``casfs copy`` that is exactly the image's
+objects (the copy checks each one). A key missing from every catalog loaded so far makes the
+store list the repository's tags and load the catalogs it has not seen (at most once per
+``rescan_seconds``), so objects written by other processes are found too; an object that no
+tag's catalog lists is not reachable (as in any registry, images are reached from tags).
+
+**Verification.** Whole-blob GETs are checked against their sha256; manifests fetched by
+digest likewise; ranged reads cannot be, and need not be: every casfs frame carries its blake3
+and the tiers verify it before anything is served.
+
+Deletes need ``storage.delete.enabled`` on the registry. casfs tags must be registry tags
+(letters, digits, ``_.-``: no ``:@+``). See ``casfs.oci.registry`` for the protocol subset and
+auth (none or Basic; token auth is not supported yet).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import time
+from typing import Iterator
+from urllib.parse import SplitResult, parse_qs, unquote
+
+from ..errors import StoreError
+from ..layout import TAGS, check_key, kind_prefix, split_key
+from ..oci.registry import TAG_RE, Registry, sha256_digest
+
+__all__ = ["CATALOG_TYPE", "OBJECT_TYPE", "OciObjectStore", "from_url"]
+
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
+CATALOG_TYPE = "application/vnd.casfs.catalog.v1+json"
+OBJECT_TYPE = "application/vnd.casfs.object.v1"
+EMPTY = b"{}"
+ACCEPT = [INDEX_TYPE, MANIFEST_TYPE]
+
+A_KEY = "org.casfs.key"
+A_TAG = "org.casfs.tag"
+A_TAG_DATA = "org.casfs.tag-data"
+A_IMAGE = "org.casfs.image-id"
+A_STORE = "org.casfs.store"
+A_ROLE = "org.casfs.manifest"
+MAX_CATALOG = 1_000_000  # descriptors in one catalog we are willing to parse
+_ID = re.compile(r"^[0-9a-f]{64}$")
+_CATALOG_TAG = re.compile(r"^casfs-[0-9a-f]{64}$")
+
+
+def catalog_tag(image_id: str) -> str:
+    """The registry tag of image ``image_id``'s catalog."""
+    return f"casfs-{image_id}"
+
+
+def from_url(url: str, parts: SplitResult) -> "OciObjectStore":
+    """The store for ``oci://[user:pw@]host[:port]/repo[?insecure=1]`` (``casfs.objects``'s table).
+
+    Raises:
+        StoreError: for a URL without host or repository, or an unknown query parameter.
+    """
+    if not parts.hostname or not parts.path.strip("/"):
+        raise StoreError(f"{url}: an OCI store URL looks like oci://host[:port]/repository")
+    q = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(q) - {"insecure"}
+    if unknown:
+        raise StoreError(f"{url}: unknown parameter(s) {', '.join(sorted(unknown))} (known: insecure)")
+    insecure = (q.get("insecure") or ["0"])[-1].lower() in ("", "1", "true", "yes")
+    host = parts.netloc.rpartition("@")[2]
+    return OciObjectStore(host, parts.path.strip("/"), insecure=insecure,
+                          username=unquote(parts.username) if parts.username else None,
+                          password=unquote(parts.password) if parts.password else None)
+
+
+class OciObjectStore:
+    """casfs objects as blobs of registry repository ``repo`` at ``host``. Thread-safe.
+
+    Args:
+        host: ``host[:port]`` of the registry.
+        repo: the repository (``casfs/images``).
+        insecure: plain http for a non-local host (local hosts always use http).
+        username, password: Basic auth (default from ``CASFS_OCI_USERNAME``/``_PASSWORD``).
+        rescan_seconds: least time between two scans of the repository's tags for a key no
+            loaded catalog lists.
+        registry_options: passed to ``casfs.oci.registry.Registry`` (timeouts, attempts,
+            chunk_threshold).
+
+    Raises:
+        StoreError: for a malformed host or repository.
+    """
+
+    read_only = False
+
+    def __init__(self, host: str, repo: str, *, insecure: bool = False, username: str | None = None,
+                 password: str | None = None, rescan_seconds: float = 10.0, **registry_options) -> None:
+        self.registry = Registry(host, repo, insecure=insecure, username=username, password=password,
+                                 **registry_options)
+        self.insecure = insecure
+        self.url = f"oci://{host}/{repo}" + ("?insecure=1" if insecure else "")
+        self.rescan_seconds = rescan_seconds
+        self._map: dict[str, tuple[str, int]] = {}  # key -> (registry digest, size)
+        self._touched: dict[str, None] = {}  # keys this handle wrote or found (ordered)
+        self._catalogs: set[str] = set()  # catalog manifest digests merged into _map
+        self._tag_digests: dict[str, str] = {}  # registry tag -> manifest digest last seen
+        self._last_scan = float("-inf")
+        self._empty_pushed = False
+        self.image_config = None  # casfs.oci.publish.ImageConfig of runnable images (None: defaults)
+        self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<OciObjectStore {self.url}>"
+
+    def close(self) -> None:
+        """Close idle connections (the store stays usable)."""
+        self.registry.close()
+
+    # -- the mapping -----------------------------------------------------------------------
+
+    def _remember(self, key: str, digest: str, size: int, touched: bool = True) -> None:
+        with self._lock:
+            self._map[key] = (digest, size)
+            if touched:
+                self._touched[key] = None
+
+    def _merge_catalog(self, digest: str) -> None:
+        """Load catalog manifest ``digest`` (verified) into the mapping, once."""
+        with self._lock:
+            if digest in self._catalogs:
+                return
+        m = self.registry.get_manifest(digest, [MANIFEST_TYPE])
+        if m is None:
+            return
+        doc = m.json()
+        layers = doc.get("layers")
+        if not isinstance(layers, list) or len(layers) > MAX_CATALOG:
+            raise StoreError(f"catalog {digest[:19]} in {self.url} is malformed (no layer list)")
+        found: dict[str, tuple[str, int]] = {}
+        for d in layers:
+            try:
+                key = check_key(d["annotations"][A_KEY])
+                bd, size = d["digest"], d["size"]
+            except (KeyError, TypeError, ValueError):
+                raise StoreError(f"catalog {digest[:19]} in {self.url} has a malformed entry") from None
+            if not isinstance(bd, str) or not re.match(r"^sha256:[0-9a-f]{64}$", bd) \
+                    or not isinstance(size, int) or size < 0 or key.startswith(kind_prefix(TAGS)):
+                raise StoreError(f"catalog {digest[:19]} in {self.url} has a malformed entry")
+            found[key] = (bd, size)
+        with self._lock:
+            for key, v in found.items():
+                self._map.setdefault(key, v)
+            self._catalogs.add(digest)
+
+    def _lookup(self, key: str) -> tuple[str, int] | None:
+        with self._lock:
+            return self._map.get(key)
+
+    def _locate(self, key: str) -> tuple[str, int] | None:
+        """(digest, size) of object ``key`` from the catalogs (loading more when needed)."""
+        hit = self._lookup(key)
+        if hit is not None:
+            return hit
+        kind, name = split_key(key)
+        if kind == "indexes" and _ID.match(name):
+            d = self.registry.manifest_digest(catalog_tag(name), [MANIFEST_TYPE])
+            if d is not None:
+                self._merge_catalog(d)
+                hit = self._lookup(key)
+                if hit is not None:
+                    return hit
+        self._scan()
+        return self._lookup(key)
+
+    def _scan(self, force: bool = False) -> None:
+        """Load the catalogs of every tag not seen yet (at most once per rescan_seconds)."""
+        with self._scan_lock:
+            if not force and time.monotonic() - self._last_scan < self.rescan_seconds:
+                return
+            for tag in self.registry.tags():
+                if _CATALOG_TAG.match(tag):
+                    d = self.registry.manifest_digest(tag, [MANIFEST_TYPE])
+                    if d is not None:
+                        self._merge_catalog(d)
+                else:
+                    self._read_tag(tag)
+            self._last_scan = time.monotonic()
+
+    # -- tags ------------------------------------------------------------------------------
+
+    def _read_tag(self, tag: str) -> bytes | None:
+        """The bytes of casfs tag ``tag`` (merging its catalog), None when absent or not casfs."""
+        m = self.registry.get_manifest(tag, ACCEPT)
+        if m is None:
+            return None
+        try:
+            doc = json.loads(m.body)
+        except ValueError:
+            return None
+        ann = doc.get("annotations") if isinstance(doc, dict) else None
+        if not isinstance(ann, dict) or A_TAG_DATA not in ann:
+            return None  # another tool's image, not a casfs tag
+        try:
+            data = base64.b64decode(ann[A_TAG_DATA], validate=True)
+        except (ValueError, TypeError):
+            raise StoreError(f"tag {tag!r} in {self.url} is corrupt (bad {A_TAG_DATA})") from None
+        with self._lock:
+            self._tag_digests[tag] = m.digest
+        for d in doc.get("manifests") or []:
+            if isinstance(d, dict) and (d.get("annotations") or {}).get(A_ROLE) == "catalog":
+                digest = d.get("digest")
+                if isinstance(digest, str) and re.match(r"^sha256:[0-9a-f]{64}$", digest):
+                    self._merge_catalog(digest)
+        return data
+
+    def _tag_name(self, key: str) -> str:
+        name = split_key(key)[1]
+        if not TAG_RE.match(name) or _CATALOG_TAG.match(name):
+            raise StoreError(f"tag {name!r} cannot be a registry tag (use letters, digits and _.- "
+                             "only, at most 128, and not casfs-<image id>)")
+        return name
+
+    def _push_empty(self) -> dict:
+        if not self._empty_pushed:
+            self.registry.push_blob(EMPTY)
+            self._empty_pushed = True
+        return {"mediaType": EMPTY_TYPE, "digest": sha256_digest(EMPTY), "size": len(EMPTY)}
+
+    def _push_catalog(self, image_id: str | None) -> dict:
+        """Write a catalog of the objects this handle touched; returns its descriptor."""
+        with self._lock:
+            entries = [(k, self._map[k]) for k in self._touched if k in self._map]
+        layers = [{"mediaType": OBJECT_TYPE, "digest": d, "size": size, "annotations": {A_KEY: k}}
+                  for k, (d, size) in sorted(entries)]
+        doc = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": CATALOG_TYPE,
+               "config": self._push_empty(), "layers": layers,
+               "annotations": {A_STORE: self.url} | ({A_IMAGE: image_id} if image_id else {})}
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        ref = catalog_tag(image_id) if image_id else sha256_digest(body)
+        digest = self.registry.put_manifest(ref, body, MANIFEST_TYPE)
+        with self._lock:
+            self._catalogs.add(digest)
+        return {"mediaType": MANIFEST_TYPE, "digest": digest, "size": len(body),
+                "platform": {"os": "unknown", "architecture": "unknown"},
+                "annotations": {A_ROLE: "catalog"}}
+
+    def _put_tag(self, tag: str, data: bytes) -> None:
+        text = data.decode("ascii", "replace").strip()
+        image_id = text if _ID.match(text) and self._lookup(f"indexes/{text}") else None
+        manifests = [self._push_catalog(image_id)]
+        if image_id:
+            from ..oci.publish import runnable_manifest
+
+            manifests.insert(0, runnable_manifest(self.registry, image_id, self.url, self.image_config))
+        doc = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests,
+               "annotations": {A_TAG: tag, A_TAG_DATA: base64.b64encode(data).decode(), A_STORE: self.url}
+               | ({A_IMAGE: image_id} if image_id else {})}
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        digest = self.registry.put_manifest(tag, body, INDEX_TYPE)
+        with self._lock:
+            self._tag_digests[tag] = digest
+
+    # -- the ObjectStore protocol ----------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        """The whole object (blobs checked against their sha256).
+
+        Raises:
+            KeyError: missing. StoreError: on failure.
+        """
+        kind, _ = split_key(key)
+        if kind == TAGS:
+            data = self._read_tag(self._tag_name(key))
+            if data is None:
+                raise KeyError(key)
+            return data
+        hit = self._locate(key)
+        if hit is None:
+            raise KeyError(key)
+        data = self.registry.get_blob(hit[0])
+        with self._lock:
+            self._touched[key] = None
+        return data
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (fewer at the end, b"" past it), one ranged GET.
+
+        Raises:
+            ValueError: negative range. KeyError: missing. StoreError: on failure.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError("negative range")
+        kind, _ = split_key(key)
+        if kind == TAGS:
+            return self.get(key)[offset:offset + length]
+        hit = self._locate(key)
+        if hit is None:
+            raise KeyError(key)
+        digest, size = hit
+        length = min(length, size - offset)
+        if length <= 0:
+            if self.registry.blob_size(digest) is None:
+                raise KeyError(key)
+            return b""
+        return self.registry.get_blob_range(digest, offset, length)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Upload object ``key`` (a blob; skipped when the registry has those bytes), or write
+        tag ``tags/T`` (registry tag ``T``: an index naming the catalog and, for an image, a
+        runnable manifest).
+
+        Raises:
+            StoreError: on failure, or a tag name a registry cannot hold.
+        """
+        kind, _ = split_key(key)
+        if kind == TAGS:
+            self._put_tag(self._tag_name(key), bytes(data))
+            return
+        digest = self.registry.push_blob(data)
+        self._remember(key, digest, len(data))
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` exists: a catalog lists it and the registry has its blob (HEAD)."""
+        kind, _ = split_key(key)
+        if kind == TAGS:
+            return self._read_tag(self._tag_name(key)) is not None
+        hit = self._locate(key)
+        if hit is None or self.registry.blob_size(hit[0]) is None:
+            return False
+        with self._lock:
+            self._touched[key] = None
+        return True
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (a blob, or a tag's index manifest); a missing key is not an error."""
+        kind, _ = split_key(key)
+        if kind == TAGS:
+            tag = self._tag_name(key)
+            digest = self.registry.manifest_digest(tag, ACCEPT)
+            if digest is not None and self._read_tag(tag) is not None:
+                self.registry.delete_manifest(digest)
+            with self._lock:
+                self._tag_digests.pop(tag, None)
+            return
+        hit = self._locate(key)
+        if hit is None:
+            return
+        self.registry.delete_blob(hit[0])
+        with self._lock:
+            self._map.pop(key, None)
+            self._touched.pop(key, None)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys of one kind (``"tags/"``, ``"indexes/"`` ...), sorted: tags from the
+        repository's tag list (casfs tags only), other kinds from every catalog."""
+        kind = prefix.rstrip("/")
+        check_key(f"{kind}/x")
+        if kind == TAGS:
+            for tag in sorted(self.registry.tags()):
+                if not _CATALOG_TAG.match(tag) and self._read_tag(tag) is not None:
+                    yield f"{TAGS}/{tag}"
+            return
+        self._scan(force=True)
+        with self._lock:
+            keys = sorted(k for k in self._map if k.startswith(kind_prefix(kind)))
+        yield from keys
+
+    def size(self, key: str) -> int:
+        """Bytes in object ``key``. Raises KeyError if missing, StoreError on failure."""
+        kind, _ = split_key(key)
+        if kind == TAGS:
+            return len(self.get(key))
+        hit = self._locate(key)
+        if hit is None or self.registry.blob_size(hit[0]) is None:
+            raise KeyError(key)
+        return hit[1]
