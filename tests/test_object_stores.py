@@ -6,6 +6,8 @@ every store, each a real one:
             per test)
     http    ``HttpObjectStore`` against Debian's nginx serving a local store directory
             (read-only: objects are placed by writing that directory)
+    oci     ``OciObjectStore`` against Debian's docker-registry (distribution 2.8; a fresh
+            repository per test)
 
 and, for the two stores that talk to a network, the failure contract through a real
 fault-injecting TCP proxy (``tests.support.FaultProxy``) in front of the server: 5xx answers
@@ -40,11 +42,11 @@ from casfs.objects import ObjectStore
 from casfs.objects.http import HttpObjectStore
 from casfs.objects.local import LocalObjectStore
 from conftest import S3_BUCKET as BUCKET
-from tests.support import FaultProxy, free_port
+from tests.support import REGISTRY, FaultProxy, free_port, missing_binary, registry_server
 
 _names = itertools.count()
-STORES = ["local", "s3", "http"]
-REMOTE = ["s3", "http"]
+STORES = ["local", "s3", "http", "oci"]
+REMOTE = ["s3", "http", "oci"]
 
 
 @dataclass
@@ -58,6 +60,21 @@ class Backend:
     kind: str
     store: ObjectStore
     seed: Callable[[str, bytes], None]
+
+
+@pytest.fixture(scope="module")
+def oci_registry():
+    """A running docker-registry (``tests.support.Registry``); skips when it is not installed."""
+    if missing_binary(REGISTRY):
+        pytest.skip(f"{missing_binary(REGISTRY)} (apt-get install docker-registry)")
+    with registry_server() as r:
+        yield r
+
+
+def _oci(host: str, repo: str, **kw) -> ObjectStore:
+    from casfs.objects.oci import OciObjectStore
+
+    return OciObjectStore(host, repo, **{"backoff": 0.01, **kw})
 
 
 def _s3(endpoint: str, prefix: str, **kw) -> ObjectStore:
@@ -85,6 +102,12 @@ def _open(kind: str, request, tmp_path) -> Iterator[Backend]:
         finally:
             store.close()
             shutil.rmtree(served.root, ignore_errors=True)
+    elif kind == "oci":
+        store = _oci(request.getfixturevalue("oci_registry").host, f"contract/{name}")
+        try:
+            yield Backend(kind, store, store.put)
+        finally:
+            store.close()
     else:
         raise AssertionError(kind)
 
@@ -269,6 +292,8 @@ def failing(request, tmp_path) -> tuple[ObjectStore, str]:
     if kind == "s3":
         request.getfixturevalue("s3_endpoint")  # skips without boto3/moto; sets dummy credentials
         store = _s3(f"http://127.0.0.1:{port}", "p", max_attempts=2, connect_timeout=1.0)
+    elif kind == "oci":
+        store = _oci(f"127.0.0.1:{port}", "p", attempts=2, timeout=1.0)
     else:
         store = HttpObjectStore(f"http://127.0.0.1:{port}/", attempts=2, backoff=0.01, timeout=1.0)
     return store, rf"127\.0\.0\.1:{port}\S* .*after 2 attempts.*the server is up"
@@ -300,7 +325,9 @@ class Remote:
 @pytest.fixture(params=REMOTE)
 def remote(request, tmp_path) -> Iterator[Remote]:
     with _open(request.param, request, tmp_path) as b:
-        target = request.getfixturevalue("s3_endpoint") if b.kind == "s3" else request.getfixturevalue("web_root")[1]
+        target = {"s3": lambda: request.getfixturevalue("s3_endpoint"),
+                  "http": lambda: request.getfixturevalue("web_root")[1],
+                  "oci": lambda: "http://" + request.getfixturevalue("oci_registry").host}[b.kind]()
         with FaultProxy(urlsplit(target).port) as proxy:
             opened: list[ObjectStore] = []
 
@@ -308,6 +335,9 @@ def remote(request, tmp_path) -> Iterator[Remote]:
                 if b.kind == "s3":
                     s = _s3(proxy.url, b.store.prefix, max_attempts=attempts, connect_timeout=timeout,
                             read_timeout=timeout)
+                elif b.kind == "oci":
+                    s = _oci(f"127.0.0.1:{proxy.port}", b.store.registry.repo, attempts=attempts,
+                             timeout=timeout)
                 else:
                     s = HttpObjectStore(proxy.url + urlsplit(b.store.url).path, attempts=attempts,
                                         backoff=0.01, timeout=timeout)
@@ -340,7 +370,8 @@ def test_server_errors_beyond_the_attempt_budget_are_a_store_error_and_the_next_
     remote.direct.seed("tags/web", b"id\n")
     s = remote.via(attempts=3)
     remote.proxy.fail_next(3, 503)
-    with pytest.raises(StoreError, match={"s3": "503", "http": "after 3 attempts.*503"}[remote.kind]):
+    with pytest.raises(StoreError, match={"s3": "503", "http": "after 3 attempts.*503",
+                                           "oci": "after 3 attempts.*503"}[remote.kind]):
         s.get("tags/web")
     assert remote.proxy.stats["failed"] == 3 and remote.proxy.pending_failures == 0
     assert s.get("tags/web") == b"id\n"

@@ -93,18 +93,18 @@ def test_casfs_copy_publishes_an_image_that_a_fresh_store_reads_back_byte_exact(
     assert again.objects_copied == 0 and again.bytes_copied == 0
 
 
-def test_an_image_opened_by_id_costs_one_catalog_lookup_not_a_scan(registry, built, tmp_path):
+def test_an_image_opened_by_id_gets_its_whole_mapping_from_one_catalog(registry, built, tmp_path):
     _, image_id, files = built
     url = _url(registry, "casfs/byid")
     _copy(built, url)
-    objects = OciObjectStore(registry.host, "casfs/byid", rescan_seconds=1e9)
-    objects._last_scan = float("inf")  # a scan would now find nothing: prove none is needed
+    objects = OciObjectStore(registry.host, "casfs/byid")
     store = casfs.Store(objects, memory_bytes=0)
     assert store.resolve(image_id) == image_id
+    assert len(objects._catalogs) == 1 and len(objects._map) >= 4  # index, 2 chunks, packs
     image = store.open_image(image_id)
     assert image.read("weights/model.bin", 0, 100) == files["weights/model.bin"][:100]
     tags = Registry(registry.host, "casfs/byid").tags()
-    assert catalog_tag(image_id) in tags and "web" in tags
+    assert catalog_tag(image_id) in tags and "web" in tags and "_casfs.indexes." + image_id in tags
 
 
 def test_the_tag_is_an_image_index_with_a_catalog_and_a_runnable_manifest(registry, built):
@@ -183,7 +183,7 @@ def test_tags_list_put_and_delete_through_the_registry(registry, built):
             store.tag("bad:name", image_id)
 
 
-def test_objects_written_by_another_process_are_found_by_a_scan_of_the_tags(registry):
+def test_objects_written_by_another_handle_are_found_through_their_pointers(registry):
     a = OciObjectStore(registry.host, "casfs/scan")
     a.put("chunks/" + "cd" * 32, b"frame bytes")
     a.put("tags/holder", b"not an image id\n")
@@ -193,8 +193,10 @@ def test_objects_written_by_another_process_are_found_by_a_scan_of_the_tags(regi
     assert not b.contains("chunks/" + "ef" * 32)
     with pytest.raises(KeyError):
         b.get("chunks/" + "ef" * 32)
+    assert list(b.list("chunks/")) == ["chunks/" + "cd" * 32] and list(b.list("tags/")) == ["tags/holder"]
     b.delete("chunks/" + "cd" * 32)
     assert not OciObjectStore(registry.host, "casfs/scan").contains("chunks/" + "cd" * 32)
+    assert list(b.list("chunks/")) == []
 
 
 def test_big_blobs_upload_in_chunked_patch_requests(registry):

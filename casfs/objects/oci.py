@@ -6,39 +6,47 @@ remote stores, behind the same tiers; a P2P proxy or pull-through cache in front
 registry (Dragonfly, Spegel, Kraken, distribution's proxy mode) serves them like any layer.
 
 **Names.** A registry names a blob by the sha256 of its bytes; casfs names objects by blake3
-(of a chunk's uncompressed bytes, of a pack's bytes, of an index). One cannot be computed from
-the other without the bytes, so the mapping casfs name -> registry digest is written down, in
-the registry, where a casfs tag leads to it:
+(of a chunk's uncompressed bytes, of a pack's bytes, of an index). Neither can be computed
+from the other without the bytes, so the mapping casfs key -> registry digest is written into
+the registry, as manifests, at two grains:
 
-- casfs tag ``T`` is registry tag ``T``: an OCI image index (manifest list) whose annotations
-  hold the tag's bytes (``org.casfs.tag-data``, base64), and which lists
+- per object: a small *pointer* manifest (config ``{}``, one layer: the object, its key in
+  the ``org.casfs.key`` annotation) tagged ``_casfs.<kind>.<name>``. Any handle finds any
+  object with one manifest GET, and ``list`` is the repository's tag list. casfs tags cannot
+  start with ``_``, so these never collide with them;
+- per image: casfs tag ``T`` is registry tag ``T``, an OCI image index (manifest list) whose
+  annotations hold the tag's bytes (``org.casfs.tag-data``, base64) and which lists
   (1) a *catalog* manifest (platform ``unknown/unknown``, like BuildKit's attestation
-  manifests, so container runtimes skip it): config ``{}``, one layer descriptor per casfs
-  object with its key in the ``org.casfs.key`` annotation; and (2) when the tag names an image,
-  a runnable linux image for containerd (``casfs.oci.publish``), so ``ctr image pull
-  HOST/REPO:T`` works with the casfs snapshotter;
-- the catalog of image ``<id>`` is also tagged ``casfs-<id>``, so an image opened by its id
-  (which is what a mount daemon does) costs one manifest GET, not a scan.
+  manifests, so container runtimes skip it) with one layer descriptor per object of the
+  image, and (2) when the tag names an image, a runnable linux image for containerd
+  (``casfs.oci.publish``), so ``ctr image pull HOST/REPO:T`` works with the casfs
+  snapshotter. The catalog of image ``<id>`` is also tagged ``_casfs.catalog.<id>``, for
+  images opened by id (what a mount daemon does). Opening an image therefore costs one or two
+  manifest GETs for the whole mapping, not one per object: over a 100 ms link that is the
+  difference that matters.
 
-Why a manifest per tag rather than blob digests derived from content: nothing can be derived
-(sha256 vs blake3), and a manifest is the registry's own way to say "these blobs belong
-together": registry GC keeps them, replication and P2P tools move them, and ``crane``/
-``skopeo`` can copy a casfs image between registries like any other.
+Why manifests rather than digests derived from content: nothing can be derived (sha256 vs
+blake3); and a manifest is the registry's own way to say "these blobs belong together":
+registry GC keeps them, replication and P2P tools move them, and ``skopeo``/``crane`` copy a
+casfs image between registries like any other image.
 
 **What a catalog lists.** The objects this store handle wrote or found (``put``,
 ``contains``, ``get``) since it was opened: for ``casfs copy`` that is exactly the image's
-objects (the copy checks each one). A key missing from every catalog loaded so far makes the
-store list the repository's tags and load the catalogs it has not seen (at most once per
-``rescan_seconds``), so objects written by other processes are found too; an object that no
-tag's catalog lists is not reachable (as in any registry, images are reached from tags).
+objects (the copy checks each one). Objects a catalog misses are still found through their
+pointers, one GET each.
 
-**Verification.** Whole-blob GETs are checked against their sha256; manifests fetched by
-digest likewise; ranged reads cannot be, and need not be: every casfs frame carries its blake3
-and the tiers verify it before anything is served.
+**Costs.** ``put``: HEAD blob, then (if absent) POST + PUT, then the pointer PUT. ``get``/
+``get_range`` of a mapped key: one blob GET. ``contains``/``size``: one HEAD (the mapping
+could be stale: blobs can be deleted).
 
-Deletes need ``storage.delete.enabled`` on the registry. casfs tags must be registry tags
-(letters, digits, ``_.-``: no ``:@+``). See ``casfs.oci.registry`` for the protocol subset and
-auth (none or Basic; token auth is not supported yet).
+**Verification.** Whole-blob GETs are checked against their sha256 (a mismatch is retried,
+then a StoreError); manifests fetched by digest likewise; ranged reads cannot be, and need not
+be: every casfs frame carries its blake3 and the tiers verify it before anything is served.
+
+Deletes need ``storage.delete.enabled`` on the registry; deleting an object removes its blob
+link and its pointer (a catalog naming it then reads as missing). casfs tags must be registry
+tags (letters, digits, ``_.-``: no ``:@+``). See ``casfs.oci.registry`` for the protocol
+subset and auth (none or Basic; token auth is not supported yet).
 """
 
 from __future__ import annotations
@@ -47,7 +55,6 @@ import base64
 import json
 import re
 import threading
-import time
 from typing import Iterator
 from urllib.parse import SplitResult, parse_qs, unquote
 
@@ -55,12 +62,13 @@ from ..errors import StoreError
 from ..layout import TAGS, check_key, kind_prefix, split_key
 from ..oci.registry import TAG_RE, Registry, sha256_digest
 
-__all__ = ["CATALOG_TYPE", "OBJECT_TYPE", "OciObjectStore", "from_url"]
+__all__ = ["CATALOG_TYPE", "OBJECT_TYPE", "OciObjectStore", "catalog_tag", "from_url", "pointer_tag"]
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 CATALOG_TYPE = "application/vnd.casfs.catalog.v1+json"
+POINTER_TYPE = "application/vnd.casfs.pointer.v1+json"
 OBJECT_TYPE = "application/vnd.casfs.object.v1"
 EMPTY = b"{}"
 ACCEPT = [INDEX_TYPE, MANIFEST_TYPE]
@@ -72,13 +80,28 @@ A_IMAGE = "org.casfs.image-id"
 A_STORE = "org.casfs.store"
 A_ROLE = "org.casfs.manifest"
 MAX_CATALOG = 1_000_000  # descriptors in one catalog we are willing to parse
+INTERNAL = "_casfs."  # prefix of the registry tags casfs keeps for itself
 _ID = re.compile(r"^[0-9a-f]{64}$")
-_CATALOG_TAG = re.compile(r"^casfs-[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def catalog_tag(image_id: str) -> str:
     """The registry tag of image ``image_id``'s catalog."""
-    return f"casfs-{image_id}"
+    return f"{INTERNAL}catalog.{image_id}"
+
+
+def pointer_tag(key: str) -> str:
+    """The registry tag of object ``key``'s pointer manifest.
+
+    Raises:
+        ValueError: for an invalid key. StoreError: for a key no registry tag can hold.
+    """
+    kind, name = split_key(key)
+    tag = f"{INTERNAL}{kind}.{name}"
+    if not TAG_RE.match(tag):
+        raise StoreError(f"object {key!r} cannot be named in a registry (tags allow 128 of letters, "
+                         "digits and _.-)")
+    return tag
 
 
 def from_url(url: str, parts: SplitResult) -> "OciObjectStore":
@@ -87,6 +110,10 @@ def from_url(url: str, parts: SplitResult) -> "OciObjectStore":
     Raises:
         StoreError: for a URL without host or repository, or an unknown query parameter.
     """
+    try:
+        parts.port
+    except ValueError:
+        raise StoreError(f"{url}: invalid port") from None
     if not parts.hostname or not parts.path.strip("/"):
         raise StoreError(f"{url}: an OCI store URL looks like oci://host[:port]/repository")
     q = parse_qs(parts.query, keep_blank_values=True)
@@ -100,6 +127,25 @@ def from_url(url: str, parts: SplitResult) -> "OciObjectStore":
                           password=unquote(parts.password) if parts.password else None)
 
 
+def _descriptors(doc: dict, what: str) -> dict[str, tuple[str, int]]:
+    """key -> (digest, size) from the layers of a catalog or pointer manifest (untrusted)."""
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or len(layers) > MAX_CATALOG:
+        raise StoreError(f"{what} is malformed (no layer list)")
+    found: dict[str, tuple[str, int]] = {}
+    for d in layers:
+        try:
+            key = check_key(d["annotations"][A_KEY])
+            digest, size = d["digest"], d["size"]
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{what} has a malformed entry") from None
+        if not isinstance(digest, str) or not _DIGEST.match(digest) or not isinstance(size, int) \
+                or isinstance(size, bool) or size < 0 or key.startswith(kind_prefix(TAGS)):
+            raise StoreError(f"{what} has a malformed entry")
+        found[key] = (digest, size)
+    return found
+
+
 class OciObjectStore:
     """casfs objects as blobs of registry repository ``repo`` at ``host``. Thread-safe.
 
@@ -108,10 +154,12 @@ class OciObjectStore:
         repo: the repository (``casfs/images``).
         insecure: plain http for a non-local host (local hosts always use http).
         username, password: Basic auth (default from ``CASFS_OCI_USERNAME``/``_PASSWORD``).
-        rescan_seconds: least time between two scans of the repository's tags for a key no
-            loaded catalog lists.
-        registry_options: passed to ``casfs.oci.registry.Registry`` (timeouts, attempts,
-            chunk_threshold).
+        registry_options: passed to ``casfs.oci.registry.Registry`` (timeout, attempts,
+            backoff, chunk_threshold).
+
+    Attributes:
+        image_config: the ``casfs.oci.publish.ImageConfig`` of the runnable images written
+            with tags (None: its defaults, ``/bin/sh`` on this machine's platform).
 
     Raises:
         StoreError: for a malformed host or repository.
@@ -120,21 +168,18 @@ class OciObjectStore:
     read_only = False
 
     def __init__(self, host: str, repo: str, *, insecure: bool = False, username: str | None = None,
-                 password: str | None = None, rescan_seconds: float = 10.0, **registry_options) -> None:
+                 password: str | None = None, **registry_options) -> None:
         self.registry = Registry(host, repo, insecure=insecure, username=username, password=password,
                                  **registry_options)
         self.insecure = insecure
         self.url = f"oci://{host}/{repo}" + ("?insecure=1" if insecure else "")
-        self.rescan_seconds = rescan_seconds
+        self.image_config = None
         self._map: dict[str, tuple[str, int]] = {}  # key -> (registry digest, size)
         self._touched: dict[str, None] = {}  # keys this handle wrote or found (ordered)
         self._catalogs: set[str] = set()  # catalog manifest digests merged into _map
-        self._tag_digests: dict[str, str] = {}  # registry tag -> manifest digest last seen
-        self._last_scan = float("-inf")
         self._empty_pushed = False
-        self.image_config = None  # casfs.oci.publish.ImageConfig of runnable images (None: defaults)
+        self._empty_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._scan_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<OciObjectStore {self.url}>"
@@ -145,35 +190,24 @@ class OciObjectStore:
 
     # -- the mapping -----------------------------------------------------------------------
 
-    def _remember(self, key: str, digest: str, size: int, touched: bool = True) -> None:
+    def _remember(self, key: str, digest: str, size: int) -> None:
         with self._lock:
             self._map[key] = (digest, size)
-            if touched:
-                self._touched[key] = None
+            self._touched[key] = None
+
+    def _touch(self, key: str) -> None:
+        with self._lock:
+            self._touched[key] = None
 
     def _merge_catalog(self, digest: str) -> None:
-        """Load catalog manifest ``digest`` (verified) into the mapping, once."""
+        """Load catalog manifest ``digest`` (verified against it) into the mapping, once."""
         with self._lock:
             if digest in self._catalogs:
                 return
         m = self.registry.get_manifest(digest, [MANIFEST_TYPE])
         if m is None:
             return
-        doc = m.json()
-        layers = doc.get("layers")
-        if not isinstance(layers, list) or len(layers) > MAX_CATALOG:
-            raise StoreError(f"catalog {digest[:19]} in {self.url} is malformed (no layer list)")
-        found: dict[str, tuple[str, int]] = {}
-        for d in layers:
-            try:
-                key = check_key(d["annotations"][A_KEY])
-                bd, size = d["digest"], d["size"]
-            except (KeyError, TypeError, ValueError):
-                raise StoreError(f"catalog {digest[:19]} in {self.url} has a malformed entry") from None
-            if not isinstance(bd, str) or not re.match(r"^sha256:[0-9a-f]{64}$", bd) \
-                    or not isinstance(size, int) or size < 0 or key.startswith(kind_prefix(TAGS)):
-                raise StoreError(f"catalog {digest[:19]} in {self.url} has a malformed entry")
-            found[key] = (bd, size)
+        found = _descriptors(m.json(), f"catalog {digest[:19]} in {self.url}")
         with self._lock:
             for key, v in found.items():
                 self._map.setdefault(key, v)
@@ -184,7 +218,8 @@ class OciObjectStore:
             return self._map.get(key)
 
     def _locate(self, key: str) -> tuple[str, int] | None:
-        """(digest, size) of object ``key`` from the catalogs (loading more when needed)."""
+        """(digest, size) of object ``key``: from the catalogs loaded, else its image's catalog
+        (an index), else its pointer. None when the registry names no such object."""
         hit = self._lookup(key)
         if hit is not None:
             return hit
@@ -196,22 +231,15 @@ class OciObjectStore:
                 hit = self._lookup(key)
                 if hit is not None:
                     return hit
-        self._scan()
-        return self._lookup(key)
-
-    def _scan(self, force: bool = False) -> None:
-        """Load the catalogs of every tag not seen yet (at most once per rescan_seconds)."""
-        with self._scan_lock:
-            if not force and time.monotonic() - self._last_scan < self.rescan_seconds:
-                return
-            for tag in self.registry.tags():
-                if _CATALOG_TAG.match(tag):
-                    d = self.registry.manifest_digest(tag, [MANIFEST_TYPE])
-                    if d is not None:
-                        self._merge_catalog(d)
-                else:
-                    self._read_tag(tag)
-            self._last_scan = time.monotonic()
+        m = self.registry.get_manifest(pointer_tag(key), [MANIFEST_TYPE])
+        if m is None:
+            return None
+        found = _descriptors(m.json(), f"pointer of {key} in {self.url}").get(key)
+        if found is None:
+            raise StoreError(f"pointer of {key} in {self.url} names another object")
+        with self._lock:
+            self._map[key] = found
+        return found
 
     # -- tags ------------------------------------------------------------------------------
 
@@ -231,38 +259,41 @@ class OciObjectStore:
             data = base64.b64decode(ann[A_TAG_DATA], validate=True)
         except (ValueError, TypeError):
             raise StoreError(f"tag {tag!r} in {self.url} is corrupt (bad {A_TAG_DATA})") from None
-        with self._lock:
-            self._tag_digests[tag] = m.digest
         for d in doc.get("manifests") or []:
             if isinstance(d, dict) and (d.get("annotations") or {}).get(A_ROLE) == "catalog":
                 digest = d.get("digest")
-                if isinstance(digest, str) and re.match(r"^sha256:[0-9a-f]{64}$", digest):
+                if isinstance(digest, str) and _DIGEST.match(digest):
                     self._merge_catalog(digest)
         return data
 
     def _tag_name(self, key: str) -> str:
         name = split_key(key)[1]
-        if not TAG_RE.match(name) or _CATALOG_TAG.match(name):
+        if not TAG_RE.match(name) or name.startswith(INTERNAL):
             raise StoreError(f"tag {name!r} cannot be a registry tag (use letters, digits and _.- "
-                             "only, at most 128, and not casfs-<image id>)")
+                             "only, at most 128)")
         return name
 
-    def _push_empty(self) -> dict:
-        if not self._empty_pushed:
-            self.registry.push_blob(EMPTY)
-            self._empty_pushed = True
+    def _empty(self) -> dict:
+        with self._empty_lock:
+            if not self._empty_pushed:
+                self.registry.push_blob(EMPTY)
+                self._empty_pushed = True
         return {"mediaType": EMPTY_TYPE, "digest": sha256_digest(EMPTY), "size": len(EMPTY)}
+
+    def _manifest(self, artifact: str, entries: list[tuple[str, tuple[str, int]]],
+                  annotations: dict[str, str]) -> bytes:
+        layers = [{"mediaType": OBJECT_TYPE, "digest": d, "size": size, "annotations": {A_KEY: k}}
+                  for k, (d, size) in entries]
+        doc = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": artifact,
+               "config": self._empty(), "layers": layers, "annotations": annotations}
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     def _push_catalog(self, image_id: str | None) -> dict:
         """Write a catalog of the objects this handle touched; returns its descriptor."""
         with self._lock:
-            entries = [(k, self._map[k]) for k in self._touched if k in self._map]
-        layers = [{"mediaType": OBJECT_TYPE, "digest": d, "size": size, "annotations": {A_KEY: k}}
-                  for k, (d, size) in sorted(entries)]
-        doc = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": CATALOG_TYPE,
-               "config": self._push_empty(), "layers": layers,
-               "annotations": {A_STORE: self.url} | ({A_IMAGE: image_id} if image_id else {})}
-        body = json.dumps(doc, separators=(",", ":")).encode()
+            entries = sorted((k, self._map[k]) for k in self._touched if k in self._map)
+        body = self._manifest(CATALOG_TYPE, entries,
+                              {A_STORE: self.url} | ({A_IMAGE: image_id} if image_id else {}))
         ref = catalog_tag(image_id) if image_id else sha256_digest(body)
         digest = self.registry.put_manifest(ref, body, MANIFEST_TYPE)
         with self._lock:
@@ -282,15 +313,12 @@ class OciObjectStore:
         doc = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests,
                "annotations": {A_TAG: tag, A_TAG_DATA: base64.b64encode(data).decode(), A_STORE: self.url}
                | ({A_IMAGE: image_id} if image_id else {})}
-        body = json.dumps(doc, separators=(",", ":")).encode()
-        digest = self.registry.put_manifest(tag, body, INDEX_TYPE)
-        with self._lock:
-            self._tag_digests[tag] = digest
+        self.registry.put_manifest(tag, json.dumps(doc, separators=(",", ":")).encode(), INDEX_TYPE)
 
     # -- the ObjectStore protocol ----------------------------------------------------------
 
     def get(self, key: str) -> bytes:
-        """The whole object (blobs checked against their sha256).
+        """The whole object (a blob, checked against its sha256).
 
         Raises:
             KeyError: missing. StoreError: on failure.
@@ -305,12 +333,11 @@ class OciObjectStore:
         if hit is None:
             raise KeyError(key)
         data = self.registry.get_blob(hit[0])
-        with self._lock:
-            self._touched[key] = None
+        self._touch(key)
         return data
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (fewer at the end, b"" past it), one ranged GET.
+        """``length`` bytes at ``offset`` (fewer at the end, b"" past it): one ranged GET.
 
         Raises:
             ValueError: negative range. KeyError: missing. StoreError: on failure.
@@ -325,72 +352,73 @@ class OciObjectStore:
             raise KeyError(key)
         digest, size = hit
         length = min(length, size - offset)
-        if length <= 0:
+        if length <= 0:  # nothing to read (a range past the end upsets distribution 2.8)
             if self.registry.blob_size(digest) is None:
                 raise KeyError(key)
             return b""
         return self.registry.get_blob_range(digest, offset, length)
 
     def put(self, key: str, data: bytes) -> None:
-        """Upload object ``key`` (a blob; skipped when the registry has those bytes), or write
-        tag ``tags/T`` (registry tag ``T``: an index naming the catalog and, for an image, a
-        runnable manifest).
+        """Upload object ``key`` (a blob, skipped when the registry has those bytes, and its
+        pointer), or write tag ``tags/T`` (registry tag ``T``: an index naming the catalog and,
+        for an image, a runnable manifest).
 
         Raises:
-            StoreError: on failure, or a tag name a registry cannot hold.
+            ValueError: an invalid key. StoreError: on failure, or a name a registry cannot hold.
         """
         kind, _ = split_key(key)
         if kind == TAGS:
             self._put_tag(self._tag_name(key), bytes(data))
             return
+        ptag = pointer_tag(key)
         digest = self.registry.push_blob(data)
+        body = self._manifest(POINTER_TYPE, [(key, (digest, len(data)))], {})
+        self.registry.put_manifest(ptag, body, MANIFEST_TYPE)
         self._remember(key, digest, len(data))
 
     def contains(self, key: str) -> bool:
-        """Whether ``key`` exists: a catalog lists it and the registry has its blob (HEAD)."""
+        """Whether ``key`` exists: it is mapped and the registry has its blob (HEAD)."""
         kind, _ = split_key(key)
         if kind == TAGS:
             return self._read_tag(self._tag_name(key)) is not None
         hit = self._locate(key)
         if hit is None or self.registry.blob_size(hit[0]) is None:
             return False
-        with self._lock:
-            self._touched[key] = None
+        self._touch(key)
         return True
 
     def delete(self, key: str) -> None:
-        """Remove ``key`` (a blob, or a tag's index manifest); a missing key is not an error."""
+        """Remove ``key``: a blob and its pointer, or a tag's index; a missing key is fine."""
         kind, _ = split_key(key)
         if kind == TAGS:
             tag = self._tag_name(key)
             digest = self.registry.manifest_digest(tag, ACCEPT)
             if digest is not None and self._read_tag(tag) is not None:
                 self.registry.delete_manifest(digest)
-            with self._lock:
-                self._tag_digests.pop(tag, None)
             return
         hit = self._locate(key)
-        if hit is None:
-            return
-        self.registry.delete_blob(hit[0])
+        if hit is not None:
+            self.registry.delete_blob(hit[0])
+        pointer = self.registry.manifest_digest(pointer_tag(key), [MANIFEST_TYPE])
+        if pointer is not None:
+            self.registry.delete_manifest(pointer)
         with self._lock:
             self._map.pop(key, None)
             self._touched.pop(key, None)
 
     def list(self, prefix: str) -> Iterator[str]:
-        """Keys of one kind (``"tags/"``, ``"indexes/"`` ...), sorted: tags from the
-        repository's tag list (casfs tags only), other kinds from every catalog."""
+        """Keys of one kind (``"tags/"``, ``"chunks/"`` ...), sorted, from the repository's
+        tag list (casfs tags: those whose manifest is a casfs tag index)."""
         kind = prefix.rstrip("/")
         check_key(f"{kind}/x")
+        tags = sorted(self.registry.tags())
         if kind == TAGS:
-            for tag in sorted(self.registry.tags()):
-                if not _CATALOG_TAG.match(tag) and self._read_tag(tag) is not None:
+            for tag in tags:
+                if not tag.startswith(INTERNAL) and self._read_tag(tag) is not None:
                     yield f"{TAGS}/{tag}"
             return
-        self._scan(force=True)
-        with self._lock:
-            keys = sorted(k for k in self._map if k.startswith(kind_prefix(kind)))
-        yield from keys
+        head = f"{INTERNAL}{kind}."
+        yield from sorted(f"{kind}/{t[len(head):]}" for t in tags if t.startswith(head))
 
     def size(self, key: str) -> int:
         """Bytes in object ``key``. Raises KeyError if missing, StoreError on failure."""

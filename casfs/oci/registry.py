@@ -125,6 +125,8 @@ class Registry:
         self._pool = ConnectionPool(self.scheme, self.hostname, port, maxsize=pool_size, timeout=timeout)
         self._pools: dict[tuple[str, str, int | None], ConnectionPool] = {}
         self._pools_lock = threading.Lock()
+        self._uploading: dict[str, threading.Lock] = {}
+        self._uploading_lock = threading.Lock()
         user = username if username is not None else os.environ.get("CASFS_OCI_USERNAME")
         pw = password if password is not None else os.environ.get("CASFS_OCI_PASSWORD")
         self._headers = {"User-Agent": "casfs"}
@@ -171,7 +173,7 @@ class Registry:
             if attempt < self.attempts:
                 time.sleep(self.backoff.delay(attempt, retry_after))
         raise StoreError(f"{what or method} on {self.where} failed after {self.attempts} attempts "
-                         f"({last}); check that the registry is up and reachable")
+                         f"({last}); check that the server is up and reachable")
 
     def _unauthorized(self, resp: Answer, what: str) -> StoreError:
         challenge = resp.headers.get("WWW-Authenticate", "")
@@ -220,19 +222,25 @@ class Registry:
         return f"{self.base}/blobs/{_check_digest(digest)}"
 
     def blob_size(self, digest: str) -> int | None:
-        """Size of blob ``digest`` in bytes, None when the repository does not have it."""
+        """Size of blob ``digest`` in bytes (-1: present behind a redirect, size unknown), None
+        when the repository does not have it. A 200 without Content-Length (headers cut off on
+        the way) is asked again."""
         what = f"HEAD blob {digest[:19]}"
-        resp = self._send("HEAD", self._blob_path(digest), what=what)
-        if resp.status == 404:
-            return None
-        if resp.status in (200, 307, 302):
+        for attempt in range(1, self.attempts + 1):
+            resp = self._send("HEAD", self._blob_path(digest), what=what)
+            if resp.status == 404:
+                return None
+            if resp.status in (301, 302, 303, 307, 308):
+                return -1
+            if resp.status != 200:
+                raise self._fail(what, resp)
             try:
                 return int(resp.headers.get("Content-Length", ""))
             except ValueError:
-                if resp.status == 200:
-                    raise StoreError(f"{what}: {self.where} sent no Content-Length") from None
-                return -1  # a redirect: present, size unknown
-        raise self._fail(what, resp)
+                if attempt < self.attempts:
+                    time.sleep(self.backoff.delay(attempt))
+        raise StoreError(f"{what}: {self.where} failed after {self.attempts} attempts (answers without "
+                         "Content-Length); check that the server is up and reachable")
 
     def _get_blob(self, digest: str, headers: dict[str, str], what: str) -> Answer | None:
         """GET a blob (following up to 3 redirects); None for 404."""
@@ -255,15 +263,18 @@ class Registry:
             StoreError: on failure, or bytes that do not match the digest.
         """
         what = f"GET blob {digest[:19]}"
-        resp = self._get_blob(digest, {}, what)
-        if resp is None:
-            raise KeyError(digest)
-        if resp.status != 200:
-            raise self._fail(what, resp)
-        if sha256_digest(resp.body) != digest:
-            raise StoreError(f"{what}: {self.where} sent bytes that do not match the digest "
-                             "(corrupt blob in the registry or on the way)")
-        return resp.body
+        for attempt in range(1, self.attempts + 1):
+            resp = self._get_blob(digest, {}, what)
+            if resp is None:
+                raise KeyError(digest)
+            if resp.status != 200:
+                raise self._fail(what, resp)
+            if sha256_digest(resp.body) == digest:
+                return resp.body
+            if attempt < self.attempts:  # damaged on the way? ask again
+                time.sleep(self.backoff.delay(attempt))
+        raise StoreError(f"{what}: {self.where} sent bytes that do not match the digest "
+                         f"{self.attempts} times (a corrupt blob in the registry)")
 
     def get_blob_range(self, digest: str, offset: int, length: int) -> bytes:
         """``length`` bytes of blob ``digest`` at ``offset`` (``length`` >= 1, inside the blob:
@@ -299,6 +310,16 @@ class Registry:
             StoreError: when the registry refuses or keeps failing.
         """
         digest = digest or sha256_digest(data)
+        with self._uploading_lock:  # one upload per digest at a time: distribution 2.8 can
+            lock = self._uploading.setdefault(digest, threading.Lock())  # lose track of a blob
+        with lock:  # that two uploads commit at once (MANIFEST_BLOB_UNKNOWN right after)
+            try:
+                return self._push_blob(data, digest)
+            finally:
+                with self._uploading_lock:
+                    self._uploading.pop(digest, None)
+
+    def _push_blob(self, data: bytes | memoryview, digest: str) -> str:
         if self.blob_size(digest) is not None:
             return digest
         what = f"upload blob {digest[:19]} ({len(data)} bytes)"
@@ -382,14 +403,22 @@ class Registry:
         return Manifest(media, resp.body, digest)
 
     def manifest_digest(self, ref: str, accept: list[str]) -> str | None:
-        """The digest of manifest ``ref`` (HEAD), None when absent."""
+        """The digest of manifest ``ref`` (HEAD), None when absent. A 200 without a
+        Docker-Content-Digest (headers cut off on the way) is asked again."""
         what = f"HEAD manifest {ref[:30]}"
-        resp = self._send("HEAD", self._manifest_path(ref), {"Accept": ", ".join(accept)}, what=what)
-        if resp.status == 404:
-            return None
-        if resp.status != 200:
-            raise self._fail(what, resp)
-        return resp.headers.get("Docker-Content-Digest") or None
+        for attempt in range(1, self.attempts + 1):
+            resp = self._send("HEAD", self._manifest_path(ref), {"Accept": ", ".join(accept)}, what=what)
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise self._fail(what, resp)
+            digest = resp.headers.get("Docker-Content-Digest") or ""
+            if _DIGEST_RE.match(digest):
+                return digest
+            if attempt < self.attempts:
+                time.sleep(self.backoff.delay(attempt))
+        raise StoreError(f"{what}: {self.where} failed after {self.attempts} attempts (answers without "
+                         "Docker-Content-Digest); check that the server is up and reachable")
 
     def put_manifest(self, ref: str, body: bytes, media_type: str) -> str:
         """Store manifest ``body`` under ``ref`` (a tag, or its own digest); returns its digest.
@@ -398,11 +427,17 @@ class Registry:
             StoreError: when the registry refuses it (e.g. a blob it names is missing).
         """
         what = f"PUT manifest {ref[:30]}"
-        resp = self._send("PUT", self._manifest_path(ref), {"Content-Type": media_type}, body=body,
-                          what=what)
-        if resp.status not in (200, 201):
-            raise self._fail(what, resp)
-        return sha256_digest(body)
+        for attempt in range(1, self.attempts + 1):
+            resp = self._send("PUT", self._manifest_path(ref), {"Content-Type": media_type}, body=body,
+                              what=what)
+            if resp.status in (200, 201):
+                return sha256_digest(body)
+            # another process committing one of its blobs at this moment can make distribution
+            # 2.8 briefly miss it: ask again before giving up
+            if resp.status != 400 or b"BLOB_UNKNOWN" not in resp.body or attempt == self.attempts:
+                raise self._fail(what, resp)
+            time.sleep(self.backoff.delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def delete_manifest(self, digest: str) -> bool:
         """Delete manifest ``digest`` (and every tag on it); False when absent.
