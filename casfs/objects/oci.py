@@ -30,8 +30,8 @@ blake3); and a manifest is the registry's own way to say "these blobs belong tog
 registry GC keeps them, replication and P2P tools move them, and ``skopeo``/``crane`` copy a
 casfs image between registries like any other image.
 
-**What a catalog lists.** The objects this store handle wrote or found (``put``,
-``contains``, ``get``) since it was opened: for ``casfs copy`` that is exactly the image's
+**What a catalog lists.** The image objects (indexes, packs, chunks, profiles; not leases)
+this store handle wrote or found (``put``, ``contains``, ``get``) since it was opened: for ``casfs copy`` that is exactly the image's
 objects (the copy checks each one). Objects a catalog misses are still found through their
 pointers, one GET each.
 
@@ -59,7 +59,7 @@ from typing import Iterator
 from urllib.parse import SplitResult, parse_qs, unquote
 
 from ..errors import StoreError
-from ..layout import TAGS, check_key, kind_prefix, split_key
+from ..layout import DATA_KINDS, IMMUTABLE_KINDS, TAGS, check_key, kind_prefix, split_key
 from ..oci.registry import TAG_RE, Registry, sha256_digest
 
 __all__ = ["CATALOG_TYPE", "OBJECT_TYPE", "OciObjectStore", "catalog_tag", "from_url", "pointer_tag"]
@@ -193,11 +193,13 @@ class OciObjectStore:
     def _remember(self, key: str, digest: str, size: int) -> None:
         with self._lock:
             self._map[key] = (digest, size)
-            self._touched[key] = None
+            if key.partition("/")[0] in DATA_KINDS:
+                self._touched[key] = None
 
     def _touch(self, key: str) -> None:
-        with self._lock:
-            self._touched[key] = None
+        if key.partition("/")[0] in DATA_KINDS:  # leases and the like are no image's objects
+            with self._lock:
+                self._touched[key] = None
 
     def _merge_catalog(self, digest: str) -> None:
         """Load catalog manifest ``digest`` (verified against it) into the mapping, once."""
@@ -219,11 +221,12 @@ class OciObjectStore:
 
     def _locate(self, key: str) -> tuple[str, int] | None:
         """(digest, size) of object ``key``: from the catalogs loaded, else its image's catalog
-        (an index), else its pointer. None when the registry names no such object."""
-        hit = self._lookup(key)
+        (an index), else its pointer. None when the registry names no such object. Objects of
+        mutable kinds (leases) are looked up through their pointer every time."""
+        kind, name = split_key(key)
+        hit = self._lookup(key) if kind in IMMUTABLE_KINDS else None
         if hit is not None:
             return hit
-        kind, name = split_key(key)
         if kind == "indexes" and _ID.match(name):
             d = self.registry.manifest_digest(catalog_tag(name), [MANIFEST_TYPE])
             if d is not None:
