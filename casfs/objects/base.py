@@ -25,6 +25,10 @@ class ObjectStore(Protocol):
     missing object is not an error; ``list(prefix)`` yields the keys of one kind
     (``"tags/"``). Every failure of the backend is a ``casfs.errors.StoreError``; an invalid
     key is a ValueError. ``read_only`` stores raise StoreError from ``put`` and ``delete``.
+
+    Optional: ``local_path(key) -> str``, offered by stores whose objects are local files
+    (``LocalObjectStore``); ``casfs.tiers.blob.BlobTier`` then reads frames straight from them
+    into callers' buffers. It is the one optional method, and the only one a caller asks for.
     """
 
     url: str
