@@ -87,6 +87,9 @@ class Image:
             return b""
         cs = ix.chunk_size
         refs = self.chunk_refs(entry, offset, end - offset)
+        if len(refs) == 1:  # inside one chunk: a small read fetches only the blocks it covers
+            lo = offset - (offset // cs) * cs
+            return self.store.chunks.read(refs[0], lo, end - offset, ix.pack_members)
         parts = self.store.chunks.get_many(refs, ix.pack_members)
         first = offset // cs
         lo = offset - first * cs

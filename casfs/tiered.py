@@ -22,6 +22,20 @@ holds this image's chunks is fetched in one ranged read; its other frames are st
 bounded buffer (and written to the ssd tier in the background), so the many small files that
 travel in one pack cost one round trip.
 
+Sub-chunk reads: ``read(ref, offset, length)`` returns a verified slice of a chunk. When the
+chunk is not in memory, the read is small against the chunk (at most a quarter of it) and the
+chunk's frame is blocked (``casfs.chunk`` version 2), only the blocks that cover the slice are
+fetched: the frame's meta (header, block ends, outboard: ~2.3 KiB for 4 MiB) once per chunk,
+verified against the chunk's name and kept in a bounded dict, then the blocks as one ranged
+read per run of adjacent blocks, each block verified alone against its CV
+(``casfs.blocktree``). Verified blocks are kept in a memory cache of their own
+(``block_cache_bytes``) and written to the ssd tier as parts (``SsdTier.put_part``) by the
+background writer, so a warm start reads locally what a cold one fetched. A block that fails
+verification is counted, dropped from the tier that served it (a part is dropped, a whole ssd
+frame evicted, a cache node reported) and fetched from the next tier: never served. Whole
+frames (version 1), a store without the CV library, and reads of a large share of a chunk take
+the whole-chunk path.
+
 Zero-copy reads: ``get_into`` fills a caller's buffer (pinned host memory for a GPU copy, a
 tensor's storage) with a chunk's verified bytes. Tiers backed by local files (``ssd``, a
 local-directory blob store, packs included) expose ``supports_read_into`` and
@@ -41,6 +55,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
+from . import blocktree
 from . import chunk as chunkmod
 from .errors import ChunkUnavailable, CorruptChunk
 from .index import ChunkRef
@@ -50,6 +65,17 @@ from .tiers.memory import MemoryCache
 log = logging.getLogger("casfs.store")
 
 PackMembers = Callable[[bytes], list[ChunkRef]]
+_WHOLE = object()  # meta-cache marker: this chunk's frame is not blocked (read it whole)
+META_ENTRIES = 8192  # frame metas kept (~2.3 KiB each for 4 MiB chunks of 64 KiB blocks)
+
+
+class _BlockKey:
+    """A memory-cache key for one block (the cache keys entries by ``.digest``)."""
+
+    __slots__ = ("digest",)
+
+    def __init__(self, digest: bytes, i: int) -> None:
+        self.digest = digest + i.to_bytes(4, "little")
 
 
 class _Staged:
@@ -96,6 +122,8 @@ class TieredStore:
     Args:
         tiers: frame tiers, ordered fastest to slowest; the last is normally the blob tier.
         memory: the decoded-memory cache in front of them (None: none).
+        block_cache_bytes: memory for verified blocks of sub-chunk reads.
+        block_reads: serve small reads of blocked frames block by block (``read``).
         io_threads: workers for concurrent fetches (``get_many``, ``prefetch``).
         writeback_bytes: most bytes queued for background cache fills; past that fills are
             skipped rather than slowing readers.
@@ -104,7 +132,8 @@ class TieredStore:
 
     def __init__(self, tiers: Sequence[Tier], *, memory: MemoryCache | None = None,
                  io_threads: int = 16, writeback_bytes: int = 256 << 20,
-                 staging_bytes: int = 64 << 20) -> None:
+                 staging_bytes: int = 64 << 20, block_cache_bytes: int = 64 << 20,
+                 block_reads: bool = True) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         self.tiers = list(tiers)
@@ -118,6 +147,11 @@ class TieredStore:
         self._wb_limit = writeback_bytes
         self._staged = _Staged(staging_bytes)
         self.verify_failures = 0
+        self.block_reads = block_reads and blocktree.available()
+        self.blocks = MemoryCache(block_cache_bytes, name="blocks") if block_cache_bytes > 0 else None
+        self._metas: OrderedDict[bytes, object] = OrderedDict()
+        self.counters = {"block_reads": 0, "blocks_fetched": 0, "block_bytes_fetched": 0,
+                         "block_hits": 0, "metas_fetched": 0, "whole_reads": 0}
 
     # -- public -----------------------------------------------------------------------------
 
@@ -144,6 +178,38 @@ class TieredStore:
             raise
         self._land(ref.digest, fut, result=data)
         return data
+
+    def read(self, ref: ChunkRef, offset: int, length: int, pack_members: PackMembers | None = None) -> bytes:
+        """The verified bytes ``[offset, offset + length)`` of chunk ``ref`` (clipped to it).
+
+        Small reads of a chunk that is not in memory fetch and verify only the blocks that
+        cover them (see the module doc); others read the whole chunk (``get``).
+
+        Raises:
+            ChunkUnavailable: when no tier holds a verified copy of what is needed.
+            ValueError: a negative offset or length.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(ref.raw_len, offset + length)
+        if offset >= end:
+            return b""
+        data = self.peek(ref)
+        if data is None and self.wants_blocks(ref, end - offset):
+            meta = self._meta(ref)
+            if meta is not None:
+                return self._read_blocks(ref, meta, offset, end)
+        if data is None:
+            self.counters["whole_reads"] += 1
+            data = self.get(ref, pack_members)
+        return data[offset:end] if (offset or end != len(data)) else data
+
+    def wants_blocks(self, ref: ChunkRef, length: int) -> bool:
+        """Whether ``read`` would serve ``length`` bytes of ``ref`` block by block (a small
+        read of a chunk longer than the smallest block, with block reads on; the chunk's frame
+        may still turn out whole)."""
+        return (self.block_reads and ref.raw_len > (1 << chunkmod.MIN_FRAME_BLOCK_LOG2)
+                and 4 * length <= ref.raw_len and self._metas.get(ref.digest) is not _WHOLE)
 
     def get_into(self, ref: ChunkRef, buf: object, pack_members: PackMembers | None = None, *,
                  fill_memory: bool = False, hash_threads: int = 0) -> int:
@@ -224,9 +290,11 @@ class TieredStore:
         return self.in_memory(ref) or any(t.contains(ref) for t in self.tiers)
 
     def stats(self) -> list[TierStats]:
-        """Statistics, fastest first: the memory cache, each tier, then pack staging."""
+        """Statistics, fastest first: the memory cache, each tier, pack staging, then the
+        block cache of sub-chunk reads (when there is one)."""
         head = [self.memory.stats()] if self.memory is not None else []
-        return head + [t.stats() for t in self.tiers] + [self._staged.stats]
+        tail = [self.blocks.stats()] if self.blocks is not None else []
+        return head + [t.stats() for t in self.tiers] + [self._staged.stats] + tail
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until background cache fills queued so far are written."""
@@ -452,6 +520,202 @@ class TieredStore:
             with self._lock:
                 self._span_inflight.pop(key, None)
 
+    # -- sub-chunk reads ----------------------------------------------------------------------
+
+    def _remember_meta(self, digest: bytes, meta: object) -> None:
+        with self._lock:
+            self._metas[digest] = meta
+            self._metas.move_to_end(digest)
+            while len(self._metas) > META_ENTRIES:
+                self._metas.popitem(last=False)
+
+    def _meta(self, ref: ChunkRef) -> chunkmod.FrameMeta | None:
+        """The verified meta of ``ref``'s blocked frame; None when its frame is whole or no
+        tier could say (the caller then reads the chunk whole, which reports failures)."""
+        m = self._metas.get(ref.digest)
+        if m is not None:
+            return None if m is _WHOLE else m  # type: ignore[return-value]
+        key = b"m" + ref.digest
+        fut, owner = self._join(key)
+        if not owner:
+            return fut.result()
+        try:
+            meta = self._walk_meta(ref)
+        except BaseException as e:
+            self._land(key, fut, error=e)
+            raise
+        self._land(key, fut, result=meta)  # type: ignore[arg-type]
+        return meta
+
+    def _walk_meta(self, ref: ChunkRef) -> chunkmod.FrameMeta | None:
+        probe = chunkmod.meta_probe_len(ref.raw_len)
+        errors: list[str] = []
+        for i, tier in enumerate(self.tiers):
+            from_part = False
+            try:
+                buf = tier.get_part(ref, "m") if tier.supports_parts else None
+                from_part = buf is not None
+                if buf is None and tier.supports_ranges:
+                    buf = tier.get_range(ref, 0, probe)
+                if buf is None:
+                    continue
+                try:
+                    meta = chunkmod.parse_meta(buf, ref.digest)
+                except chunkmod.MetaTooShort as e:
+                    if from_part:
+                        raise CorruptChunk(f"stored block table is {len(buf)} bytes, needs {e.needed}") from None
+                    buf = tier.get_range(ref, 0, e.needed) or b""
+                    meta = chunkmod.parse_meta(buf, ref.digest)
+            except CorruptChunk as e:
+                if from_part:
+                    self._corrupt_part(ref, tier, "m", e, errors)
+                else:
+                    self._corrupt(ref, tier, e, errors)
+                continue
+            except Exception as e:  # noqa: BLE001 - a failing tier is skipped
+                tier.stats().record_error()
+                errors.append(f"{tier.name}: error {e}")
+                log.warning("tier %s failed for the block table of %s: %s", tier.name, ref.digest.hex()[:16], e)
+                continue
+            if meta is None:
+                self._remember_meta(ref.digest, _WHOLE)
+                return None
+            self.counters["metas_fetched"] += 1
+            self._remember_meta(ref.digest, meta)
+            if not from_part:
+                self._queue_part_fill(ref, "m", bytes(buf[:meta.header.meta_len]), i)
+            return meta
+        if errors:
+            log.info("no block table for chunk %s (%s): reading it whole", ref.digest.hex()[:16], "; ".join(errors))
+        return None
+
+    def _read_blocks(self, ref: ChunkRef, meta: chunkmod.FrameMeta, offset: int, end: int) -> bytes:
+        block = meta.block
+        first, last = offset // block, (end - 1) // block
+        self.counters["block_reads"] += 1
+        parts = self._blocks(ref, meta, first, last)
+        lo = offset - first * block
+        if first == last:
+            b = parts[0]
+            return b[lo:lo + (end - offset)] if (lo or end - offset != len(b)) else b
+        views = [memoryview(p) for p in parts]
+        views[0] = views[0][lo:]
+        views[-1] = views[-1][:end - last * block]
+        return b"".join(views)
+
+    def _blocks(self, ref: ChunkRef, meta: chunkmod.FrameMeta, first: int, last: int) -> list[bytes]:
+        """Verified blocks ``first..last`` of ``ref`` (block cache, then one shared fetch)."""
+        out: dict[int, bytes] = {}
+        need = []
+        for i in range(first, last + 1):
+            d = self.blocks.peek(_BlockKey(ref.digest, i)) if self.blocks is not None else None  # type: ignore[arg-type]
+            if d is not None:
+                out[i] = d
+                self.counters["block_hits"] += 1
+            else:
+                need.append(i)
+        if need:
+            owned: list[tuple[int, _Flight]] = []
+            waits: list[tuple[int, _Flight]] = []
+            for i in need:
+                fut, owner = self._join(b"b" + ref.digest + i.to_bytes(4, "little"))
+                (owned if owner else waits).append((i, fut))
+            if owned:
+                try:
+                    got = self._walk_blocks(ref, meta, [i for i, _ in owned])
+                except BaseException as e:
+                    for i, fut in owned:
+                        self._land(b"b" + ref.digest + i.to_bytes(4, "little"), fut, error=e)
+                    raise
+                for i, fut in owned:
+                    self._land(b"b" + ref.digest + i.to_bytes(4, "little"), fut, result=got[i])
+                    out[i] = got[i]
+            for i, fut in waits:
+                out[i] = fut.result()
+        return [out[i] for i in range(first, last + 1)]
+
+    def _walk_blocks(self, ref: ChunkRef, meta: chunkmod.FrameMeta, idxs: list[int]) -> dict[int, bytes]:
+        """Fetch and verify blocks ``idxs``: parts, then ranges, tier by tier."""
+        missing = list(idxs)
+        got: dict[int, bytes] = {}
+        errors: list[str] = []
+        for t, tier in enumerate(self.tiers):
+            if not missing:
+                break
+            if tier.supports_parts:
+                still = []
+                for i in missing:
+                    try:
+                        stored = tier.get_part(ref, str(i))
+                    except Exception as e:  # noqa: BLE001
+                        tier.stats().record_error()
+                        errors.append(f"{tier.name}: error {e}")
+                        stored = None
+                    if stored is None:
+                        still.append(i)
+                        continue
+                    try:
+                        got[i] = chunkmod.decode_block(meta, i, stored)
+                    except CorruptChunk as e:
+                        self._corrupt_part(ref, tier, str(i), e, errors)
+                        still.append(i)
+                missing = still
+            if not missing or not tier.supports_ranges:
+                continue
+            bad = False
+            for run in _runs(missing):
+                off, ln = meta.blocks_range(run[0], run[-1])
+                try:
+                    buf = tier.get_range(ref, off, ln)
+                except Exception as e:  # noqa: BLE001 - a failing tier is skipped
+                    tier.stats().record_error()
+                    errors.append(f"{tier.name}: error {e}")
+                    log.warning("tier %s failed for blocks of %s: %s", tier.name, ref.digest.hex()[:16], e)
+                    continue
+                if buf is None:
+                    errors.append(f"{tier.name}: miss")
+                    continue
+                mv = memoryview(buf)
+                for i in run:
+                    o, n = meta.block_range(i)
+                    stored = mv[o - off:o - off + n]
+                    try:
+                        got[i] = chunkmod.decode_block(meta, i, stored)
+                    except CorruptChunk as e:
+                        if not bad:
+                            bad = True
+                            self._corrupt(ref, tier, e, errors)
+                        continue
+                    self.counters["blocks_fetched"] += 1
+                    self.counters["block_bytes_fetched"] += n
+                    if t:
+                        self._queue_part_fill(ref, str(i), bytes(stored), t)
+            missing = [i for i in missing if i not in got]
+        if missing:
+            detail = "; ".join(errors) or "no tier has it"
+            raise ChunkUnavailable(f"chunk {ref.digest.hex()} blocks {missing[:8]} unavailable: {detail}")
+        if self.blocks is not None:
+            for i in idxs:
+                self.blocks.put(_BlockKey(ref.digest, i), got[i])  # type: ignore[arg-type]
+        return got
+
+    def _corrupt_part(self, ref: ChunkRef, tier: Tier, part: str, e: CorruptChunk, errors: list[str]) -> None:
+        """Count a stored part that failed verification and drop it."""
+        self.verify_failures += 1
+        tier.stats().record_error()
+        errors.append(f"{tier.name}: error corrupt part {part} ({e})")
+        log.error("corrupt part %s of chunk %s in tier %s: %s", part, ref.digest.hex()[:16], tier.name, e)
+        try:
+            tier.drop_part(ref, part)
+        except Exception as e2:  # noqa: BLE001
+            log.warning("tier %s could not drop part %s of %s: %s", tier.name, part, ref.digest.hex()[:16], e2)
+
+    def _queue_part_fill(self, ref: ChunkRef, part: str, data: bytes, upto: int) -> None:
+        """Keep a verified part (block table or block) in the faster part-keeping tiers."""
+        targets = [t for t in self.tiers[:upto] if t.writable and t.supports_parts]
+        if targets:
+            self._queue_write(targets, len(data), lambda t: t.put_part(ref, part, data), ref)
+
     def _queue_fill(self, ref: ChunkRef, frame: bytes, upto: int, *, verify: bool = False) -> None:
         """Write ``frame`` (found at tier ``upto``) into the faster writable tiers, in the
         background. ``verify``: the frame has not been checked yet (a pack neighbour that came
@@ -460,35 +724,57 @@ class TieredStore:
         targets = [t for t in self.tiers[:upto] if t.writable]
         if not targets:
             return
+
+        def check() -> bool:
+            try:
+                chunkmod.check_length(chunkmod.parse_header(frame), ref.raw_len)
+                chunkmod.verify(frame, expect=ref.digest)
+            except CorruptChunk as e:
+                with self._lock:
+                    self.verify_failures += 1
+                log.error("corrupt chunk %s in a pack from tier %s, not cached: %s",
+                          ref.digest.hex()[:16], self.tiers[upto].name, e)
+                return False
+            return True
+
+        self._queue_write(targets, len(frame), lambda t: t.put(ref, frame), ref, check if verify else None)
+
+    def _queue_write(self, targets: list[Tier], nbytes: int, put: Callable[[Tier], None], ref: ChunkRef,
+                     check: Callable[[], bool] | None = None) -> None:
+        """Run ``put`` for each target tier on the background writer (after ``check``, when
+        given, returns True); skipped when the queue holds ``writeback_bytes`` already."""
         with self._lock:
-            if self._wb_pending + len(frame) > self._wb_limit:
+            if self._wb_pending + nbytes > self._wb_limit:
                 return  # readers come first: skip this fill
-            self._wb_pending += len(frame)
+            self._wb_pending += nbytes
 
         def write() -> None:
             try:
-                if verify:
-                    try:
-                        chunkmod.check_length(chunkmod.parse_header(frame), ref.raw_len)
-                        chunkmod.verify(frame, expect=ref.digest)
-                    except CorruptChunk as e:
-                        with self._lock:
-                            self.verify_failures += 1
-                        log.error("corrupt chunk %s in a pack from tier %s, not cached: %s",
-                                  ref.digest.hex()[:16], self.tiers[upto].name, e)
-                        return
+                if check is not None and not check():
+                    return
                 for t in targets:
                     try:
-                        t.put(ref, frame)
+                        put(t)
                     except Exception as e:  # noqa: BLE001
                         t.stats().record_error()
                         log.warning("cache fill of %s into %s failed: %s", ref.digest.hex()[:16], t.name, e)
             finally:
                 with self._lock:
-                    self._wb_pending -= len(frame)
+                    self._wb_pending -= nbytes
 
         try:
             self._wb.submit(write)
         except RuntimeError:  # shut down
             with self._lock:
-                self._wb_pending -= len(frame)
+                self._wb_pending -= nbytes
+
+
+def _runs(idxs: list[int]) -> list[list[int]]:
+    """Sorted ints grouped into runs of consecutive values."""
+    out: list[list[int]] = []
+    for i in sorted(idxs):
+        if out and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out

@@ -1,6 +1,7 @@
 """Fuzz target: ``casfs.chunk`` frame decoders on hostile frames: ``decode``, ``parse_header``,
 ``frame_digest``, and (differentially against ``decode``) ``decode_into``, ``read_frame_into``,
-``verify`` and ``decode``'s ``length`` check.
+``verify`` and ``decode``'s ``length`` check; for blocked frames, the block path: ``parse_meta``
+and ``decode_block`` of every block.
 
 Contract under test: for any bytes, ``parse_header`` returns a header whose lengths are within
 the documented limits or raises ``CorruptChunk``; ``decode(frame, expect)`` returns bytes whose
@@ -148,6 +149,40 @@ def check(frame: bytes, expect_mode: int) -> None:
         raise AssertionError("verify accepted a raw frame that decode rejects")
 
 
+def check_blocks(frame: bytes) -> None:
+    """The block path: ``parse_meta`` (with the header's own digest as the name) and
+    ``decode_block`` of every block raise only ``CorruptChunk``; a block they return is the
+    slice ``decode`` returns for that frame (when ``decode`` accepts it)."""
+    try:
+        h = chunkmod.parse_header(frame)
+    except CorruptChunk:
+        return
+    try:
+        whole: bytes | None = chunkmod.decode(frame, expect=h.digest)
+    except CorruptChunk:
+        whole = None
+    try:
+        meta = chunkmod.parse_meta(frame, h.digest)
+    except CorruptChunk:
+        if whole is not None and h.block:
+            raise AssertionError("parse_meta rejected a blocked frame that decode accepts") from None
+        return
+    if meta is None:
+        return
+    for i in range(min(meta.n_blocks, 64)):
+        off, ln = meta.block_range(i)
+        try:
+            block = chunkmod.decode_block(meta, i, frame[off:off + ln])
+        except CorruptChunk:
+            if whole is not None:
+                raise AssertionError(f"decode_block rejected block {i} of a frame decode accepts") from None
+            continue
+        if len(block) != meta.block_len(i):
+            raise AssertionError(f"decode_block returned {len(block)} bytes for block {i}")
+        if whole is not None and block != whole[i * meta.block:i * meta.block + len(block)]:
+            raise AssertionError(f"decode_block returned other bytes than decode for block {i}")
+
+
 INTO_CAP = 1 << 20  # largest destination buffer the differential check allocates
 # optional keyword of read_frame_into (present in some versions): pass it only when accepted
 _HINT = hasattr(chunkmod, "read_frame_into") and "raw_len_hint" in inspect.signature(
@@ -237,6 +272,7 @@ def TestOneInput(data: bytes) -> None:
         frame = _structured(fdp)
         mode, slack, hint = fdp.ConsumeIntInRange(0, 2), fdp.ConsumeIntInRange(0, 3), fdp.ConsumeIntInRange(0, 3)
     check(frame, mode)
+    check_blocks(frame)
     expect = None
     if mode == 1 and len(frame) >= 48:
         expect = frame[16:48]

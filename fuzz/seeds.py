@@ -166,6 +166,10 @@ def sample_frames() -> list[bytes]:
              b"\x00" * 5000, bytes(rng.randrange(3) for _ in range(20000)), synthetic_index(2, 2, 9)]
     frames = [chunkmod.encode(d)[1] for d in datas]
     frames.append(chunkmod.encode(b"uncompressed " * 20, compress=False)[1])
+    # blocked frames (version 2): zstd blocks (one stored raw), and a raw one
+    mixed = bytes(rng.randrange(4) for _ in range(20000)) + rng.randbytes(16384) + b"z" * 9000
+    frames.append(chunkmod.encode(mixed, block=16384)[1])
+    frames.append(chunkmod.encode(rng.randbytes(40000), block=16384)[1])
     return frames
 
 

@@ -7,7 +7,8 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights}
 
-APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static docker-registry containerd debootstrap"
+# gcc: casfs.blocktree (verified sub-chunk reads) compiles its BLAKE3 tree code with it
+APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static docker-registry containerd debootstrap gcc"
 . scripts/apt_ensure.sh
 apt_ensure "system packages" $APT_PKGS
 
@@ -23,6 +24,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
   echo "$want" > "$stamp"
 fi
+
+# casfs.blocktree's BLAKE3 tree library (compiled once into ~/.cache/casfs; without it block
+# reads are off and reads verify whole chunks)
+"$VENV/bin/python" -m casfs.blocktree || echo "casfs setup: WARNING: no blocktree library (block reads off)" >&2
 
 # CRIU >= 4.2 for snapshot.cpu (built once into .cache/criu-<version>/; a no-op when present).
 # A failed build does not stop setup: the CRIU tests then fail and say how to get one.

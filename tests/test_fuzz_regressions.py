@@ -201,3 +201,23 @@ def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
             mod.TestOneInput(f.read_bytes())
     finally:
         sys.path.remove(FUZZ_DIR)
+
+
+def test_a_blocked_frame_cut_inside_its_block_table_is_corrupt_not_a_crash():
+    """Found by fuzz_chunk: ``read_frame_into`` of a raw blocked frame whose file ends inside
+    its block table passed the short read to the CV merge, which raised ValueError."""
+    import os
+
+    from casfs import blocktree
+    from casfs.errors import CorruptChunk
+
+    if not blocktree.available():
+        pytest.skip("no C compiler for casfs.blocktree")
+    digest, frame = chunkmod.encode(os.urandom(40000), compress=False, block=16384)
+    fd = os.memfd_create("cut")
+    try:
+        os.write(fd, frame[:chunkmod.HEADER_SIZE + 30])
+        with pytest.raises(CorruptChunk, match="truncated"):
+            chunkmod.read_frame_into(fd, 0, bytearray(40000), digest)
+    finally:
+        os.close(fd)

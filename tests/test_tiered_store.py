@@ -83,8 +83,17 @@ class _SlowCountingObjects(LocalObjectStore):
         time.sleep(0.05)
         return super().get(key)
 
+    def get_range(self, key, offset, length):
+        with self.lock:
+            self.gets += 1
+        time.sleep(0.05)
+        return super().get_range(key, offset, length)
 
-def test_concurrent_readers_of_one_chunk_trigger_one_fetch(tmp_path):
+
+@pytest.mark.parametrize("size, requests", [(1 << 20, 1), (100, 2)], ids=["whole-chunk", "one-block"])
+def test_concurrent_readers_of_one_chunk_trigger_one_fetch(tmp_path, size, requests):
+    """A read of a quarter of the chunk or more fetches the whole frame once; a small read
+    fetches the block table and one block once (two ranged reads), however many readers."""
     write_tree(tmp_path / "src", {"big": os.urandom(2 << 20)})
     with casfs.open_store(str(tmp_path / "store")) as s:
         casfs.build(s, str(tmp_path / "src"), tag="t", chunk_size=2 << 20, progress=False)
@@ -97,13 +106,13 @@ def test_concurrent_readers_of_one_chunk_trigger_one_fetch(tmp_path):
 
     def reader():
         barrier.wait()
-        results.append(image.read("big", 1000, 100))
+        results.append(image.read("big", 1000, size))
 
     ts = [threading.Thread(target=reader) for _ in range(8)]
     [t.start() for t in ts]
     [t.join() for t in ts]
-    assert len(set(results)) == 1 and len(results) == 8
-    assert objects.gets - gets_after_open == 1
+    assert len(set(results)) == 1 and len(results) == 8 and len(results[0]) == size
+    assert objects.gets - gets_after_open == requests
     store.close()
 
 

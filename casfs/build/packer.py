@@ -84,10 +84,11 @@ def codec_choice(name: str, compress: str = "auto") -> tuple[bool, float | None]
     raise ValueError(f"compress must be one of {', '.join(COMPRESS_POLICIES)}, got {compress!r}")
 
 
-def _hash_and_encode(data: bytes, codec: tuple[bool, float | None] = (True, None)) -> tuple[bytes, bytes, int]:
+def _hash_and_encode(data: bytes, codec: tuple[bool, float | None] = (True, None),
+                     block: int = chunkmod.DEFAULT_BLOCK) -> tuple[bytes, bytes, int]:
     # one thread per chunk: the pool already keeps both cores busy
     d = blake3.blake3(data).digest()
-    return (*chunkmod.encode(data, d, compress=codec[0], min_saving=codec[1]), len(data))
+    return (*chunkmod.encode(data, d, compress=codec[0], min_saving=codec[1], block=block), len(data))
 
 
 def _read_full(f: BinaryIO, n: int) -> bytes:
@@ -117,13 +118,13 @@ def _skip(f: BinaryIO, n: int) -> None:
 
 
 def _read_small(opener: Callable[[], BinaryIO], size: int, name: str,
-                codec: tuple[bool, float | None]) -> tuple[bytes, bytes, int]:
+                codec: tuple[bool, float | None], block: int) -> tuple[bytes, bytes, int]:
     with opener() as f:
         data = _read_full(f, size + 1)
     if len(data) != size:
         raise BuildError(f"{name or 'a file'}: size changed during the build ({size} -> {len(data)}+ bytes); "
                          "build again from a stable tree")
-    return _hash_and_encode(data, codec)
+    return _hash_and_encode(data, codec, block)
 
 
 class Packer:
@@ -136,6 +137,8 @@ class Packer:
         threads: hashing/compression workers.
         on_bytes: progress callback, called with the number of input bytes consumed.
         compress: ``"auto"``, ``"always"`` or ``"never"`` (see the module docstring).
+        block: block size of blocked frames (``casfs.chunk``: chunks longer than one block
+            can then be read and verified block by block); 0 writes whole frames only.
 
     Raises:
         ValueError: for an unknown ``compress`` policy.
@@ -143,9 +146,11 @@ class Packer:
 
     def __init__(self, objects: ObjectStore, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  known: dict[bytes, ChunkRef] | None = None, threads: int | None = None,
-                 on_bytes: Callable[[int], None] | None = None, compress: str = "auto") -> None:
+                 on_bytes: Callable[[int], None] | None = None, compress: str = "auto",
+                 block: int = chunkmod.DEFAULT_BLOCK) -> None:
         codec_choice("", compress)  # validates the policy
         self.compress = compress
+        self.block = block
         self.objects = objects
         self.chunk_size = chunk_size
         self.known = known if known is not None else {}
@@ -183,7 +188,7 @@ class Packer:
         slots: list[int] = []
         codec = codec_choice(name, self.compress)
         if parallel_read and size <= self.chunk_size:
-            fut = self._pool.submit(_read_small, opener, size, name, codec)
+            fut = self._pool.submit(_read_small, opener, size, name, codec, self.block)
             self._enqueue(fut, size, slots, (opener, 0, size, codec))
             return slots
         total = 0
@@ -192,7 +197,7 @@ class Packer:
                 data = _read_full(f, self.chunk_size)
                 if not data:
                     break
-                self._enqueue(self._pool.submit(_hash_and_encode, data, codec), len(data), slots,
+                self._enqueue(self._pool.submit(_hash_and_encode, data, codec, self.block), len(data), slots,
                               (opener, total, len(data), codec))
                 total += len(data)
                 if len(data) < self.chunk_size:
@@ -305,7 +310,7 @@ class Packer:
                 if offset:
                     _skip(f, offset)
                 data = _read_full(f, length)
-            digest, frame, raw_len = _hash_and_encode(data, codec)
+            digest, frame, raw_len = _hash_and_encode(data, codec, self.block)
             if digest != ref.digest:
                 raise BuildError("a source file changed during the build (a chunk read again to replace "
                                  "one that vanished from the store differs); build again from a stable tree")

@@ -168,6 +168,7 @@ class AzCacheTier(Tier):
     """
 
     supports_spans = True
+    supports_ranges = True
 
     def __init__(self, urls: list[str], *, token: str | None = None, timeout: float = 2.0,
                  connect_timeout: float = 0.5, hedge: bool = True, hedge_min: float = 0.002,
@@ -232,6 +233,18 @@ class AzCacheTier(Tier):
             return ""
 
         return self._read(key, rng, ref.stored_len, check)
+
+    def get_range(self, ref: ChunkRef, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of ``ref``'s frame (its block table or blocks),
+        checked for length here and verified by the store."""
+        if ref.stored_len:
+            length = max(0, min(length, ref.stored_len - offset))
+        if length <= 0:
+            return b""
+        key = object_key(ref)
+        start = offset + (ref.pack_off if ref.pack is not None else 0)
+        return self._read(key, (start, length), length,
+                          lambda d: "" if len(d) == length else f"{len(d)} bytes, expected {length}")
 
     def get_span(self, pack: bytes, offset: int, length: int) -> bytes | None:
         """``length`` bytes at ``offset`` of pack ``pack`` (many frames in one request)."""

@@ -17,6 +17,11 @@ store never probes for undeclared methods:
   ``get`` and decodes it into the buffer.
 - ``supports_spans`` (False) / ``get_span``: a contiguous byte range of a pack (many frames in
   one request); the store asks for spans only from tiers that declare them.
+- ``supports_ranges`` (False) / ``get_range``: a byte range of one chunk's stored frame (its
+  block table, or some of its blocks: ``casfs.chunk.FrameMeta``), for verified sub-chunk reads.
+- ``supports_parts`` (False) / ``get_part`` / ``put_part`` / ``drop_part``: a cache that keeps
+  pieces of a frame (its block table and single blocks) when the whole frame was never read
+  (the ssd tier), so a warm start reads locally what a cold start fetched block by block.
 - ``rejected(ref)``: the store found this tier's frame for ``ref`` corrupt. Default: delete it
   from a writable tier; a read-only tier may override it to learn which source lied.
 - ``contains`` (default: a ``get``), ``put`` and ``delete`` (default: PermissionError, the tier
@@ -107,6 +112,8 @@ class Tier:
     writable: bool = False
     supports_read_into: bool = False
     supports_spans: bool = False
+    supports_ranges: bool = False
+    supports_parts: bool = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -153,6 +160,28 @@ class Tier:
             NotImplementedError: the tier declares no span support.
         """
         raise NotImplementedError(f"tier {self.name} reads no pack spans (supports_spans is False)")
+
+    def get_range(self, ref: ChunkRef, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of ``ref``'s stored frame (fewer at its end), or None
+        when this tier does not hold it; only for tiers that declare ``supports_ranges``.
+
+        Raises:
+            NotImplementedError: the tier declares no range support.
+        """
+        raise NotImplementedError(f"tier {self.name} reads no frame ranges (supports_ranges is False)")
+
+    def get_part(self, ref: ChunkRef, part: str) -> bytes | None:
+        """A stored piece of ``ref``'s frame: ``"m"`` (header, block ends and outboard) or a
+        block number; None when absent. Only for tiers that declare ``supports_parts``."""
+        raise NotImplementedError(f"tier {self.name} keeps no frame parts (supports_parts is False)")
+
+    def put_part(self, ref: ChunkRef, part: str, data: bytes) -> None:
+        """Keep a piece of ``ref``'s frame (see ``get_part``)."""
+        raise NotImplementedError(f"tier {self.name} keeps no frame parts (supports_parts is False)")
+
+    def drop_part(self, ref: ChunkRef, part: str) -> None:
+        """Forget a piece of ``ref``'s frame that failed verification."""
+        raise NotImplementedError(f"tier {self.name} keeps no frame parts (supports_parts is False)")
 
     def rejected(self, ref: ChunkRef) -> None:
         """The store found this tier's frame for ``ref`` corrupt. Default: delete it when the

@@ -27,6 +27,7 @@ class BlobTier(Tier):
     """
 
     supports_spans = True
+    supports_ranges = True
 
     def __init__(self, objects: ObjectStore, name: str = "blob") -> None:
         super().__init__(name)
@@ -80,6 +81,22 @@ class BlobTier(Tier):
             os.close(fd)
         self._stats.record_get(True, h.frame_len, time.perf_counter() - t0)
         return h.raw_len
+
+    def get_range(self, ref: ChunkRef, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of ``ref``'s frame: a ranged read of its loose object
+        or of its pack (never past the frame's end inside a pack)."""
+        t0 = time.perf_counter()
+        try:
+            if ref.pack is None:
+                data = self.objects.get_range(chunk_key(ref.digest), offset, length)
+            else:
+                length = max(0, min(length, ref.stored_len - offset))
+                data = self.objects.get_range(pack_key(ref.pack), ref.pack_off + offset, length)
+        except KeyError:
+            self._stats.record_get(False, 0, time.perf_counter() - t0)
+            return None
+        self._stats.record_get(True, len(data), time.perf_counter() - t0)
+        return data
 
     def get_span(self, pack: bytes, offset: int, length: int) -> bytes | None:
         """A contiguous byte range of a pack (many frames in one request)."""

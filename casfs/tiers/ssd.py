@@ -14,6 +14,13 @@ get skipped. Pass ``fsync=True`` to have it anyway.
 
 ``read_into`` serves ``TieredStore.get_into``: the frame's payload goes from the file straight
 into the caller's buffer (``casfs.chunk.read_frame_into``) and is verified there.
+
+Verified sub-chunk reads (``casfs.chunk.FrameMeta``): ``get_range`` preads a range of a whole
+frame's file; when only blocks of a chunk were ever fetched (a cold start reads a few 64 KiB
+blocks of a 4 MiB chunk) the tier keeps those *parts* instead: ``<hex>.m`` (the frame's
+header, block ends and outboard) and ``<hex>.<i>`` (block i's stored bytes), each verified
+against the chunk's name on every read like a whole frame, and counted in the same LRU. A
+whole frame put later replaces its parts.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class SsdTier(Tier):
 
     writable = True
     supports_read_into = True
+    supports_ranges = True
+    supports_parts = True
 
     def __init__(self, root: str, capacity: int = 50 << 30, *, fsync: bool = False, name: str = "ssd") -> None:
         if capacity <= 0:
@@ -45,7 +54,8 @@ class SsdTier(Tier):
         self.capacity = capacity
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._lru: OrderedDict[bytes, int] = OrderedDict()
+        self._lru: OrderedDict[str, int] = OrderedDict()  # file name (hex, or hex.part) -> bytes
+        self._parts: dict[str, set[str]] = {}  # hex -> its part suffixes held
         self._used = 0
         self._full_until = 0.0
         os.makedirs(os.path.join(self.root, "tmp"), exist_ok=True)
@@ -54,6 +64,35 @@ class SsdTier(Tier):
     def path_of(self, digest: bytes) -> str:
         """The file that holds (or would hold) the frame of ``digest``."""
         return os.path.join(self.root, fanout_name(digest.hex()))
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, fanout_name(name))
+
+    def _add(self, name: str, n: int) -> None:
+        """Count file ``name`` of ``n`` bytes (under the lock)."""
+        old = self._lru.pop(name, None)
+        if old is not None:
+            self._used -= old
+        self._lru[name] = n
+        self._used += n
+        hexname, dot, part = name.partition(".")
+        if dot:
+            self._parts.setdefault(hexname, set()).add(part)
+
+    def _drop(self, name: str) -> bool:
+        """Uncount file ``name`` (under the lock); True when it was counted."""
+        n = self._lru.pop(name, None)
+        if n is None:
+            return False
+        self._used -= n
+        hexname, dot, part = name.partition(".")
+        if dot:
+            held = self._parts.get(hexname)
+            if held is not None:
+                held.discard(part)
+                if not held:
+                    del self._parts[hexname]
+        return True
 
     def _scan(self) -> None:
         """Rebuild the LRU from the directory (oldest mtime first); drop leftover temp files."""
@@ -70,14 +109,17 @@ class SsdTier(Tier):
                 continue
             for f in os.scandir(sub.path):
                 try:
+                    hexname, _, part = f.name.partition(".")
+                    if len(hexname) != 64 or (part and part != "m" and not part.isdigit()):
+                        continue
+                    bytes.fromhex(hexname)
                     st = f.stat()
-                    found.append((st.st_mtime, bytes.fromhex(f.name), st.st_size))
+                    found.append((st.st_mtime, f.name, st.st_size))
                 except (OSError, ValueError):
                     continue
         found.sort()
-        for _, d, n in found:
-            self._lru[d] = n
-            self._used += n
+        for _, name, n in found:
+            self._add(name, n)
 
     def get(self, ref: ChunkRef) -> bytes | None:
         t0 = time.perf_counter()
@@ -96,11 +138,12 @@ class SsdTier(Tier):
         self._stats.record_get(True, len(data), time.perf_counter() - t0)
         return data
 
-    def _touch(self, digest: bytes, path: str) -> None:
+    def _touch(self, digest: bytes | str, path: str) -> None:
         """A hit: most recently used now, in memory and (mtime) across restarts."""
+        name = digest if isinstance(digest, str) else digest.hex()
         with self._lock:
-            if digest in self._lru:
-                self._lru.move_to_end(digest)
+            if name in self._lru:
+                self._lru.move_to_end(name)
         try:
             os.utime(path)
         except OSError:
@@ -136,41 +179,119 @@ class SsdTier(Tier):
 
     def put(self, ref: ChunkRef, data: bytes) -> None:
         """Store a frame. A full disk or any write error skips the write (counted as an error)."""
+        if self._write(ref.digest.hex(), data):
+            # the whole frame makes its parts redundant
+            with self._lock:
+                parts = [f"{ref.digest.hex()}.{p}" for p in self._parts.get(ref.digest.hex(), ())]
+            for name in parts:
+                self._remove(name)
+
+    def _write(self, name: str, data: bytes) -> bool:
+        """Write file ``name`` and count it; evicts the least recently used files past the
+        capacity. False when it was skipped (already held, full disk, too large)."""
         if len(data) > self.capacity or time.monotonic() < self._full_until:
-            return
+            return False
         with self._lock:
-            if ref.digest in self._lru:
-                return
+            if name in self._lru:
+                return False
         try:
-            atomic_write(self.path_of(ref.digest), data, fsync=self.fsync, tmp_dir=os.path.join(self.root, "tmp"),
+            atomic_write(self._path(name), data, fsync=self.fsync, tmp_dir=os.path.join(self.root, "tmp"),
                          makedirs=True, mode=0o644)
         except OSError as e:
             self._stats.record_error()
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._full_until = time.monotonic() + 5.0  # back off: reads still work
-            return
-        evict: list[bytes] = []
+            return False
+        evict: list[str] = []
         with self._lock:
-            # a concurrent put of the same digest may have landed first: count its bytes once
-            old = self._lru.pop(ref.digest, None)
-            if old is not None:
-                self._used -= old
-            self._lru[ref.digest] = len(data)
-            self._used += len(data)
+            # a concurrent put of the same name may have landed first: count its bytes once
+            self._add(name, len(data))
             while self._used > self.capacity and self._lru:
-                d, n = self._lru.popitem(last=False)
-                self._used -= n
-                evict.append(d)
-        for d in evict:
+                victim = next(iter(self._lru))
+                self._drop(victim)
+                evict.append(victim)
+        for victim in evict:
             try:
-                os.unlink(self.path_of(d))
+                os.unlink(self._path(victim))
             except OSError:
                 pass
         self._stats.record_put(len(data))
+        return True
+
+    def _remove(self, name: str) -> None:
+        with self._lock:
+            self._drop(name)
+        try:
+            os.unlink(self._path(name))
+        except OSError:
+            pass
+
+    # -- ranges and parts (verified sub-chunk reads) -----------------------------------------
+
+    def get_range(self, ref: ChunkRef, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of the whole frame of ``ref``; None when this tier
+        holds no whole frame of it."""
+        t0 = time.perf_counter()
+        p = self.path_of(ref.digest)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(ref.digest, missing=p)
+            self._stats.record_get(False, 0, time.perf_counter() - t0)
+            return None
+        except OSError:
+            self._stats.record_error()
+            return None
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError:
+            self._stats.record_error()
+            return None
+        finally:
+            os.close(fd)
+        self._touch(ref.digest, p)
+        self._stats.record_get(True, len(data), time.perf_counter() - t0)
+        return data
+
+    def get_part(self, ref: ChunkRef, part: str) -> bytes | None:
+        """Part ``part`` ("m" or a block number) of ``ref``'s frame, or None."""
+        name = f"{ref.digest.hex()}.{part}"
+        with self._lock:
+            if name not in self._lru:
+                return None
+        t0 = time.perf_counter()
+        p = self._path(name)
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            with self._lock:
+                self._drop(name)
+            self._stats.record_get(False, 0, time.perf_counter() - t0)
+            return None
+        except OSError:
+            self._stats.record_error()
+            return None
+        self._touch(name, p)
+        self._stats.record_get(True, len(data), time.perf_counter() - t0)
+        return data
+
+    def put_part(self, ref: ChunkRef, part: str, data: bytes) -> None:
+        """Keep part ``part`` of ``ref``'s frame (skipped when the whole frame is here)."""
+        if not (part == "m" or part.isdigit()):
+            raise ValueError(f"a frame part is 'm' or a block number, not {part!r}")
+        with self._lock:
+            if ref.digest.hex() in self._lru:
+                return
+        self._write(f"{ref.digest.hex()}.{part}", data)
+
+    def drop_part(self, ref: ChunkRef, part: str) -> None:
+        self._remove(f"{ref.digest.hex()}.{part}")
 
     def contains(self, ref: ChunkRef) -> bool:
+        """Whether the whole frame of ``ref`` is here (parts do not count)."""
         with self._lock:
-            return ref.digest in self._lru
+            return ref.digest.hex() in self._lru
 
     def _forget(self, digest: bytes, missing: str | None = None) -> None:
         """Drop the LRU entry of ``digest``; with ``missing``, only if that file is still
@@ -179,16 +300,19 @@ class SsdTier(Tier):
         with self._lock:
             if missing is not None and os.path.exists(missing):
                 return
-            n = self._lru.pop(digest, None)
-            if n is not None:
-                self._used -= n
+            self._drop(digest.hex())
 
     def delete(self, ref: ChunkRef) -> None:
+        """Drop the whole frame of ``ref`` and every part of it."""
         self._forget(ref.digest)
         try:
             os.unlink(self.path_of(ref.digest))
         except OSError:
             pass
+        with self._lock:
+            parts = [f"{ref.digest.hex()}.{p}" for p in self._parts.get(ref.digest.hex(), ())]
+        for name in parts:
+            self._remove(name)
 
     @property
     def used(self) -> int:
