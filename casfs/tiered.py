@@ -531,7 +531,10 @@ class TieredStore:
 
     def _meta(self, ref: ChunkRef) -> chunkmod.FrameMeta | None:
         """The verified meta of ``ref``'s blocked frame; None when its frame is whole or no
-        tier could say (the caller then reads the chunk whole, which reports failures)."""
+        tier can read ranges (the caller then reads the chunk whole).
+
+        Raises:
+            ChunkUnavailable: tiers failed and none answered (a read makes one walk)."""
         m = self._metas.get(ref.digest)
         if m is not None:
             return None if m is _WHOLE else m  # type: ignore[return-value]
@@ -585,8 +588,8 @@ class TieredStore:
             if not from_part:
                 self._queue_part_fill(ref, "m", bytes(buf[:meta.header.meta_len]), i)
             return meta
-        if errors:
-            log.info("no block table for chunk %s (%s): reading it whole", ref.digest.hex()[:16], "; ".join(errors))
+        if errors:  # every tier failed or missed: one walk per read, no second (whole) walk
+            raise ChunkUnavailable(f"chunk {ref.digest.hex()} unavailable: {'; '.join(errors)}")
         return None
 
     def _read_blocks(self, ref: ChunkRef, meta: chunkmod.FrameMeta, offset: int, end: int) -> bytes:
