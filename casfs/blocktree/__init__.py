@@ -37,6 +37,8 @@ import sys
 import tempfile
 import threading
 
+from ..fsutil import atomic_write
+
 __all__ = ["CV_SIZE", "MAX_BLOCK", "MIN_BLOCK", "BlockTreeUnavailable", "available", "block_count",
            "block_cv", "check_block_size", "library_path", "outboard", "root_from_cvs"]
 
@@ -95,21 +97,17 @@ def _compile(dst: str) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise BlockTreeUnavailable("no C compiler (cc, gcc or clang) to build casfs's BLAKE3 tree code")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".b3tree-", suffix=".so", dir=os.path.dirname(dst))
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory(prefix="casfs-b3tree-") as tmp:
+        out = os.path.join(tmp, "b3tree.so")
         for arch in (["-march=native"], []):  # -march=native: AVX2 for the 8-way path
-            p = subprocess.run([cc, "-O3", *arch, "-shared", "-fPIC", "-o", tmp, _SOURCE],
+            p = subprocess.run([cc, "-O3", *arch, "-shared", "-fPIC", "-o", out, _SOURCE],
                                capture_output=True, text=True, timeout=120)
             if p.returncode == 0:
                 break
         else:
             raise BlockTreeUnavailable(f"compiling {_SOURCE} failed: {p.stderr.strip()[-500:]}")
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with open(out, "rb") as f:
+            atomic_write(dst, f.read(), makedirs=True, mode=0o755)  # concurrent builders: one wins
 
 
 def _load() -> ctypes.CDLL:
