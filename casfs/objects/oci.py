@@ -59,7 +59,7 @@ from typing import Iterator
 from urllib.parse import SplitResult, parse_qs, unquote
 
 from ..errors import StoreError
-from ..layout import DATA_KINDS, IMMUTABLE_KINDS, TAGS, check_key, kind_prefix, split_key
+from ..layout import DATA_KINDS, IMMUTABLE_KINDS, TAGS, check_key, index_key, kind_prefix, split_key
 from ..oci.registry import TAG_RE, Registry, sha256_digest
 
 __all__ = ["CATALOG_TYPE", "OBJECT_TYPE", "OciObjectStore", "catalog_tag", "from_url", "pointer_tag"]
@@ -307,7 +307,7 @@ class OciObjectStore:
 
     def _put_tag(self, tag: str, data: bytes) -> None:
         text = data.decode("ascii", "replace").strip()
-        image_id = text if _ID.match(text) and self._lookup(f"indexes/{text}") else None
+        image_id = text if _ID.match(text) and self._lookup(index_key(text)) else None
         manifests = [self._push_catalog(image_id)]
         if image_id:
             from ..oci.publish import runnable_manifest
