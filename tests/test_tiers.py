@@ -17,8 +17,8 @@ store behind ``blob-*`` and ``azcache``), loose and packed, and the same clauses
 a held chunk comes back exactly and counts as a hit; one it does not hold is a miss, not an
 error; ``contains``; ``read_into`` fills a buffer with verified bytes (through local files or
 through the default get-and-decode, as the tier declares); pack spans where declared (else
-NotImplementedError); ``put``/``delete`` on writable tiers, PermissionError from read-only
-ones; concurrent readers; and a damaged copy (a flipped bit anywhere in the frame, a truncated
+NotImplementedError), frame ranges and frame parts likewise; ``put``/``delete`` on writable
+tiers, PermissionError from read-only ones; concurrent readers; and a damaged copy (a flipped bit anywhere in the frame, a truncated
 or an extended frame) is never served by a store reading through the tier, by ``get`` or
 ``get_into``: alone the store raises ChunkUnavailable, with a good tier below it returns the
 good bytes, and a writable tier holds the good frame again afterwards.
@@ -275,6 +275,41 @@ def test_pack_spans_are_slices_of_the_pack_where_the_tier_declares_them(frame_ca
     assert tier.get_span(pd, first, len(body) - first) == body[first:]
     assert tier.get_span(pd, 0, len(body)) == body
     assert tier.get_span(make_chunks(8).pack[0], 0, 10) is None  # a pack it does not hold
+
+
+def test_frame_ranges_are_slices_of_the_stored_frame_where_the_tier_declares_them(frame_case):
+    tier = frame_case.new()
+    cs = make_chunks(12)
+    frame_case.plant(tier, cs.all, cs.pack)
+    if not tier.supports_ranges:
+        with pytest.raises(NotImplementedError, match="ranges"):
+            tier.get_range(cs.loose[1].ref, 0, 48)
+        return
+    for c in cs.all:
+        n = len(c.frame)
+        for off, length in ((0, 48), (48, 100), (n - 10, 100), (n, 10)):
+            assert tier.get_range(c.ref, off, length) == c.frame[off:off + length], (c.ref, off, length)
+    assert tier.get_range(make_chunks(13).loose[1].ref, 0, 48) is None  # a chunk it does not hold
+
+
+def test_frame_parts_round_trip_where_the_tier_keeps_them(frame_case):
+    tier = frame_case.new()
+    c = make_chunks(14).loose[1]
+    if not tier.supports_parts:
+        for call in (lambda: tier.get_part(c.ref, "m"), lambda: tier.put_part(c.ref, "m", b"x"),
+                     lambda: tier.drop_part(c.ref, "m")):
+            with pytest.raises(NotImplementedError, match="parts"):
+                call()
+        return
+    assert tier.get_part(c.ref, "m") is None
+    tier.put_part(c.ref, "m", c.frame[:48])
+    tier.put_part(c.ref, "0", b"block zero")
+    assert tier.get_part(c.ref, "m") == c.frame[:48] and tier.get_part(c.ref, "0") == b"block zero"
+    assert not tier.contains(c.ref)  # parts do not make a whole frame
+    tier.drop_part(c.ref, "0")
+    assert tier.get_part(c.ref, "0") is None and tier.get_part(c.ref, "m") == c.frame[:48]
+    with pytest.raises(ValueError):
+        tier.put_part(c.ref, "../m", b"x")  # a part is "m" or a block number
 
 
 def test_put_and_delete_work_on_a_writable_tier_and_a_read_only_one_refuses_both(case):
