@@ -27,8 +27,11 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
                progress: bool | None = None) -> CopyResult:
     """Copy image ``name`` (tag or id) from ``src`` to ``dst`` and tag it there.
 
-    Chunks and packs already in ``dst`` are skipped. Every copied frame is verified against its
-    digest first, so a corrupt source is an error, never a corrupt destination. The index is
+    Chunks and packs already in ``dst`` are skipped when their frames of this image verify; a
+    damaged copy in ``dst`` is replaced (so objects ``dst`` holds are read and checked: a copy
+    into a store that has most of the image costs reads of what it has). Every copied frame is
+    verified against its digest first, so a corrupt source is an error, never a corrupt
+    destination. The index is
     written last and the tag after it, so an interrupted copy tags nothing. While it runs the
     copy holds a lease in ``dst`` that names every object of the image (``casfs.leases``), so a
     gc there keeps the objects it skipped as present; before the index is written each one is
@@ -57,6 +60,18 @@ def copy_image(src: Store, dst: Store, name: str, *, tag: str | None = None, thr
             lease.release()
 
 
+def _check_frames(data: bytes, refs: list) -> None:
+    """Every frame of this image in object ``data`` (a loose chunk, or a pack's members) has
+    the digest and length the index names.
+
+    Raises:
+        CorruptChunk: for the first one that does not.
+    """
+    for ref in refs:
+        frame = data if ref.pack is None else data[ref.pack_off:ref.pack_off + ref.stored_len]
+        chunkmod.decode(frame, expect=ref.digest, length=ref.raw_len)
+
+
 def _say(msg: str) -> None:
     print(f"casfs: {msg}", file=sys.stderr, flush=True)
 
@@ -76,11 +91,15 @@ def _copy(src: Store, dst: Store, name: str, image_id: str, wanted: dict, keys: 
 
     def one(key: str, check: bool = True) -> int:
         if check and dst.objects.contains(key):
-            return -1
+            try:
+                _check_frames(dst.objects.get(key), wanted[key])
+                return -1
+            except KeyError:  # removed meanwhile: copy it
+                pass
+            except CorruptChunk as e:  # the destination's copy is damaged: replace it
+                _say(f"{key} in {dst.url} is corrupt ({e}); replacing it")
         data = src.objects.get(key)
-        for ref in wanted[key]:
-            frame = data if ref.pack is None else data[ref.pack_off:ref.pack_off + ref.stored_len]
-            chunkmod.decode(frame, expect=ref.digest, length=ref.raw_len)  # raises CorruptChunk
+        _check_frames(data, wanted[key])  # raises CorruptChunk
         dst.objects.put(key, data)
         return len(data)
 
@@ -111,7 +130,15 @@ def _copy(src: Store, dst: Store, name: str, image_id: str, wanted: dict, keys: 
         chunkmod.decode(frame, expect=bytes.fromhex(image_id))
     except CorruptChunk as e:
         raise CorruptChunk(f"index of {image_id[:12]} in {src.url} is corrupt: {e}") from None
-    if not dst.objects.contains(index_key(image_id)):
+    try:
+        have = dst.objects.get(index_key(image_id))
+        chunkmod.verify(have, expect=bytes.fromhex(image_id))
+    except KeyError:
+        have = None
+    except CorruptChunk as e:
+        _say(f"the index of {image_id[:12]} in {dst.url} is corrupt ({e}); replacing it")
+        have = None
+    if have is None:
         dst.objects.put(index_key(image_id), frame)
         copied += 1
         nbytes += len(frame)

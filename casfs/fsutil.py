@@ -27,7 +27,12 @@ import threading
 import time
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_open", "atomic_directory", "fsync_dir", "temp_name"]
+__all__ = ["atomic_write", "atomic_open", "atomic_directory", "fsync_dir", "remove_stale_temps", "temp_name"]
+
+# A temporary file whose writer is gone is removed by ``remove_stale_temps`` once it is this old
+# (seconds): the pid in its name must be dead here, and the age covers a writer in another pid
+# namespace sharing the directory (its pid means nothing here; its writes renew the mtime).
+STALE_TEMP_SECONDS = 60.0
 
 
 def temp_name(path: str, tmp_dir: str | None = None) -> str:
@@ -35,6 +40,51 @@ def temp_name(path: str, tmp_dir: str | None = None) -> str:
     base = os.path.basename(path) or "file"
     where = tmp_dir if tmp_dir is not None else os.path.dirname(os.path.abspath(path))
     return os.path.join(where, f".{base}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.tmp")
+
+
+def _writer_pid(name: str) -> int | None:
+    """The pid in a ``temp_name`` file name (``.<base>.<pid>.<thread>.<ns>.tmp``), else None."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[:-4].rsplit(".", 3)
+    if len(parts) != 4 or not (parts[1].isdigit() and parts[2].isdigit() and parts[3].isdigit()):
+        return None
+    return int(parts[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str, min_age: float = STALE_TEMP_SECONDS) -> int:
+    """Remove the temporary files (``temp_name``) in ``directory`` that a killed writer left:
+    those whose writer pid is not running and that are older than ``min_age`` seconds. Other
+    files, and temporaries of live writers, are left alone. Returns how many were removed; a
+    missing directory or a file that vanishes meanwhile is not an error."""
+    now = time.time()
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for e in entries:
+        pid = _writer_pid(e.name)
+        if pid is None or _alive(pid):
+            continue
+        try:
+            if not e.is_file(follow_symlinks=False) or now - e.stat(follow_symlinks=False).st_mtime < min_age:
+                continue
+            os.unlink(e.path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def fsync_dir(path: str) -> None:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Iterator
 from . import chunk as chunkmod
 from .digest import from_hex
 from .errors import CasfsError, CorruptChunk, CorruptIndex, ImageNotFound, StoreError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, remove_stale_temps
 from .index import ChunkRef, Index
-from .layout import (DATA_KINDS, INDEXES, TAGS, cache_chunks_dir, index_key, kind_prefix, name_of, object_key,
-                     tag_key)
+from .layout import (DATA_KINDS, INDEXES, TAGS, cache_chunks_dir, check_key, index_key, kind_prefix, name_of,
+                     object_key, tag_key)
 from .tiered import TieredStore
 from .tiers.base import Tier
 from .tiers.blob import BlobTier, ObjectStore
@@ -69,6 +69,8 @@ class Store:
         self.chunks = TieredStore(tiers, memory=self.memory, io_threads=io_threads)
         self._indexes: dict[str, Index] = {}
         self._lock = threading.Lock()
+        if cache_dir:  # index-cache writes a killed process left behind
+            remove_stale_temps(os.path.join(cache_dir, INDEXES))
 
     def __enter__(self) -> "Store":
         return self
@@ -82,15 +84,37 @@ class Store:
     # -- tags ---------------------------------------------------------------------------------
 
     def tags(self) -> dict[str, str]:
-        """tag -> image id (hex) for every tag in the store."""
-        out = {}
+        """tag -> image id (hex) for every readable tag in the store (``unreadable_tags``
+        lists the others)."""
+        return self._scan_tags()[0]
+
+    def unreadable_tags(self) -> list[tuple[str, str]]:
+        """(name, why) of every tag ``tags`` leaves out: a name that is not a valid tag (not
+        UTF-8, say; shown with backslash escapes) or a tag file that is not text."""
+        return self._scan_tags()[1]
+
+    def _scan_tags(self) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        good: dict[str, str] = {}
+        bad: list[tuple[str, str]] = []
         for key in self.objects.list(kind_prefix(TAGS)):
-            name = name_of(key)
+            raw_name = key.partition("/")[2]
+            shown = raw_name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             try:
-                out[name] = self.objects.get(key).decode().strip()
-            except (KeyError, UnicodeDecodeError):
+                name = name_of(check_key(key))
+            except ValueError:
+                bad.append((shown, "not a valid tag name (not UTF-8, or characters a tag cannot "
+                                   f"have): remove it from {self.url}/tags"))
                 continue
-        return out
+            try:
+                raw = self.objects.get(key)
+            except KeyError:  # removed meanwhile
+                continue
+            try:
+                good[name] = raw.decode().strip()
+            except UnicodeDecodeError:
+                bad.append((shown, "its tag file is not an image id (corrupt): "
+                                   "set it again with casfs tag IMAGE NAME"))
+        return good, bad
 
     def tag(self, name: str, image_id: str) -> None:
         """Point tag ``name`` at ``image_id`` (which must exist)."""

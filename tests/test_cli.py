@@ -134,6 +134,7 @@ def test_an_installed_plugin_adds_a_command_that_opens_the_store_of_the_global_o
     site = _plugin_site(tmp_path, "hello = casfs_hello_plugin:register\n", {"casfs_hello_plugin": plugin})
     penv = _with_path(env, site)
     assert "say which store" in run(["--help"], penv).stdout
+    (tmp_path / "st").mkdir()  # (a --store that does not exist is an error)
     out = run(["--store", str(tmp_path / "st"), "hello"], penv).stdout
     assert out.strip() == f"hello file://{tmp_path / 'st'}"
 

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     import casfs
 
-    store = open_store_from_args(args)
+    store = open_store_from_args(args, create=True)
     r = casfs.build(store, args.src, tag=args.tag, chunk_size=parse_size(args.chunk_size),
                     progress=False if args.no_progress else None, compress=args.compress)
     p = r.pack

@@ -41,6 +41,8 @@ def cmd_images(args: argparse.Namespace) -> int:
             continue
         size = sum(ix.size(i) for i in range(ix.n_entries) if statmod.S_ISREG(ix.mode(i)))
         print(f"{tag:<28} {image_id[:12]:<14} {ix.n_entries:>9} {human(size):>10} {ix.n_chunks:>8}")
+    for tag, why in store.unreadable_tags():  # listed, never silently left out
+        print(f"{tag:<28} {'?':<14} error: {why}")
     return 0
 
 

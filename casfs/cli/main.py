@@ -8,6 +8,7 @@ so casfs imports nothing above it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import logging
@@ -39,23 +40,48 @@ EPILOG = """\
 store selection: --store URL, else $CASFS_STORE, else the embedded local store
 $CASFS_HOME/store (default ~/.local/share/casfs/store). URLs: /path or file:///path,
 s3://bucket/prefix?endpoint=http://host:port, http(s)://host/path (read-only).
+A local --store path must exist, except for `casfs build` and `casfs copy --to`, which
+create it (the default store is made on first use). The global options may come before or
+after the command: `casfs --store X images` = `casfs images --store X`.
 """
+
+
+def _global_options(p: argparse.ArgumentParser, default: object) -> None:
+    """The options every command takes, before or after its name (``default``: their defaults
+    on the top-level parser; ``argparse.SUPPRESS`` on a command's, so a value given before the
+    command is not reset by the command's parser)."""
+    p.add_argument("--store", metavar="URL", default=default,
+                   help="blob store URL (default: $CASFS_STORE or the local store)")
+    p.add_argument("--cache-dir", metavar="DIR", default=default,
+                   help="ssd cache tier directory (default: $CASFS_HOME/cache for remote stores; none for local)")
+    p.add_argument("--azcache", metavar="URLS", default=default,
+                   help="AZ cache servers, comma-separated http://host:port/ (default: $CASFS_AZCACHE)")
+    p.add_argument("-v", "--verbose", action="count", default=0 if default is None else default,
+                   help="more logging; tracebacks on errors")
+
+
+def _add_global_options_to_commands(sub: argparse._SubParsersAction) -> None:
+    """``casfs images --store X`` as well as ``casfs --store X images``: every command's parser
+    (and every nested command's) accepts the global options, unless it defines them itself."""
+    for parser in set(sub.choices.values()):
+        taken = {s for a in parser._actions for s in a.option_strings}
+        if not taken & {"--store", "--cache-dir", "--azcache", "-v", "--verbose"}:
+            _global_options(parser, argparse.SUPPRESS)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_global_options_to_commands(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="casfs", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", metavar="URL", default=None, help="blob store URL (default: $CASFS_STORE or the local store)")
-    p.add_argument("--cache-dir", metavar="DIR", default=None,
-                   help="ssd cache tier directory (default: $CASFS_HOME/cache for remote stores; none for local)")
-    p.add_argument("--azcache", metavar="URLS", default=None,
-                   help="AZ cache servers, comma-separated http://host:port/ (default: $CASFS_AZCACHE)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks on errors")
+    _global_options(p, None)
     p.add_argument("--version", action="version", version=f"casfs {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
     register_plugins(sub, set(sub.choices))
+    _add_global_options_to_commands(sub)
     return p
 
 
@@ -65,11 +91,86 @@ def _version() -> str:
     return __version__
 
 
-def open_store_from_args(args: argparse.Namespace):
-    """The Store named by --store/--cache-dir (shared by every command)."""
+def check_store_exists(url: str | None, *, create: bool = False, what: str = "--store") -> None:
+    """Refuse a local store path that does not exist, unless ``create`` (a build, a copy's
+    destination) or it is the default store (``$CASFS_HOME/store``, made on first use): a typo
+    in ``--store`` must not print an empty table and leave new directories behind.
+
+    Raises:
+        StoreError: naming the path and how to start a store there.
+    """
+    import casfs
+    from casfs.errors import StoreError
+
+    if url is None:
+        url = os.environ.get("CASFS_STORE")
+        what = "$CASFS_STORE"
+    if not url or url == casfs.default_store_url() and not os.environ.get("CASFS_STORE"):
+        return
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in ("", "file"):
+        return
+    path = os.path.abspath(os.path.expanduser(url[len("file://"):] if scheme else url))
+    if os.path.isdir(path):
+        return
+    if create:
+        print(f"casfs: creating a new store at {path}", file=sys.stderr)
+        return
+    raise StoreError(f"{what} {path} does not exist (to start a new store there, build into it or "
+                     f"create the directory: mkdir -p {path})")
+
+
+def open_store_from_args(args: argparse.Namespace, *, create: bool = False):
+    """The Store named by --store/--cache-dir (shared by every command). A local ``--store``
+    path must exist unless ``create`` (``check_store_exists``)."""
     import casfs
 
-    return casfs.open_store(args.store, cache_dir=args.cache_dir, azcache=getattr(args, "azcache", None))
+    check_store_exists(args.store, create=create)
+    store = casfs.open_store(args.store, cache_dir=args.cache_dir, azcache=getattr(args, "azcache", None))
+    # closed by main() (their background reads ended) before the command's verdict is printed
+    vars(args).setdefault("_opened_stores", []).append(store)
+    return store
+
+
+def _close_opened(args: argparse.Namespace) -> None:
+    opened = vars(args).get("_opened_stores") or []
+    while opened:
+        try:
+            opened.pop().close()
+        except Exception as e:  # noqa: BLE001 - closing must not replace the command's own outcome
+            logging.getLogger("casfs").warning("closing the store failed: %s", e)
+
+
+WARNINGS_SHOWN = 10
+
+
+@contextlib.contextmanager
+def summarised_warnings(shown: int | None = WARNINGS_SHOWN):
+    """Show at most ``shown`` log warnings/errors while a command runs, then one line counting
+    the rest, so a failing command's one ``casfs: error:`` line comes last and is not drowned
+    (an export over a corrupt store logged 1,533 lines, the error at line 92). None: all."""
+    if shown is None:
+        yield
+        return
+    counter = {"n": 0}
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        counter["n"] += 1
+        return counter["n"] <= shown
+
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(keep)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(keep)
+        if counter["n"] > shown:
+            print(f"casfs: {counter['n'] - shown} more warnings not shown (-v shows them all)",
+                  file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     from casfs.errors import CasfsError
 
     try:
-        return int(args.func(args) or 0)
+        with summarised_warnings(shown=WARNINGS_SHOWN if not args.verbose else None):
+            try:
+                return int(args.func(args) or 0)
+            finally:
+                _close_opened(args)  # (background prefetches log their failures before the summary)
     except KeyboardInterrupt:
         print("casfs: interrupted", file=sys.stderr)
         return 130

@@ -7,7 +7,7 @@ from collections import Counter
 
 from ..layout import CHUNKS, INDEXES, PACKS, PROFILES
 from .format import human
-from .main import open_store_from_args
+from .main import check_store_exists, open_store_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +43,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ValueError("--threads must be at least 1")
+    check_store_exists(args.src or args.store, what="--from" if args.src else "--store")
+    check_store_exists(args.dst, create=True)
     src = casfs.open_store(args.src or args.store, cache_dir="")
     dst = casfs.open_store(args.dst, cache_dir="")
     r = copy_image(src, dst, args.name, tag=args.tag, threads=args.threads,

@@ -9,7 +9,7 @@ from typing import Iterator
 from urllib.parse import SplitResult
 
 from ..errors import StoreError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, remove_stale_temps
 from ..layout import FANOUT, kind_prefix, relpath
 
 
@@ -51,6 +51,8 @@ class LocalObjectStore:
                 raise StoreError(f"cannot create store directory {self.root}: {e.strerror}") from None
         elif not os.path.isdir(self.root):
             raise StoreError(f"store directory {self.root} does not exist")
+        # what a killed writer left (its pid gone, the file a minute old) goes now, not at gc
+        remove_stale_temps(os.path.join(self.root, "tmp"))
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, relpath(key, FANOUT))

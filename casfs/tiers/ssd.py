@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 
 from .. import chunk as chunkmod
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, remove_stale_temps
 from ..index import ChunkRef
 from ..layout import fanout_name
 from .base import Tier
@@ -95,17 +95,14 @@ class SsdTier(Tier):
         return True
 
     def _scan(self) -> None:
-        """Rebuild the LRU from the directory (oldest mtime first); drop leftover temp files."""
+        """Rebuild the LRU from the directory (oldest mtime first); drop temp files that killed
+        writers left (``remove_stale_temps``)."""
         found: list[tuple[float, bytes, int]] = []
         for sub in os.scandir(self.root):
             if not sub.is_dir():
                 continue
-            if sub.name == "tmp":
-                for f in os.scandir(sub.path):
-                    try:
-                        os.unlink(f.path)
-                    except OSError:
-                        pass
+            if sub.name == "tmp":  # (not a live writer's: another process may share this cache)
+                remove_stale_temps(sub.path)
                 continue
             for f in os.scandir(sub.path):
                 try:
