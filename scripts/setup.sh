@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights}
+EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights,containerd}
 
 # gcc: casfs.blocktree (verified sub-chunk reads) compiles its BLAKE3 tree code with it
 APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static docker-registry containerd debootstrap gcc"
@@ -28,6 +28,10 @@ fi
 # casfs.blocktree's BLAKE3 tree library (compiled once into ~/.cache/casfs; without it block
 # reads are off and reads verify whole chunks)
 "$VENV/bin/python" -m casfs.blocktree || echo "casfs setup: WARNING: no blocktree library (block reads off)" >&2
+
+# containerd's snapshots API (.proto files from Debian, Python stubs generated here; not committed)
+# for `casfs snapshotter`. A failure does not stop setup: the containerd tests then fail and say why.
+bash scripts/setup_containerd_api.sh || echo "casfs setup: WARNING: no containerd API stubs (casfs snapshotter tests will fail)" >&2
 
 # CRIU >= 4.2 for snapshot.cpu (built once into .cache/criu-<version>/; a no-op when present).
 # A failed build does not stop setup: the CRIU tests then fail and say how to get one.

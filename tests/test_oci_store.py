@@ -239,3 +239,27 @@ def test_the_cli_copies_an_image_to_a_registry_and_lists_it_there(registry, buil
                         "--from", src_dir, "--to", url, "--tag", "a:b"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "registry tag" in p.stderr
+
+
+def test_casfs_push_publishes_a_runnable_image_with_the_config_asked_for(registry, built, tmp_path):
+    src_dir, image_id, _ = built
+    env = {**os.environ, "PYTHONPATH": ROOT, "CASFS_HOME": str(tmp_path / "home")}
+    p = subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", src_dir, "push", "src",
+                        f"{registry.host}/casfs/push:t1", "--cmd", "/bin/sh -c 'echo hi there'",
+                        "--env", "A=1", "--workdir", "/srv", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"ctr image pull --snapshotter casfs {registry.host}/casfs/push:t1" in p.stdout
+    reg = Registry(registry.host, "casfs/push")
+    index = reg.get_manifest("t1", ["application/vnd.oci.image.index.v1+json"]).json()
+    runnable = next(m for m in index["manifests"] if m["platform"]["os"] == "linux")
+    manifest = reg.get_manifest(runnable["digest"], ["application/vnd.oci.image.manifest.v1+json"]).json()
+    config = json.loads(reg.get_blob(manifest["config"]["digest"]))
+    assert config["config"]["Cmd"] == ["/bin/sh", "-c", "echo hi there"]
+    assert "A=1" in config["config"]["Env"] and config["config"]["WorkingDir"] == "/srv"
+    layer = manifest["layers"][0]
+    assert layer["size"] < 1024 and layer["annotations"]["containerd.io/snapshot/casfs.image-id"] == image_id
+    for bad in (["src", "nohost"], ["src", f"{registry.host}/casfs/push:t2", "--platform", "linux"]):
+        p = subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", src_dir, "push", *bad],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr

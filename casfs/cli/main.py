@@ -23,9 +23,11 @@ COMMAND_MODULES = [
     "casfs.cli.build",
     "casfs.cli.files",
     "casfs.cli.transfer",
+    "casfs.cli.push",
     "casfs.cli.mount",
     "casfs.cli.run",
     "casfs.cli.cacheserver",
+    "casfs.cli.snapshotter",
 ]
 
 DESCRIPTION = """\
@@ -39,7 +41,8 @@ local SSD cache -> AZ cache servers -> blob store (a local directory by default,
 EPILOG = """\
 store selection: --store URL, else $CASFS_STORE, else the embedded local store
 $CASFS_HOME/store (default ~/.local/share/casfs/store). URLs: /path or file:///path,
-s3://bucket/prefix?endpoint=http://host:port, http(s)://host/path (read-only).
+s3://bucket/prefix?endpoint=http://host:port, http(s)://host/path (read-only),
+oci://host[:port]/repo (an OCI registry repository; casfs push publishes there).
 A local --store path must exist, except for `casfs build` and `casfs copy --to`, which
 create it (the default store is made on first use). The global options may come before or
 after the command: `casfs --store X images` = `casfs images --store X`.
