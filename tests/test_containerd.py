@@ -197,7 +197,13 @@ def test_the_snapshotter_restarts_mid_life_and_keeps_its_snapshots_and_mounts(co
         before = containerd.ctr("snapshot", "--snapshotter", "casfs", "ls").stdout
         snapshotter.stop()
         snapshotter.proc = start_snapshotter(snapshotter.socket, snapshotter.root, snapshotter.log).proc
-        assert containerd.ctr("snapshot", "--snapshotter", "casfs", "ls").stdout == before
+        deadline = time.monotonic() + 20  # containerd redials a proxy plugin with backoff (<= 3 s)
+        while True:
+            p = containerd.ctr("snapshot", "--snapshotter", "casfs", "ls", check=False)
+            if p.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert p.returncode == 0 and p.stdout == before, p.stderr
         p = containerd.ctr("task", "exec", "--exec-id", "e1", "long1", "/bin/cat", "/etc/greeting", check=False)
         assert p.returncode == 0 and p.stdout == b"hello from casfs\n"  # the running container kept its root
         p = run(containerd, ref, "after-restart", "/bin/sh", "-c", "cat /etc/greeting")
