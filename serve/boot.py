@@ -8,14 +8,19 @@ Phases, in order (each timed in seconds, exported in /metrics as
     mount        the model image (a casfs image of a Hugging Face model directory) made
                  readable: a lazy FUSE mount (chunks fetched on first read) or, where FUSE is
                  unusable, a full export. Shared: a replica reuses a mount already there.
-    restore      (snapshot boots) the replica process tree restored from a CPU snapshot, until
-                 it answers /health; its post-restore work (reseed, listen) included. A
-                 snapshot that is missing or does not fit this host (CPU flags, libraries,
-                 files) is refused before anything starts, and the replica boots cold instead
-                 (the reason is in the report's ``details.snapshot_refused``).
+    restore      (snapshot boots) the replica process tree restored from a snapshot, until
+                 it answers /health; its post-restore work (reseed, listen; for GPU snapshots
+                 the driver resume and the weights streamed back, broken down in
+                 ``details.restore``) included. A snapshot that is missing or does not fit this
+                 host (CPU flags, libraries, files, GPU model, driver) is refused before
+                 anything starts (``details.snapshot_refused``); a restore that fails on the
+                 way (CRIU, the GPU resume, the worker) is killed (``details.snapshot_failed``).
+                 Either way the replica then boots cold, in the same call.
     init         (cold boots) worker process start, imports, engine construction (KV cache,
                  torch.compile unless eager), excluding the weights load below.
-    weights      (cold boots) loading the checkpoint into the model, as vLLM times it.
+    weights      (cold boots) loading the checkpoint into the model, as the engine times it.
+    compile      (cold boots, transformers engine) torch.compile of the decode step and its
+                 CUDA graph capture, as the engine times it.
     warmup       (cold boots) one short generation inside the worker.
     first_token  a streamed completion request over HTTP until its first token arrives.
 
@@ -23,6 +28,13 @@ Phases, in order (each timed in seconds, exported in /metrics as
                  listening, dumped with CRIU (which ends it) and stored as a casfs image,
                  then restored at once (``restore``) to serve: every snapshot is proven
                  restorable when it is made. Details in the report's ``snapshot_create``.
+                 A transformers replica on a GPU makes a GPU snapshot (serve.gpu_snapshots):
+                 weights and KV cache released first, GPU state suspended by the driver.
+                 If making it fails, the replica boots cold without one.
+
+Engines: ``vllm``, ``transformers`` (serve.hf_engine; weights streamed from casfs, only the
+config and tokenizer are written to disk: ``materialize`` is "metadata"), ``echo``; ``auto``
+picks vllm where the worker's Python can import it, else transformers.
 
 ``total`` is the wall time from the start of the pipeline to the first token.
 
@@ -38,6 +50,7 @@ replica: /health, the first-token probe), ``process`` (starting and stopping the
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import logging
 import os
@@ -51,13 +64,15 @@ from typing import Any, Callable
 import casfs
 
 from .client import CONTROL_HEADER, first_token, http_json, wait_ready
+from .errors import BootError
 from .health import HealthReport, check_gpus, require_healthy
-from .modeldir import materialize
+from .modeldir import materialize, materialize_metadata
 from .preflight import check_model, preflight
 from .process import exit_reason, pid_alive, spawn_worker, terminate
 from .report import PHASE_ORDER, BootReport, PhaseTimer, write_report
 
-__all__ = ["BootConfig", "Replica", "boot_replica", "worker_argv", "worker_env"]
+__all__ = ["BootConfig", "Replica", "boot_replica", "memory_in_use", "resolve_engine", "weights_source",
+           "worker_argv", "worker_env"]
 
 log = logging.getLogger("serve.boot")
 
@@ -71,8 +86,11 @@ class BootConfig:
         listen: HOST:PORT the replica serves on.
         store, cache_dir: the casfs store URL and ssd cache (defaults as for the CLI).
         name: model name served in /v1/models (default: ``image``).
-        engine: "vllm" (the real one) or "echo" (serve.echo's stand-in; no model work).
-        eager: vLLM --enforce-eager (no torch.compile).
+        engine: "vllm", "transformers", "echo" (serve.echo's stand-in; no model work) or "auto"
+            (vllm where ``python`` can import it, else transformers).
+        eager: no torch.compile (vLLM --enforce-eager; the transformers engine still records
+            CUDA graphs on a GPU, of the eager step).
+        device: the transformers engine's device ("auto": the GPU when there is one).
         fast_boot: vLLM's in-process model runner and unpinned OpenMP threads
             (VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=nobind).
         max_model_len: context length (default: the model's).
@@ -81,6 +99,8 @@ class BootConfig:
         python: interpreter for the worker (default: this one).
         snapshot: snapshot tag to restore from (or to create with ``create_snapshot``).
         create_snapshot: cold boot, then snapshot the ready replica under ``snapshot``.
+        gpu_snapshot: snapshots hold GPU state (None: when the engine is transformers and the
+            health check found a GPU).
         gpu_check: run the GPU health phase.
         boot_timeout: seconds to wait for the replica to answer /health.
         report_path: also write the JSON boot report here.
@@ -92,8 +112,9 @@ class BootConfig:
     store: str | None = None
     cache_dir: str | None = None
     name: str | None = None
-    engine: str = "vllm"
+    engine: str = "auto"
     eager: bool = False
+    device: str = "auto"
     fast_boot: bool = False
     max_model_len: int | None = None
     materialize: str = "auto"
@@ -101,6 +122,7 @@ class BootConfig:
     python: str = sys.executable
     snapshot: str | None = None
     create_snapshot: bool = False
+    gpu_snapshot: bool | None = None
     gpu_check: bool = True
     boot_timeout: float = 900.0
     report_path: str | None = None
@@ -175,18 +197,82 @@ def _workdir(cfg: BootConfig) -> str:
     return os.path.abspath(cfg.workdir or os.path.join(casfs.home_dir(), "serve"))
 
 
-def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str) -> list[str]:
+def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str, *, engine: str | None = None,
+                weights: dict | None = None, gpu_snapshot: bool = False) -> list[str]:
+    """The worker's command line (``weights``: the transformers engine's casfs source)."""
+    engine = engine or cfg.engine
     argv = [cfg.python, "-m", "serve.worker", "--model-dir", model_dir, "--name", name,
-            "--listen", cfg.listen, "--engine", cfg.engine, "--log", log_path]
+            "--listen", cfg.listen, "--engine", engine, "--log", log_path]
     if cfg.eager:
         argv.append("--eager")
     if cfg.max_model_len:
         argv += ["--max-model-len", str(cfg.max_model_len)]
+    if engine == "transformers":
+        argv += ["--device", cfg.device]
+        if weights:
+            argv += ["--weights-store", weights["store"], "--weights-image", weights["image"],
+                     "--weights-path", weights["path"]]
+            if weights.get("cache_dir"):
+                argv += ["--weights-cache-dir", weights["cache_dir"]]
+    if gpu_snapshot:
+        argv.append("--gpu-snapshot")
     return argv
 
 
-def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = check_gpus) -> Replica:
+def resolve_engine(engine: str, python: str) -> str:
+    """``engine``, with "auto" resolved: vllm where ``python`` finds it, else transformers.
+
+    Raises:
+        BootError: an unknown engine name.
+    """
+    if engine in ("vllm", "transformers", "echo"):
+        return engine
+    if engine != "auto":
+        raise BootError(f"unknown engine {engine!r}: use vllm, transformers, echo or auto")
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        found = False
+    return "vllm" if found else "transformers"
+
+
+def weights_source(store: Any, image: Any) -> dict:
+    """Where a transformers worker streams the weights from: the store URL, its ssd tier, the
+    image id and the safetensors file (the shard index when there is one)."""
+    try:
+        image.stat("model.safetensors.index.json")
+        path = "model.safetensors.index.json"
+    except casfs.CasfsError:
+        path = "model.safetensors"
+    return {"store": store.url, "cache_dir": store.cache_dir or "", "image": image.id, "path": path}
+
+
+def memory_in_use(pid: int, gpu: Any = None) -> dict:
+    """The worker's resident host memory and (with a GPU layer) the GPUs' used memory, in bytes."""
+    out: dict[str, Any] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "RssAnon:", "RssFile:", "RssShmem:")):
+                    k, v = line.split(":", 1)
+                    out[f"worker_{k.lower()}_bytes"] = int(v.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    if gpu is not None:
+        try:
+            out["gpu_used_bytes"] = gpu.memory()["used"]
+        except Exception:  # noqa: BLE001 - a report field
+            pass
+    return out
+
+
+def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = check_gpus,
+                 gpu: Any = None) -> Replica:
     """Run the boot pipeline (see the module docstring) and return the serving replica.
+
+    ``gpu``: the GPU layer GPU snapshots use (serve.gpu_snapshots.GpuLayer; default the
+    driver's). Tests on hosts without a GPU pass a fake one, named as such.
 
     Raises:
         PreflightError: the engine is not installed for ``cfg.python``, the listen port is
@@ -196,11 +282,12 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         ImageNotFound: the model image is not in the store.
     """
     t_start = time.monotonic()
-    preflight(cfg)  # engine installed, port free: one-line errors before any slow work
+    engine = resolve_engine(cfg.engine, cfg.python)
+    preflight(dataclasses.replace(cfg, engine=engine))  # engine installed, port free: before slow work
     workdir = _workdir(cfg)
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
     mode = "restore" if cfg.snapshot and not cfg.create_snapshot else "cold"
-    report = BootReport(mode=mode, image=cfg.image, listen=cfg.listen, engine=cfg.engine, eager=cfg.eager,
+    report = BootReport(mode=mode, image=cfg.image, listen=cfg.listen, engine=engine, eager=cfg.eager,
                         snapshot=cfg.snapshot, started_at=time.time())
     report.host = {"hostname": os.uname().nodename, "kernel": os.uname().release, "cpus": os.cpu_count()}
     timer = PhaseTimer(report)
@@ -210,19 +297,33 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
 
         backend = open_backend()
 
+    has_gpu = False
     if cfg.gpu_check:
         with timer.phase("gpu_health"):
-            gpu = health_check()
-        report.gpu = gpu.to_dict()
-        require_healthy(gpu)
+            health = health_check()
+        report.gpu = health.to_dict()
+        require_healthy(health)
+        has_gpu = health.status == "healthy"
+    gpu_snapshot = bool(cfg.gpu_snapshot) if cfg.gpu_snapshot is not None else (
+        engine == "transformers" and has_gpu)
+    if backend is not None and gpu_snapshot:
+        from .gpu_snapshots import GpuCriuBackend
+
+        backend = GpuCriuBackend(lazy=backend.lazy, source=backend.source, gpu=gpu)
+        gpu = backend.gpu
+    report.details["gpu_snapshot"] = gpu_snapshot
 
     with timer.phase("mount"):
         store = casfs.open_store(cfg.store, cache_dir=cfg.cache_dir)
         image = store.open_image(cfg.image)
-        check_model(image, cfg.engine)
-        model_dir, how, detail = materialize(image, cfg.materialize, workdir)
+        check_model(image, engine)
+        if engine == "transformers":
+            model_dir, how, detail = materialize_metadata(image, workdir)
+        else:
+            model_dir, how, detail = materialize(image, cfg.materialize, workdir)
     report.image_id, report.model_dir, report.materialize = image.id, model_dir, how
     report.details["mount"] = detail
+    weights = weights_source(store, image) if engine == "transformers" else None
     mounted = model_dir if how == "mount" and not detail.get("reused") else None
     name = cfg.name or cfg.image
     log_path = os.path.join(workdir, "logs", f"replica-{casfs.parse_listen(cfg.listen)[1]}-{int(time.time() * 1000)}.log")
@@ -230,6 +331,17 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     proc: Any = None
     restored: Any = None
     pid = 0
+
+    def kill_started() -> None:
+        nonlocal proc, restored, pid
+        if pid:
+            terminate(pid, proc, 10)
+            if proc is not None and not isinstance(proc, subprocess.Popen):
+                proc.kill()
+        if restored is not None:
+            restored.cleanup()
+        proc, restored, pid = None, None, 0
+
     try:
         if mode == "restore":
             assert backend is not None and cfg.snapshot
@@ -238,56 +350,64 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
             t = time.monotonic()
             try:
                 restored = backend.restore(store, cfg.snapshot, listen=cfg.listen, seed=secrets.randbits(63),
-                                           token=token)
+                                           token=token, weights=weights)
+                proc, pid = restored.process, restored.pid
+                wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
+                report.phases["restore"] = time.monotonic() - t
+                report.details["restore"] = restored.detail
+                _, boot = http_json(cfg.listen, "GET", "/boot")
+                w = boot.get("worker", {}) if isinstance(boot, dict) else {}
+                report.details["worker"] = w
+                log_path = w.get("log") or log_path
+                _, models = http_json(cfg.listen, "GET", "/v1/models")
+                try:  # the name the snapshot serves (chosen when it was created)
+                    name = models["data"][0]["id"]
+                except (TypeError, KeyError, IndexError):
+                    pass
             except SnapshotUnavailable as e:  # missing or incompatible: nothing was started
                 log.warning("%s; booting cold instead", e)
                 report.details["snapshot_refused"] = str(e)
                 mode = report.mode = "cold"
-        if mode == "restore":
-            proc, pid = restored.process, restored.pid
-            wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
-            report.phases["restore"] = time.monotonic() - t
-            report.details["restore"] = restored.detail
-            _, boot = http_json(cfg.listen, "GET", "/boot")
-            w = boot.get("worker", {}) if isinstance(boot, dict) else {}
-            report.details["worker"] = w
-            log_path = w.get("log") or log_path
-            _, models = http_json(cfg.listen, "GET", "/v1/models")
-            try:  # the name the snapshot serves (chosen when it was created)
-                name = models["data"][0]["id"]
-            except (TypeError, KeyError, IndexError):
-                pass
-        else:
-            t_spawn = time.monotonic()
-            env = worker_env(cfg, token)
-            argv = worker_argv(cfg, model_dir, name, log_path)
-            if cfg.create_snapshot:
-                assert backend is not None and cfg.snapshot
-                proc = backend.spawn(argv, env, log_path)
-                pid = proc.pid
-                backend.wait_ready(proc, cfg.boot_timeout)  # engine loaded and warm, not listening yet
-                ready = time.monotonic() - t_spawn
-                with timer.phase("snapshot"):  # the dump ends the worker ...
-                    report.snapshot_create = backend.create(proc, store, cfg.snapshot)
-                with timer.phase("restore"):  # ... which goes on serving from its snapshot
-                    restored = backend.restore(store, cfg.snapshot, listen=cfg.listen,
-                                               seed=secrets.randbits(63), token=token)
-                    proc, pid = restored.process, restored.pid
-                    wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
-                report.details["restore"] = restored.detail
-            else:
+            except (BootError, OSError, http.client.HTTPException) as e:  # started, then failed
+                log.warning("restoring snapshot %s failed (%s); booting cold instead", cfg.snapshot, e)
+                kill_started()
+                report.details["snapshot_failed"] = f"{type(e).__name__}: {e}"
+                report.details["failed_restore_s"] = time.monotonic() - t
+                report.phases.pop("restore", None)
+                mode = report.mode = "cold"
+        if mode != "restore":
+            create = bool(cfg.create_snapshot and backend is not None and cfg.snapshot)
+            if create:
+                try:
+                    proc, pid, restored, ready = _create_and_restore(
+                        cfg, backend, store, timer, report, engine, model_dir, name, log_path, token, weights,
+                        gpu_snapshot)
+                except BootError as e:
+                    log.warning("making snapshot %s failed (%s); booting cold without one", cfg.snapshot, e)
+                    kill_started()
+                    report.details["snapshot_failed"] = str(e)
+                    report.phases.pop("snapshot", None)
+                    report.phases.pop("restore", None)
+                    create = False
+            if not create:
+                t_spawn = time.monotonic()
+                env = worker_env(cfg, token)
+                argv = worker_argv(cfg, model_dir, name, log_path, engine=engine, weights=weights)
                 proc = spawn_worker(argv, env, log_path)
                 pid = proc.pid
                 wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
                 ready = time.monotonic() - t_spawn
             _, boot = http_json(cfg.listen, "GET", "/boot")
             w = boot.get("worker", {}) if isinstance(boot, dict) else {}
-            wp, vllm = w.get("phases", {}), w.get("vllm", {})
-            weights = float(vllm.get("weights", 0.0))
+            wp, vllm, et = w.get("phases", {}), w.get("vllm", {}), w.get("engine_timings", {})
+            weights_s = float(vllm.get("weights", et.get("weights", 0.0)))
+            compile_s = float(et.get("compile", 0.0)) + float(et.get("capture", 0.0))
             warmup = float(wp.get("warmup", 0.0))
-            report.phases["init"] = max(0.0, ready - weights - warmup)
-            if "weights" in vllm:
-                report.phases["weights"] = weights
+            report.phases["init"] = max(0.0, ready - weights_s - compile_s - warmup)
+            if "weights" in vllm or "weights" in et:
+                report.phases["weights"] = weights_s
+            if compile_s:
+                report.phases["compile"] = compile_s
             report.phases["warmup"] = warmup
             report.details["worker"] = w
         with timer.phase("first_token"):
@@ -295,13 +415,9 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         report.first_token_text = text
         report.total = time.monotonic() - t_start
         report.phases = {k: report.phases[k] for k in PHASE_ORDER if k in report.phases}
+        report.details["memory"] = memory_in_use(pid, gpu)
     except BaseException:
-        if pid:
-            terminate(pid, proc, 10)
-            if proc is not None and not isinstance(proc, subprocess.Popen):
-                proc.kill()
-        if restored is not None:
-            restored.cleanup()
+        kill_started()
         if mounted:
             try:
                 casfs.unmount(mounted)
@@ -317,3 +433,37 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     if cfg.report_path:
         write_report(report, cfg.report_path)
     return replica
+
+
+def _create_and_restore(cfg: BootConfig, backend: Any, store: Any, timer: PhaseTimer, report: BootReport,
+                        engine: str, model_dir: str, name: str, log_path: str, token: str,
+                        weights: dict | None, gpu_snapshot: bool) -> tuple[Any, int, Any, float]:
+    """Cold boot under the snapshot supervisor, snapshot the ready worker, restore it to serve.
+    Returns (process handle, pid, restored, seconds until ready). Raises BootError (the worker
+    and any restore are stopped by then or by the caller)."""
+    t_spawn = time.monotonic()
+    env = worker_env(cfg, token)
+    argv = worker_argv(cfg, model_dir, name, log_path, engine=engine, weights=weights,
+                       gpu_snapshot=gpu_snapshot)
+    proc = backend.spawn(argv, env, log_path)
+    try:
+        backend.wait_ready(proc, cfg.boot_timeout)  # engine loaded and warm, not listening yet
+    except BootError:
+        proc.kill()
+        raise
+    ready = time.monotonic() - t_spawn
+    with timer.phase("snapshot"):  # the dump ends the worker ...
+        report.snapshot_create = backend.create(proc, store, cfg.snapshot)
+    restored = None
+    with timer.phase("restore"):  # ... which goes on serving from its snapshot
+        restored = backend.restore(store, cfg.snapshot, listen=cfg.listen, seed=secrets.randbits(63),
+                                   token=token, weights=weights)
+        try:
+            wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(restored.process, log_path))
+        except BootError:
+            terminate(restored.pid, None, 10)
+            restored.process.kill()
+            restored.cleanup()
+            raise
+    report.details["restore"] = restored.detail
+    return restored.process, restored.pid, restored, ready

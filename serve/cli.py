@@ -17,7 +17,7 @@ from .preflight import ENGINE_CHECKS
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help="serve a model image over an OpenAI-compatible API (vLLM)",
+        "serve", help="serve a model image over an OpenAI-compatible API (vLLM or transformers)",
         description="Boot a replica of MODEL_IMAGE (a casfs image of a Hugging Face model directory: "
                     "config, tokenizer, safetensors) and serve /v1/completions, /v1/chat/completions, "
                     "/v1/models, /health and /metrics until SIGTERM/SIGINT. The boot is a timed "
@@ -28,16 +28,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="address to serve on (default 127.0.0.1:8000)")
     p.add_argument("--snapshot", metavar="TAG", default=None,
-                   help="restore the replica from the CPU snapshot TAG (with --create: make it). A "
+                   help="restore the replica from the snapshot TAG (with --create: make it; a "
+                        "transformers replica on a GPU makes a GPU snapshot: weights and KV cache "
+                        "left out, GPU state through the driver's checkpoint). A failed or "
+                        "incompatible snapshot boots cold instead, the reason in the report. A "
                         "restored replica keeps the engine settings and model name it was created "
                         "with (--name/--engine/--eager/--fast-boot/--max-model-len are then ignored); "
                         "use the same --workdir for creating and restoring")
     p.add_argument("--create", action="store_true",
                    help="with --snapshot: cold boot, then snapshot the ready replica as TAG")
     p.add_argument("--name", default=None, help="model name in the API (default: MODEL_IMAGE)")
-    p.add_argument("--engine", choices=tuple(ENGINE_CHECKS), default="vllm",
-                   help="vllm (default), or echo: a deterministic stand-in that needs no model")
-    p.add_argument("--eager", action="store_true", help="vLLM --enforce-eager: skip torch.compile")
+    p.add_argument("--engine", choices=("auto", *ENGINE_CHECKS), default="auto",
+                   help="auto (default: vllm where the worker's Python has it, else transformers), "
+                        "vllm, transformers (Hugging Face models with a static KV cache, compiled "
+                        "decoding and CUDA graphs on a GPU; weights streamed from casfs), or echo: a "
+                        "deterministic stand-in that needs no model")
+    p.add_argument("--eager", action="store_true",
+                   help="skip torch.compile (vLLM --enforce-eager; transformers still records CUDA "
+                        "graphs of the eager step on a GPU)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="transformers engine: auto (the GPU if any), cpu or cuda[:N]")
     p.add_argument("--fast-boot", action="store_true",
                    help="run vLLM's model in its EngineCore process, OpenMP threads unpinned "
                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=nobind)")
@@ -59,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.create and not args.snapshot:
         raise ValueError("--create needs --snapshot TAG (the tag to store the snapshot under)")
     cfg = BootConfig(image=args.image, listen=args.listen, store=args.store, cache_dir=args.cache_dir,
-                     name=args.name, engine=args.engine, eager=args.eager, fast_boot=args.fast_boot,
+                     name=args.name, engine=args.engine, eager=args.eager, device=args.device,
+                     fast_boot=args.fast_boot,
                      max_model_len=args.max_model_len, materialize=args.materialize, workdir=args.workdir,
                      snapshot=args.snapshot, create_snapshot=args.create, gpu_check=not args.no_gpu_check,
                      boot_timeout=args.boot_timeout, report_path=args.report)

@@ -8,8 +8,9 @@ from typing import Any
 import casfs
 
 from .errors import BootError
+from .preflight import WEIGHT_SUFFIXES
 
-__all__ = ["fuse_usable", "materialize"]
+__all__ = ["fuse_usable", "materialize", "materialize_metadata"]
 
 
 def fuse_usable() -> str | None:
@@ -58,3 +59,37 @@ def materialize(image: Any, how: str, workdir: str) -> tuple[str, str, dict]:
     except casfs.CasfsError as e:
         raise BootError(f"export phase: {e}") from None
     return dest, "export", {"reused": False, "bytes": res.bytes, "files": res.files, "fuse_unusable": why_not}
+
+
+def materialize_metadata(image: Any, workdir: str) -> tuple[str, str, dict]:
+    """Write the model image's files except its weights (config, tokenizer, templates) into a
+    directory; returns (path, "metadata", detail). For the transformers engine, which streams
+    the weights from casfs itself: no FUSE, and no copy of gigabytes of weights.
+
+    The path depends only on the image id (a snapshot finds the files where it left them).
+    Written into a temporary directory and renamed, so a reader never sees half of it.
+
+    Raises:
+        BootError: a file cannot be read from the store or written.
+    """
+    dest = os.path.join(workdir, "metadata", image.id)
+    if os.path.isdir(dest):
+        return dest, "metadata", {"reused": True}
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    written = nbytes = 0
+    try:
+        with casfs.atomic_directory(dest) as tmp:
+            for name in image.listdir(""):
+                st = image.stat(name)
+                if not st.is_file or name.endswith(WEIGHT_SUFFIXES):
+                    continue
+                data = image.read_entry(image.lookup(name))
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+                written += 1
+                nbytes += len(data)
+    except (casfs.CasfsError, OSError) as e:
+        if os.path.isdir(dest):  # another replica wrote it meanwhile (the rename lost the race)
+            return dest, "metadata", {"reused": True}
+        raise BootError(f"writing the model's config and tokenizer failed: {e}") from None
+    return dest, "metadata", {"reused": False, "files": written, "bytes": nbytes}

@@ -52,6 +52,10 @@ ENGINE_CHECKS: dict[str, EngineCheck] = {
                         install="run casfs serve from the vLLM install, `.venv-vllm/bin/casfs serve ...` "
                                 "(scripts/setup_vllm.sh makes it; see the README), or use --engine echo "
                                 "for a stand-in that needs no model"),
+    "transformers": EngineCheck(modules=("transformers", "torch"), needs_model=True,
+                                install="run casfs serve from an environment with torch and transformers: "
+                                        "`.venv-vllm/bin/casfs serve ...` on CPU hosts (the transformers "
+                                        "extra; see the README), the machine's own Python on a GPU host"),
     "echo": EngineCheck(needs_model=False),
 }
 

@@ -11,7 +11,8 @@ import casfs
 
 __all__ = ["PHASE_ORDER", "BootReport", "PhaseTimer", "write_report"]
 
-PHASE_ORDER = ("gpu_health", "mount", "init", "weights", "warmup", "snapshot", "restore", "first_token")
+PHASE_ORDER = ("gpu_health", "mount", "init", "weights", "compile", "warmup", "snapshot", "restore",
+               "first_token")
 
 
 @dataclass

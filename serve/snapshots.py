@@ -104,9 +104,12 @@ class CriuBackend:
                 "pages_bytes": meta.get("pages_bytes"), "shm_segments": len(meta.get("shm") or []),
                 "link_remap": len(meta.get("link_remap") or [])}
 
-    def restore(self, store: Any, tag: str, *, listen: str, seed: int, token: str) -> Restored:
+    gpu_state = False  # GpuCriuBackend (serve.gpu_snapshots): snapshots with GPU state
+
+    def restore(self, store: Any, tag: str, *, listen: str, seed: int, token: str,
+                weights: dict | None = None) -> Restored:
         """Restore ``tag`` and hand the worker its instructions (listen address, random seed,
-        the supervisor's control token).
+        the supervisor's control token; ``weights`` is for GPU snapshots and unused here).
 
         Raises:
             SnapshotUnavailable: the snapshot cannot be restored on this host (incompatible,

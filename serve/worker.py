@@ -3,8 +3,10 @@ snapshot captures.
 
 Run by serve.boot (never by hand, though it works)::
 
-    python -m serve.worker --model-dir DIR --name NAME --listen HOST:PORT [--engine vllm|echo]
-        [--eager] [--max-model-len N] [--control-token T] [--log FILE]
+    python -m serve.worker --model-dir DIR --name NAME --listen HOST:PORT
+        [--engine vllm|transformers|echo] [--eager] [--max-model-len N] [--control-token T]
+        [--log FILE] [--weights-store URL --weights-image ID --weights-path FILE
+        [--weights-cache-dir DIR]] [--device auto|cpu|cuda] [--gpu-snapshot]
 
 Steps, each timed (seconds, reported at GET /boot under ``worker``): ``start`` (interpreter
 start and serve's imports, measured from $CASFS_SERVE_SPAWNED_AT, a wall-clock time the
@@ -12,7 +14,14 @@ parent sets), ``import`` (importing vLLM), ``engine`` (engine start, the import 
 cache, compile),
 ``warmup`` (one short generation, so the first real request does not pay one-off costs),
 ``snapshot_wait`` (blocked while a snapshot is taken), ``listen``. vLLM's own timings (weights, compile) are parsed from the log (vLLM logs them from
-its EngineCore process). /health answers 200 once all of it is done.
+its EngineCore process); the transformers engine reports its own (``engine_timings``: import,
+build, weights, compile, capture). /health answers 200 once all of it is done.
+
+GPU snapshots (``--gpu-snapshot``, transformers engine on a GPU, serve.gpu_snapshots): before
+``snapshot.ready()`` the engine frees its weights and KV cache, keeping their addresses, and
+torch's compile workers are stopped (CRIU dumps the whole process tree); after a restore, once
+the supervisor resumed the GPU state, the instructions say where to stream the weights from and
+the engine puts them back at the same addresses (``after_restore``: ``kv_cache``, ``weights``).
 
 Snapshot-friendliness (CRIU dumps this process tree): stdio is /dev/null and the log file is
 opened O_APPEND by the parent; the event loop is asyncio's own (epoll, no io_uring); no pipes or
@@ -61,6 +70,21 @@ def start_engine(args: argparse.Namespace, timings: dict[str, float]) -> Engine:
         from .echo import EchoEngine
 
         return EchoEngine(args.name, max_model_len=args.max_model_len or 256)
+    if args.engine == "transformers":
+        from .hf_engine import TransformersEngine, TransformersOptions
+        from .hf_model import WeightsSource
+
+        t = time.monotonic()
+        import transformers  # noqa: F401
+
+        timings["import"] = time.monotonic() - t
+        src = None
+        if args.weights_store and args.weights_image:
+            src = WeightsSource(args.weights_store, args.weights_image, args.weights_path or "model.safetensors",
+                                args.weights_cache_dir or None)
+        opts = TransformersOptions(device=args.device, compile=False if args.eager else None,
+                                   max_model_len=args.max_model_len)
+        return TransformersEngine.start(args.model_dir, args.name, opts, src)
     from .engine import VllmEngine, VllmOptions
 
     t = time.monotonic()
@@ -92,11 +116,18 @@ class Worker:
         self.restored_phases: dict[str, float] = {}
         self.restore_seed: int | None = None
         self.boot: dict | None = None
+        self.engine_timings: dict[str, float] = {}
+        self.engine_config: dict = {}
+        self.device_release: dict = {}
+        self.engine: Engine | None = None
         self.spawned_at = float(os.environ.get("CASFS_SERVE_SPAWNED_AT", WORKER_T0))
 
     def _own_report(self) -> dict:
         return {"worker": {"pid": outer_pid(), "log": self.args.log, "phases": self.phases, "vllm": self.vllm,
                            "engine": self.args.engine, "eager": self.args.eager,
+                           "engine_timings": self.engine_timings, "engine_config": self.engine_config,
+                           "device_release": self.device_release,
+                           "engine_stats": self.engine.stats() if hasattr(self.engine, "stats") else {},
                            "restores": self.restores, "after_restore": self.restored_phases}}
 
     def report(self) -> dict:
@@ -128,12 +159,13 @@ class Worker:
             return Response(200, b'{"ok":true}')
         return error_response(404, f"no route {req.method} {req.path}", code="not_found")
 
-    def snapshot_point(self) -> None:
+    def snapshot_point(self, engine: Engine) -> None:
         """Where a snapshot is taken (when a snapshot supervisor started this process).
 
         Blocks in ``snapshot.ready()`` while the supervisor dumps this process. After a restore
         it takes the supervisor's instructions: the listen address, a fresh random seed (applied
-        by ``run`` through ``Engine.reseed``), the control token. Without a supervisor it returns at once.
+        by ``run`` through ``Engine.reseed``), the control token, and for GPU snapshots where
+        the weights come from. Without a supervisor it returns at once.
         """
         try:
             import snapshot
@@ -143,10 +175,18 @@ class Worker:
             return
         if not supervised():
             return
+        gpu = self.args.gpu_snapshot and hasattr(engine, "release_device")
+        if gpu:
+            t = time.monotonic()
+            self.device_release = engine.release_device()  # type: ignore[attr-defined]
+            _stop_compile_workers()
+            self.phases["release_device"] = time.monotonic() - t
         t = time.monotonic()
         restored = ready()
         self.phases["snapshot_wait"] = time.monotonic() - t
         if not restored:
+            if gpu:
+                engine.restore_device()  # type: ignore[attr-defined]
             return
         t = time.monotonic()
         instr = wait_instructions()
@@ -155,6 +195,19 @@ class Worker:
         self.args.control_token = instr.get("control_token") or self.args.control_token
         self.restore_seed = int(instr.get("seed", time.time_ns()))
         self.restored_phases = {"instructions": time.monotonic() - t}
+        if gpu:
+            from .hf_model import WeightsSource
+
+            w = instr.get("weights") or {}
+            src = None
+            if w.get("store") and w.get("image"):
+                src = WeightsSource(w["store"], w["image"], w.get("path") or "model.safetensors",
+                                    w.get("cache_dir") or None)
+            t = time.monotonic()
+            back = engine.restore_device(src)  # type: ignore[attr-defined]
+            self.restored_phases["device"] = time.monotonic() - t
+            self.restored_phases.update({k: v for k, v in back.items() if isinstance(v, float)})
+            self.restored_phases["weights_bytes"] = back.get("weights_bytes", 0)
 
     async def run(self) -> int:
         args = self.args
@@ -166,16 +219,23 @@ class Worker:
             log.error("%s", e)
             return 3
         self.phases["engine"] = time.monotonic() - t
+        self.engine = engine
         t = time.monotonic()
         await warm_up(engine)
         self.phases["warmup"] = time.monotonic() - t
+        self.engine_timings = dict(getattr(engine, "timings", {}) or {})
+        self.engine_config = dict(getattr(engine, "config_summary", {}) or {})
         if args.log and args.engine == "vllm":
             try:
                 with open(args.log, encoding="utf-8", errors="replace") as f:
                     self.vllm = parse_vllm_timings(f.read())
             except OSError:
                 pass
-        self.snapshot_point()
+        try:
+            self.snapshot_point(engine)
+        except EngineError as e:
+            log.error("%s", e)
+            return 3
         if self.restore_seed is not None:
             t = time.monotonic()
             await engine.reseed(self.restore_seed)
@@ -196,13 +256,33 @@ class Worker:
         return 0
 
 
+def _stop_compile_workers() -> None:
+    """Stop torch inductor's compile worker processes, if any: CRIU dumps the whole process tree,
+    and they are children of this one."""
+    mod = sys.modules.get("torch._inductor.async_compile")
+    stop = getattr(mod, "shutdown_compile_workers", None) if mod is not None else None
+    if stop is not None:
+        try:
+            stop()
+        except Exception as e:  # noqa: BLE001 - best effort; CRIU's rule check reports leftovers
+            log.warning("stopping torch's compile workers: %s", e)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", required=True)
     p.add_argument("--name", required=True, help="model name served in /v1/models")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
-    p.add_argument("--engine", choices=("vllm", "echo"), default="vllm")
-    p.add_argument("--eager", action="store_true", help="vLLM --enforce-eager (no torch.compile)")
+    p.add_argument("--engine", choices=("vllm", "transformers", "echo"), default="vllm")
+    p.add_argument("--eager", action="store_true", help="no torch.compile (vLLM --enforce-eager)")
+    p.add_argument("--device", default="auto", help="transformers engine: auto, cpu or cuda[:N]")
+    p.add_argument("--weights-store", default=None, metavar="URL",
+                   help="transformers engine: the casfs store the weights are streamed from")
+    p.add_argument("--weights-image", default=None, metavar="ID", help="the model image in that store")
+    p.add_argument("--weights-path", default=None, help="the safetensors file (or index json) in the image")
+    p.add_argument("--weights-cache-dir", default=None, help="the store's ssd tier directory")
+    p.add_argument("--gpu-snapshot", action="store_true",
+                   help="release the GPU memory before snapshot.ready() and restore it after")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--control-token", default=os.environ.get("CASFS_SERVE_CONTROL_TOKEN", ""))
     p.add_argument("--log", default=None, help="the log file stdout/stderr go to (for vLLM's timings)")

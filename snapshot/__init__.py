@@ -5,6 +5,9 @@
 * ``snapshot.gpu``: suspend/resume a process's GPU state with the driver's checkpoint API
   (``suspend``, ``resume``), transactional, so a failed restore never leaves a stuck process.
 * ``snapshot.compat``: the host/GPU compatibility key a snapshot carries.
+* ``snapshot.regions``: memory regions (CUDA virtual memory, or anonymous CPU mappings) whose
+  memory can be released and re-mapped at the same addresses (``allocate_region``), so a
+  replica's weights and KV cache leave a snapshot while its CUDA graphs stay valid.
 * ``snapshot.cpu``: CRIU checkpoints of process trees stored as casfs images (``spawn``,
   ``checkpoint``, ``restore``, ``restore_or_start``), one step per module: ``spawning``,
   ``hostkey``, ``checkpointing``, ``meta``, ``shm``, ``exports``, ``restoring``, ``start``;
@@ -27,7 +30,7 @@ _LAZY = {
     "InvalidSafetensors": "weights", "ModuleMismatch": "weights",
     "suspend": "gpu", "resume": "gpu", "Suspended": "gpu", "CheckpointError": "gpu",
     "RestoreFailed": "gpu", "GpuUnavailable": "compat",
-    "host_key": "compat", "gpu_key": "compat", "snapshot_key": "compat",
+    "host_key": "compat", "gpu_key": "compat", "gpu_devices": "compat", "snapshot_key": "compat",
     "compatibility_problems": "compat", "check_compatible": "compat", "IncompatibleHost": "compat",
     "spawn": "spawning", "SpawnedProcess": "spawning",
     "checkpoint": "checkpointing",
@@ -38,6 +41,8 @@ _LAZY = {
     "shm_segments": "shm", "mapped_anywhere": "shm",
     "CriuError": "criu", "CriuUnavailable": "criu", "RuleViolation": "criu", "find_criu": "criu",
     "process_tree": "criu", "tree_rule_problems": "criu",
+    "allocate_region": "regions", "region_layout": "regions", "MemoryRegion": "regions",
+    "RegionError": "regions",
     "ready": "lifecycle", "after_restore": "lifecycle", "reseed_random": "lifecycle",
     "restored": "lifecycle", "supervised": "lifecycle",
 }

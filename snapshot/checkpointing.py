@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import casfs
 
@@ -27,6 +28,9 @@ from .hostkey import cpu_snapshot_key
 from .meta import EXTRA_DIR, META_FILE, META_FORMAT, SnapshotRef
 from .shm import shm_segments
 from .spawning import SpawnedProcess, ready_caller_pid
+
+if TYPE_CHECKING:
+    from .gpu import Suspended
 
 __all__ = ["DUMP_FLAGS", "RESTORE_FLAGS", "checkpoint"]
 
@@ -65,7 +69,7 @@ def _deleted_mapping_dirs(pids: list[int]) -> set[str]:
 def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, *,
                leave_running: bool = False, wait_ready: bool = True, ready_timeout: float = 300.0,
                strict: bool = True, chunk_size: int = casfs.DEFAULT_CHUNK_SIZE,
-               dump_dir: str | None = None) -> SnapshotRef:
+               dump_dir: str | None = None, gpu: "Suspended | None" = None) -> SnapshotRef:
     """Dump ``proc`` with CRIU and store the images in ``store`` as a casfs image tagged ``tag``.
 
     Args:
@@ -76,6 +80,10 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
         strict: refuse to dump a tree that breaks a rule (``RuleViolation``); False only logs.
         chunk_size: casfs chunk size of the image (smaller: finer dedup, more objects).
         dump_dir: where CRIU writes before the images are stored (default: a temp dir).
+        gpu: the process's GPU state, already moved into its host memory by
+            ``snapshot.suspend`` (a GPU snapshot): the key then records the GPU models, driver
+            and CUDA versions (a restore host must match them), and the snapshot stores what
+            ``Suspended.from_dict`` needs to ``resume`` the restored process.
 
     Returns:
         a ``SnapshotRef`` with the image id; ``timings`` has ``dump`` and ``store`` seconds.
@@ -105,6 +113,8 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
             log.warning("snapshot of %d: %s", pid, p)
     files = [f | {"pid": p} for p in pids for f in criumod.open_files(p)]
     key = cpu_snapshot_key(report, pids, criu)
+    if gpu is not None:
+        key["gpu"] = gpu.key
     deleted_dirs = {os.path.dirname(f["target"][:-len(" (deleted)")]) for f in files
                     if f["regular"] and f["deleted"] and f["target"].startswith("/")}
     deleted_dirs |= _deleted_mapping_dirs(pids)  # mapped-only (e.g. glibc semaphores in /dev/shm)
@@ -149,6 +159,7 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
                             "fd": f["fd"], "pid": f["pid"]}
                            for f in files if f["regular"] and not f["deleted"]],
             "link_remap": link_remap, "shm": shm_list,
+            "gpu": gpu.to_dict() if gpu is not None else None,
             "pages_bytes": sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp)
                                if n.startswith("pages-")),
         }

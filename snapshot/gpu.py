@@ -184,6 +184,33 @@ class Suspended:
     def total_device_bytes(self) -> int:
         return sum(self.device_bytes.values())
 
+    def to_dict(self) -> dict[str, Any]:
+        """What a snapshot stores to resume this state in a restored process (JSON-able)."""
+        return {"gpus": self.gpus, "device_bytes": self.device_bytes, "key": self.key,
+                "lock_s": self.lock_s, "checkpoint_s": self.checkpoint_s}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], pid: int,
+                  devices: list[dict[str, Any]] | None = None) -> "Suspended":
+        """The state ``to_dict`` stored, for process ``pid`` (e.g. restored by CRIU).
+
+        With ``devices`` (``gpu_devices()`` of this host), each recorded GPU is matched to this
+        host's GPU of the same index and model, so the pre-checks of ``resume`` apply to it (a
+        snapshot made on another host names other UUIDs); unmatched GPUs stay as recorded and
+        fail the pre-checks.
+        """
+        gpus = [dict(g) for g in d.get("gpus") or []]
+        device_bytes = {str(k): int(v) for k, v in (d.get("device_bytes") or {}).items()}
+        if devices:
+            by_index = {dev["index"]: dev for dev in devices}
+            for g in gpus:
+                cur = by_index.get(g.get("index"))
+                if cur is not None and cur["name"] == g.get("name") and cur["uuid"] != g.get("uuid"):
+                    device_bytes[cur["uuid"]] = device_bytes.pop(g["uuid"], 0)
+                    g["uuid"] = cur["uuid"]
+        return cls(pid, gpus, device_bytes, dict(d.get("key") or {}), float(d.get("lock_s", 0.0)),
+                   float(d.get("checkpoint_s", 0.0)))
+
 
 @dataclass
 class Resumed:

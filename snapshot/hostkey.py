@@ -89,6 +89,11 @@ def restore_problems(key: dict[str, Any], criu: criumod.Criu | None = None) -> l
     mapped file present with its recorded size.
     """
     current = compat.snapshot_key(gpu=False)
+    if key.get("gpu"):  # a GPU snapshot: this host's GPUs, driver and CUDA must match
+        try:
+            current["gpu"] = compat.gpu_key()
+        except compat.GpuUnavailable:
+            pass
     problems = compat.compatibility_problems(key, current)
     if criu is not None and key.get("criu"):
         rec = tuple(int(x) for x in str(key["criu"]).split(".") if x.isdigit())

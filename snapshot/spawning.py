@@ -1,7 +1,7 @@
 """Starting a process the way CRIU needs it, and finding its PIDs again.
 
 ``spawn`` makes the program PID 1 of its own PID namespace (``unshare -p -f``, so restores get
-fresh outer PIDs and many can run at once), a session leader without a terminal (``setsid``),
+fresh outer PIDs and many can run at once; ``pid_namespace=False`` for GPU processes), a session leader without a terminal (``setsid``),
 with stdin from /dev/null and stdout/stderr appended to files (``O_APPEND``: CRIU does not
 check the size of such files) or /dev/null. ``ready_pid`` maps the PID that called
 ``snapshot.ready()`` inside the namespace to its outer PID.
@@ -105,7 +105,7 @@ def _open_append(path: str | None) -> int:
 
 def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None | bool = True,
           cwd: str | None = None, env: dict[str, str] | None = None,
-          deterministic: bool = False, ready: bool = True) -> SpawnedProcess:
+          deterministic: bool = False, ready: bool = True, pid_namespace: bool = True) -> SpawnedProcess:
     """Start ``cmd`` so that it can be checkpointed (see the module docstring).
 
     Args:
@@ -122,6 +122,12 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
             layout and hash seed anyway; this makes separate snapshots share them too.
         ready: tell the process a supervisor waits for its ``snapshot.ready()`` (False: that
             call returns at once, as in a process never snapshotted).
+        pid_namespace: start it as PID 1 of its own PID namespace (the default). False starts
+            it in this PID namespace (still a session leader): what a process that uses a GPU
+            needs, since CUDA fails to initialise in a PID namespace whose /proc is the host's
+            (error 304, "OS call failed"; DESIGN.md). A restore then gets the same PID back,
+            so one restore of such a snapshot runs at a time on a host, after the original
+            process is gone.
 
     Raises:
         FileNotFoundError: when ``unshare``/``setsid`` are missing.
@@ -136,7 +142,7 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
         penv[lifecycle.ENV_READY] = ready_path
     else:
         penv.pop(lifecycle.ENV_READY, None)
-    argv = ["unshare", "-p", "-f", "setsid"]
+    argv = ["unshare", "-p", "-f", "setsid"] if pid_namespace else []
     if deterministic:
         argv += ["setarch", "-R"]
         penv.setdefault("PYTHONHASHSEED", "0")
@@ -150,7 +156,7 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
         os.close(out_fd)
         if err_fd != out_fd:
             os.close(err_fd)
-    pid = _first_child(launcher)
+    pid = _first_child(launcher) if pid_namespace else launcher.pid
     return SpawnedProcess(launcher, pid, ready_path, control, stdout, list(cmd))
 
 

@@ -1,0 +1,62 @@
+"""A FAKE GPU layer for serve's GPU-snapshot pipeline on hosts without a GPU (CI).
+
+It stands in for ``serve.gpu_snapshots.DriverGpu`` (the NVIDIA driver's checkpoint API), which
+cannot run without a GPU. It moves nothing anywhere: ``suspend`` and ``resume`` only record that
+they were called (with the pid and whether that process was alive), and can be told to fail the
+way the real ones do (a failed resume kills the process, as ``snapshot.resume`` does). Everything
+else in those tests is real: the worker process, CRIU, the casfs store, the HTTP API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class FakeGpuState:
+    """What ``FakeGpu.suspend`` returns (the real one: ``snapshot.Suspended``). Its empty key
+    makes the snapshot's compatibility key name no GPU, so it restores on a host without one."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.key: dict = {}
+
+    def to_dict(self) -> dict:
+        return {"fake_gpu": True, "gpus": [], "device_bytes": {}, "key": {}}
+
+
+class FakeGpu:
+    """A fake GPU layer (see the module docstring). ``calls``: ("suspend"|"resume", pid, alive)."""
+
+    def __init__(self, *, fail_suspend: bool = False, fail_resume: bool = False) -> None:
+        self.fail_suspend = fail_suspend
+        self.fail_resume = fail_resume
+        self.calls: list[tuple[str, int, bool]] = []
+
+    def suspend(self, pid: int) -> FakeGpuState:
+        self.calls.append(("suspend", pid, _alive(pid)))
+        if self.fail_suspend:
+            raise RuntimeError(f"fake GPU: cuCheckpointProcessLock of pid {pid} timed out")
+        return FakeGpuState(pid)
+
+    def resume(self, state: FakeGpuState) -> object:
+        self.calls.append(("resume", state.pid, _alive(state.pid)))
+        if self.fail_resume:
+            os.kill(state.pid, signal.SIGKILL)  # what snapshot.resume does when a restore fails
+            raise RuntimeError(f"fake GPU: not enough free memory to resume pid {state.pid}; it was killed")
+        return object()
+
+    def state_from(self, stored: dict, pid: int) -> FakeGpuState:
+        assert stored.get("fake_gpu"), stored
+        return FakeGpuState(pid)
+
+    def memory(self) -> dict[str, int]:
+        return {"used": 0, "free": 0}
