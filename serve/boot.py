@@ -220,21 +220,24 @@ def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str, *, en
 
 
 def resolve_engine(engine: str, python: str) -> str:
-    """``engine``, with "auto" resolved: vllm where ``python`` finds it, else transformers.
+    """``engine``, with "auto" resolved for the worker's ``python``: vllm where it is installed,
+    else transformers (with torch).
 
     Raises:
-        BootError: an unknown engine name.
+        PreflightError: "auto" and neither engine is installed for ``python``.
     """
-    if engine in ("vllm", "transformers", "echo"):
-        return engine
     if engine != "auto":
-        raise BootError(f"unknown engine {engine!r}: use vllm, transformers, echo or auto")
-    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
-    try:
-        found = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        found = False
-    return "vllm" if found else "transformers"
+        return engine
+    from .preflight import ENGINE_CHECKS, PreflightError, _missing_modules
+
+    missing = set(_missing_modules(python, ("vllm", "transformers", "torch")))
+    if "vllm" not in missing:
+        return "vllm"
+    if not missing & {"transformers", "torch"}:
+        return "transformers"
+    env = os.path.dirname(os.path.dirname(python))
+    raise PreflightError(f"the vllm engine is not installed in {env}, and neither is the transformers engine "
+                         f"(--engine auto picks one): {ENGINE_CHECKS['vllm'].install}")
 
 
 def weights_source(store: Any, image: Any) -> dict:

@@ -161,7 +161,7 @@ class GpuCriuBackend(CriuBackend):
         t_suspend = time.perf_counter() - t0
         after = self._memory()
         try:
-            problems = snap.tree_rule_problems(proc.pid)
+            problems = snap.tree_rule_problems(proc.pid, saved=snap.shm_segments(snap.process_tree(proc.pid)))
             if problems:
                 raise BootError(f"the replica cannot be snapshotted: {'; '.join(problems)}")
             ref = snap.checkpoint(proc, store, tag, leave_running=False, strict=False, gpu=state)

@@ -70,7 +70,8 @@ def _missing_modules(python: str, modules: tuple[str, ...]) -> list[str]:
     vLLM alone takes 15-25 s here)."""
     if not modules:
         return []
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    # abspath, not realpath: two venvs' pythons are links to one interpreter with other packages
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         import importlib.util
 
         out = []
