@@ -394,6 +394,28 @@ def _verify_blocked(h: FrameHeader, frame: memoryview) -> bytes:
     return hasher.digest()
 
 
+def as_raw(frame: bytes | memoryview, expect: bytes | None = None) -> bytes:
+    """The same chunk as a raw frame (a raw blocked frame, with the same outboard, for a
+    blocked one): what a cache keeps to skip decompression on every later read. Returns
+    ``frame`` itself when it is raw already.
+
+    Raises:
+        CorruptChunk: as ``decode`` (the bytes are verified on the way).
+    """
+    h = parse_header(frame)
+    if h.codec == CODEC_RAW:
+        return bytes(frame)
+    data = decode(frame, expect=expect)
+    if not h.block:
+        return encode(data, h.digest, compress=False)[1]
+    mv = memoryview(frame)
+    n = h.n_blocks
+    ob = bytes(mv[HEADER_SIZE + 4 * n:HEADER_SIZE + 4 * n + CV_SIZE * n])
+    header = HEADER.pack(MAGIC, VERSION_BLOCKED, CODEC_RAW, h.block.bit_length() - 1, h.raw_len,
+                         len(ob) + h.raw_len, h.digest)
+    return b"".join((header, ob, data))
+
+
 def frame_digest(frame: bytes | memoryview) -> bytes:
     """The digest a frame claims (unverified: use ``decode`` to verify)."""
     return parse_header(frame).digest

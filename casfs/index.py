@@ -526,6 +526,11 @@ class Index:
             raise CorruptIndex(f"index symlink {i} has a bad target range")
         return self._links[off:off + ln]
 
+    @property
+    def has_xattrs(self) -> bool:
+        """Whether any entry of this image has extended attributes."""
+        return len(self._c["xattr_key_end"]) > 0
+
     def xattrs(self, i: int) -> dict[bytes, bytes]:
         """Extended attributes of entry ``i``."""
         self._check(i)

@@ -60,7 +60,8 @@ class Store:
         self.cache_dir = cache_dir
         tiers: list[Tier] = []
         self.memory = MemoryCache(memory_bytes) if memory_bytes > 0 else None
-        self.ssd = SsdTier(cache_chunks_dir(cache_dir), cache_bytes) if cache_dir else None
+        # raw: a warm start decompresses nothing (casfs.tiers.ssd)
+        self.ssd = SsdTier(cache_chunks_dir(cache_dir), cache_bytes, raw=True) if cache_dir else None
         if self.ssd:
             tiers.append(self.ssd)
         tiers.extend(extra_tiers or [])

@@ -204,6 +204,31 @@ class TieredStore:
             data = self.get(ref, pack_members)
         return data[offset:end] if (offset or end != len(data)) else data
 
+    def peek_range(self, ref: ChunkRef, offset: int, length: int) -> bytes | None:
+        """The verified bytes ``[offset, offset + length)`` of ``ref`` if memory holds them
+        (the chunk, or every block they need), else None: never fetches, never blocks on I/O
+        (the FUSE loop's fast path for small reads)."""
+        data = self.peek(ref)
+        end = min(ref.raw_len, offset + length)
+        if data is not None:
+            return data[offset:end]
+        m = self._metas.get(ref.digest)
+        if m is None or m is _WHOLE or self.blocks is None or offset >= end:
+            return None
+        block = m.block  # type: ignore[attr-defined]
+        first, last = offset // block, (end - 1) // block
+        parts = []
+        for i in range(first, last + 1):
+            d = self.blocks.peek(_BlockKey(ref.digest, i))  # type: ignore[arg-type]
+            if d is None:
+                return None
+            parts.append(d)
+        self.counters["block_hits"] += len(parts)
+        lo = offset - first * block
+        if len(parts) == 1:
+            return parts[0][lo:lo + (end - offset)]
+        return b"".join(parts)[lo:lo + (end - offset)]
+
     def wants_blocks(self, ref: ChunkRef, length: int) -> bool:
         """Whether ``read`` would serve ``length`` bytes of ``ref`` block by block (a small
         read of a chunk longer than the smallest block, with block reads on; the chunk's frame
@@ -678,10 +703,9 @@ class TieredStore:
                 if buf is None:
                     errors.append(f"{tier.name}: miss")
                     continue
-                mv = memoryview(buf)
                 for i in run:
                     o, n = meta.block_range(i)
-                    stored = mv[o - off:o - off + n]
+                    stored = buf if len(run) == 1 else buf[o - off:o - off + n]  # bytes: hashed in place
                     try:
                         got[i] = chunkmod.decode_block(meta, i, stored)
                     except CorruptChunk as e:
@@ -692,7 +716,7 @@ class TieredStore:
                     self.counters["blocks_fetched"] += 1
                     self.counters["block_bytes_fetched"] += n
                     if t:
-                        self._queue_part_fill(ref, str(i), bytes(stored), t)
+                        self._queue_part_fill(ref, str(i), stored, t)
             missing = [i for i in missing if i not in got]
         if missing:
             detail = "; ".join(errors) or "no tier has it"

@@ -301,3 +301,20 @@ def test_blocks_come_by_ranged_reads_from_an_http_store(built):
             assert blob.bytes_read < 4 * 3 * (BLOCK + 4096)  # tables + blocks, not 2 MiB chunks
         finally:
             s.close()
+
+
+def test_the_ssd_tier_keeps_zstd_frames_decompressed_and_block_reads_still_verify(built, tmp_path):
+    store_dir, files = built
+    cache = str(tmp_path / "cache")
+    with casfs.open_store(store_dir, cache_dir=cache) as s:
+        image, ref = _ref(s, "lib.so")
+        assert chunkmod.parse_header(s.blob.get(ref)).codec == chunkmod.CODEC_ZSTD
+        assert image.read("lib.so") == files["lib.so"]  # whole chunks: they fill the ssd tier
+        s.chunks.flush()
+        kept = open(s.ssd.path_of(ref.digest), "rb").read()
+    h = chunkmod.parse_header(kept)
+    assert h.codec == chunkmod.CODEC_RAW and h.block == BLOCK
+    assert chunkmod.decode(kept, expect=ref.digest) == files["lib.so"][:ref.raw_len]
+    with casfs.open_store(store_dir, cache_dir=cache) as s:  # a block read from the raw copy
+        assert s.open_image("t").read("lib.so", 70_000, 3000) == files["lib.so"][70_000:73_000]
+        assert next(t for t in s.chunks.stats() if t.name == "blob").bytes_read == 0

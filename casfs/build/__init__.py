@@ -12,6 +12,7 @@ from ..errors import BuildError
 from ..index import serialize
 from ..layout import object_key
 from ..leases import Lease, begin_writer, missing_objects
+from ..chunk import DEFAULT_BLOCK
 from .packer import COMPRESS_POLICIES, DEFAULT_CHUNK_SIZE, WEIGHT_SUFFIXES, Packer, PackStats
 from .source import Source
 
@@ -91,7 +92,8 @@ def open_source(path: str) -> Source:
 
 def build_image(store, source: Source | str, tag: str | None = None, *,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool | None = None,
-                dedup_against_tags: bool = True, compress: str = "auto") -> BuildResult:
+                dedup_against_tags: bool = True, compress: str = "auto",
+                block: int | None = None) -> BuildResult:
     """Build an image from ``source`` into ``store`` and optionally tag it.
 
     Nothing is tagged unless every chunk and the index were stored: a failed build leaves at
@@ -111,6 +113,9 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
             at least 10%; ``"always"`` uses zstd wherever it makes a chunk smaller;
             ``"never"`` stores every chunk raw.
 
+        block: block size of blocked frames (chunks longer than it are read and verified
+            block by block: ``casfs.chunk``), a power of two from 16 KiB to 1 MiB; None for
+            the default (64 KiB), 0 for whole frames only (every read fetches whole chunks).
     Raises:
         BuildError: on unusable or hostile input, or files changing during the build.
         StoreError: when the store cannot be written.
@@ -145,7 +150,8 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
         try:
             pins = lease.pins if lease is not None else None
             known = store.known_chunks(image_ids=pins) if dedup_against_tags else {}
-            packer = Packer(store.objects, chunk_size, known=known, on_bytes=on_bytes, compress=compress)
+            packer = Packer(store.objects, chunk_size, known=known, on_bytes=on_bytes, compress=compress,
+                            block=DEFAULT_BLOCK if block is None else block)
             try:
                 parallel = bool(getattr(src, "parallel_reads", False))
                 linked: dict[object, list[int]] = {}  # hard links: read one name, share its chunks

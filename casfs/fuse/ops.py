@@ -14,6 +14,12 @@ sequential, fetches and verifies only the blocks it covers (``TieredStore.read``
 read of a 4 MiB chunk costs a 64 KiB block, not the chunk). A chunk no tier can deliver becomes EIO for that read and a log line;
 the mount keeps serving.
 
+Round trips the kernel can skip are refused with ENOSYS, which makes it stop sending them for
+the rest of the mount: FLUSH and FSYNC (nothing to flush on a read-only image; every close()
+otherwise waits for a FLUSH), and GETXATTR/LISTXATTR on images without extended attributes (the
+kernel asks for security.capability and ACLs on many opens and execs); callers then see
+EOPNOTSUPP, as on any filesystem without xattrs.
+
 Caveats: pyfuse3 turns any exception other than ``FUSEError`` into the end of its main loop,
 so every handler maps errors explicitly. Attributes and entries are cached by the kernel for
 ``timeout`` seconds and file pages are kept across opens (``keep_cache``): right for immutable
@@ -116,6 +122,7 @@ class CasfsOperations(pyfuse3.Operations):
         self.chunks = image.store.chunks
         self._has_memory = self.chunks.memory is not None  # else: keep the chunk being streamed
         self._pm = self.index.pack_members
+        self._has_xattrs = self.index.has_xattrs
         self.n = self.index.n_entries
         self.cs = self.index.chunk_size
         self.timeout = float(timeout)
@@ -138,6 +145,7 @@ class CasfsOperations(pyfuse3.Operations):
             "lookups": 0, "getattrs": 0, "readdirs": 0, "opens": 0, "reads": 0, "read_bytes": 0,
             "inline_hits": 0, "fetches": 0, "eio": 0, "prefetch_chunks": 0, "prefetch_skipped": 0,
             "sequential_reads": 0, "safetensors_hints": 0, "forgets": 0, "block_reads": 0,
+            "flushes": 0, "getxattrs": 0,
         }
 
     # -- inodes -----------------------------------------------------------------------------
@@ -290,6 +298,9 @@ class CasfsOperations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        self.counters["getxattrs"] += 1
+        if not self._has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking (see the module doc)
         val = self.index.xattrs(self.entry_of(inode)).get(name)
         if val is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -297,6 +308,8 @@ class CasfsOperations(pyfuse3.Operations):
 
     @_guard
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        if not self._has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return list(self.index.xattrs(self.entry_of(inode)))
 
     async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
@@ -328,10 +341,13 @@ class CasfsOperations(pyfuse3.Operations):
         self._handles.pop(fh, None)
 
     async def flush(self, fh: int) -> None:
-        pass
+        # nothing to flush on a read-only image: ENOSYS makes the kernel stop sending FLUSH,
+        # which every close() of a file otherwise waits for (one round trip per open file)
+        self.counters["flushes"] += 1
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        pass
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
         h = self._handles.get(fh)
@@ -412,6 +428,10 @@ class CasfsOperations(pyfuse3.Operations):
         if not self.chunks.wants_blocks(ref, n) or self.chunks.in_memory(ref):
             return None
         self.counters["block_reads"] += 1
+        got = self.chunks.peek_range(ref, lo, n)  # its blocks in memory: answer inline
+        if got is not None:
+            self.counters["inline_hits"] += 1
+            return got
         return await self._fetch(self.chunks.read, ref, lo, n, self._pm)
 
     async def _chunk(self, h: _Handle, j: int) -> bytes:
