@@ -106,7 +106,7 @@ class SsdTier(Tier):
     def _scan(self) -> None:
         """Rebuild the LRU from the directory (oldest mtime first); drop temp files that killed
         writers left (``remove_stale_temps``)."""
-        found: list[tuple[float, bytes, int]] = []
+        found: list[tuple[float, str, int]] = []
         for sub in os.scandir(self.root):
             if not sub.is_dir():
                 continue
