@@ -77,16 +77,13 @@ def _write_tree(image: Image, root: str, progress: bool | None) -> ExportResult:
     warnings: list[str] = []
     order = list(ix.walk())
     files = [i for i in order if statmod.S_ISREG(ix.mode(i)) and ix.size(i)]
-    total = sum(ix.size(i) for i in files)
+    total = image.logical_bytes()  # (each hard-linked file once: the bar ends at 100%)
     show = sys.stderr.isatty() if progress is None else progress
     bar = task = None
     if show:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+        from .progress import byte_bar
 
-        bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                       TransferSpeedColumn())
-        bar.start()
-        task = bar.add_task(f"exporting {image.name}", total=total)
+        bar, task = byte_bar(f"exporting {image.name}", total)
 
     # prefetch window over upcoming file spans (each hard-linked file once)
     span = ix.chunk_size * PREFETCH_SPAN_CHUNKS

@@ -159,6 +159,68 @@ class Image:
             done += take
         return n
 
+    def logical_bytes(self) -> int:
+        """Bytes of file contents the image holds, each hard-linked file once (what a build
+        read, what ``casfs images`` and the progress bars show)."""
+        ix = self.index
+        seen: set[int] = set()
+        total = 0
+        for i in range(ix.n_entries):
+            if statmod.S_ISREG(ix.mode(i)):
+                st = ix.stat(i)
+                if st.nlink > 1:
+                    if st.ino in seen:
+                        continue
+                    seen.add(st.ino)
+                total += st.size
+        return total
+
+    def resolve(self, path: str, *, follow_last: bool = True, max_links: int = 40) -> int:
+        """Entry number of ``path``, following symlinks inside the image as the kernel would
+        with the image as root: an absolute target starts again at the image's root, ``..``
+        at the root stays there, and nothing outside the image is ever looked at.
+
+        Args:
+            follow_last: also follow a symlink in the last component (``cat``), or not
+                (``stat``/``readlink``).
+            max_links: symlinks followed before giving up (Linux's limit is 40).
+
+        Raises:
+            PathNotFound: a component is missing, a non-directory is traversed, or more than
+                ``max_links`` symlinks were followed (a loop).
+        """
+        from collections import deque
+
+        from .errors import PathNotFound
+
+        ix = self.index
+        parts = deque(path.split("/"))
+        cur = 0
+        links = 0
+        while parts:
+            part = parts.popleft()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                cur = ix.parent(cur)
+                continue
+            if not statmod.S_ISDIR(ix.mode(cur)):
+                raise PathNotFound(f"{path!r}: /{ix.path(cur)} is not a directory")
+            j = ix.lookup_child(cur, part.encode("utf-8", "surrogateescape"))
+            if j is None:
+                raise PathNotFound(f"{path!r} does not exist in the image (/{ix.path(cur)} has no {part!r})")
+            if statmod.S_ISLNK(ix.mode(j)) and (parts or follow_last):
+                links += 1
+                if links > max_links:
+                    raise PathNotFound(f"{path!r}: too many levels of symbolic links (a loop at /{ix.path(j)}?)")
+                target = ix.readlink(j).decode("utf-8", "surrogateescape")
+                if target.startswith("/"):
+                    cur = 0
+                parts.extendleft(reversed(target.split("/")))
+                continue
+            cur = j
+        return cur
+
     def read(self, path: str, offset: int = 0, size: int = -1) -> bytes:
         """Read bytes of the regular file at ``path`` (follows no symlinks)."""
         return self.read_entry(self.index.lookup(path), offset, size)

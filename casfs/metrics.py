@@ -7,6 +7,11 @@ replicas render through it. Low-level pieces (``format_value``, ``format_labels`
 (cumulative buckets, ``_sum`` and ``_count``), each with optional labels, rendered together by
 a :class:`MetricRegistry`. The typed metrics take no locks: updates are plain float arithmetic,
 meant for one thread (an asyncio loop); guard them yourself across threads.
+
+Every counter and histogram is exported from zero, not only after its first event: those
+without labels from the start, labelled ones for the label sets their owner ``seed``s (the
+ones known up front: tiers, endpoints). A gauge is exported once it is set: its absence means
+"not measured yet", which 0 would misstate (a boot that took 0 s).
 """
 
 from __future__ import annotations
@@ -64,6 +69,17 @@ class _Metric:
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
+    def seed(self, *label_sets: dict[str, str]) -> "_Metric":
+        """Export these label sets at zero before their first event (a counter that appears
+        only after its first increment breaks ``rate()`` and alerts on ``absent()``). Counters
+        and histograms without labels are seeded when they are made. Returns the metric."""
+        for labels in label_sets:
+            self._zero(self._key(labels))
+        return self
+
+    def _zero(self, key: LabelValues) -> None:
+        raise NotImplementedError
+
 
 @dataclass
 class _Scalar(_Metric):
@@ -81,12 +97,19 @@ class _Scalar(_Metric):
         k = self._key(labels)
         self.values[k] = self.values.get(k, 0.0) + amount
 
+    def _zero(self, key: LabelValues) -> None:
+        self.values.setdefault(key, 0.0)
+
 
 @dataclass
 class Counter(_Scalar):
     """A monotonically increasing count. ``inc(amount, **labels)``; amount must be >= 0."""
 
     kind: str = "counter"
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            self._zero(())  # exported as 0 from the start
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
@@ -115,6 +138,14 @@ class Histogram(_Metric):
     buckets: tuple[float, ...] = DEFAULT_BUCKETS
     counts: dict[LabelValues, list[int]] = field(default_factory=dict)
     sums: dict[LabelValues, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            self._zero(())  # exported with zero counts from the start
+
+    def _zero(self, key: LabelValues) -> None:
+        self.counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        self.sums.setdefault(key, 0.0)
 
     def observe(self, value: float, **labels: str) -> None:
         k = self._key(labels)

@@ -14,6 +14,10 @@ from casfs import Counter, Gauge, Histogram, MetricRegistry
 __all__ = ["CONTENT_TYPE", "ServeMetrics"]
 
 
+GENERATING = ("/v1/completions", "/v1/chat/completions")
+ENDPOINTS = GENERATING + ("/v1/models", "/health")
+
+
 class ServeMetrics:
     """The metrics a replica exports. Attribute per metric; ``render()`` for /metrics."""
 
@@ -43,8 +47,11 @@ class ServeMetrics:
                                          "Requests whose client went away before the response ended "
                                          "(their generation was aborted)", ("endpoint",)))
         self.running.set(0)
-        self.prompt_tokens.inc(0)
-        self.generation_tokens.inc(0)
+        # exported at 0 from the start (unlabelled counters are by themselves)
+        self.requests.seed(*({"endpoint": e, "status": "200"} for e in ENDPOINTS))
+        self.latency.seed(*({"endpoint": e} for e in ENDPOINTS))
+        self.ttft.seed(*({"endpoint": e} for e in GENERATING))
+        self.disconnects.seed(*({"endpoint": e} for e in GENERATING))
 
     def record_boot(self, phases: dict[str, float], total: float | None, mode: str, snapshot: str = "") -> None:
         """Export a boot report's phase durations (seconds) and total."""

@@ -132,17 +132,19 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
     t0 = time.perf_counter()
     try:
         entries = list(src.entries())
-        total = sum(e.spec.size for e in entries if statmod.S_ISREG(e.spec.mode))
+        # each hard-linked file once: what the packer reads, the summary and `casfs images` show
+        groups: set[object] = set()
+        total = 0
+        for e in entries:
+            if statmod.S_ISREG(e.spec.mode) and (e.spec.link_group is None or e.spec.link_group not in groups):
+                groups.add(e.spec.link_group)
+                total += e.spec.size
         show = sys.stderr.isatty() if progress is None else progress
         bar = None
         if show:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from ..progress import byte_bar
 
-            bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
-            bar.start()
-            task = bar.add_task(f"building {tag or ''}".strip(), total=total)
+            bar, task = byte_bar(f"building {tag or ''}".strip(), total, eta=True)
             on_bytes = lambda n: bar.advance(task, n)  # noqa: E731
         else:
             on_bytes = None

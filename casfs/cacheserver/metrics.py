@@ -34,6 +34,12 @@ DECLARED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("casfs_cache_fill_seconds", "histogram", "time to fetch and verify one object from the blob store", ()),
 )
 _KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+# labelled counters' label sets known up front (unlabelled counters start at 0 by themselves)
+SEEDED: dict[str, tuple[dict[str, str], ...]] = {
+    "casfs_cache_requests_total": ({"code": "200"},),
+    "casfs_cache_hits_total": ({"tier": "memory"}, {"tier": "ssd"}, {"tier": "host"}),
+    "casfs_cache_verify_failures_total": ({"source": "blob"}, {"source": "ssd"}, {"source": "host"}),
+}
 
 
 class Metrics:
@@ -51,6 +57,8 @@ class Metrics:
         for name, kind, text, labels in DECLARED:
             extra = {"buckets": LATENCY_BUCKETS} if kind == "histogram" else {}
             self._metrics[name] = self._registry.add(_KINDS[kind](name, text, labels, **extra))  # type: ignore[assignment]
+        for name, label_sets in SEEDED.items():  # exported at 0 before their first event
+            self._metrics[name].seed(*label_sets)
 
     def inc(self, name: str, value: float = 1, **labels: str) -> None:
         """Add ``value`` to counter ``name``."""

@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_stat)
     p = sub.add_parser("cat", help="write a file of an image to stdout",
                        description="Write regular file PATH of image NAME to standard output, fetching "
-                                   "only its chunks.")
+                                   "only its chunks. Symlinks are followed inside the image, as cat "
+                                   "does in a chroot: an absolute target starts at the image's root, "
+                                   "and a loop is an error.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("path", metavar="PATH")
     p.set_defaults(func=cmd_cat)
@@ -79,7 +81,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     image = open_store_from_args(args).open_image(args.name)
     ix = image.index
-    i = ix.lookup(args.path)
+    i = image.resolve(args.path)  # symlinks followed inside the image, as cat does
     if not statmod.S_ISREG(ix.mode(i)):
         from casfs.errors import NotAFile
 

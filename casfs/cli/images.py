@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import stat as statmod
+
+from casfs.image import Image
 
 from .format import human
 from .main import open_store_from_args
@@ -39,7 +40,7 @@ def cmd_images(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - one bad image must not hide the others
             print(f"{tag:<28} {image_id[:12]:<14} error: {e}")
             continue
-        size = sum(ix.size(i) for i in range(ix.n_entries) if statmod.S_ISREG(ix.mode(i)))
+        size = Image(store, image_id, ix).logical_bytes()  # hard links once, as build counted
         print(f"{tag:<28} {image_id[:12]:<14} {ix.n_entries:>9} {human(size):>10} {ix.n_chunks:>8}")
     for tag, why in store.unreadable_tags():  # listed, never silently left out
         print(f"{tag:<28} {'?':<14} error: {why}")

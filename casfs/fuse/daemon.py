@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import kernel
 from .mount import (DEFAULT_MAX_BACKGROUND, DEFAULT_READ_AHEAD_KB, MountError, MountInfo,
-                    MountOptions, proc_start, remove_record, runtime_key, write_record)
+                    MountOptions, check_mountpoint, proc_start, remove_record, runtime_key, write_record)
 
 if TYPE_CHECKING:
     from ..image import Image
@@ -265,8 +265,7 @@ def serve(image: "Image", mountpoint: str, options: MountOptions | None = None, 
                              "(pyfuse3 builds against libfuse3-dev)") from None
         if kernel.is_mounted(mountpoint):
             raise MountError(f"{mountpoint}: something is already mounted here (casfs umount {mountpoint})")
-        if not os.path.isdir(mountpoint):
-            raise MountError(f"{mountpoint}: mount point is not a directory")
+        check_mountpoint(mountpoint)
         if not os.path.exists("/dev/fuse"):
             raise MountError("/dev/fuse is missing: load the fuse module (or pass /dev/fuse into the container)")
     except MountError as e:

@@ -233,6 +233,29 @@ def _read_ready(fd: int, timeout: float) -> str:
     return buf.decode("utf-8", "replace").strip()
 
 
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse a mount point that is missing, not a directory, or not empty. A non-empty one is
+    refused rather than warned about: the mount would hide its files until unmounted (a
+    mistyped path over a real directory looks like data loss), and nothing casfs mounts needs
+    to sit on top of files.
+
+    Raises:
+        MountError: saying which, and what to do.
+    """
+    if not os.path.lexists(mountpoint):
+        raise MountError(f"{mountpoint}: mount point does not exist (create it: mkdir -p {mountpoint})")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: mount point is not a directory")
+    try:
+        with os.scandir(mountpoint) as it:
+            first = next(it, None)
+    except OSError as e:
+        raise MountError(f"{mountpoint}: cannot read the mount point ({e.strerror})") from None
+    if first is not None:
+        raise MountError(f"{mountpoint}: mount point is not empty (it holds {first.name!r}, ...); "
+                         "mounting would hide its files: use an empty directory")
+
+
 def mount(image: "Image", mountpoint: str, options: MountOptions | None = None, *,
           foreground: bool = False, ready_timeout: float = 60.0, **kw: Any) -> MountInfo:
     """Mount ``image`` read-only at ``mountpoint``; returns once the mount answers.
@@ -260,8 +283,7 @@ def mount(image: "Image", mountpoint: str, options: MountOptions | None = None, 
         return got[0]
     if is_mounted(mountpoint):
         raise MountError(f"{mountpoint}: something is already mounted here (casfs umount {mountpoint})")
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint}: mount point is not a directory")
+    check_mountpoint(mountpoint)
     log_path = opts.log_file or runtime_key(mountpoint) + ".log"
     r, w = os.pipe()
     start = daemon.fork if daemon.forkable(image) else daemon.spawn
