@@ -25,6 +25,7 @@ from .fsutil import atomic_directory, atomic_open, atomic_write, fsync_dir
 from .fuse.mount import MountError, MountInfo, MountOptions, is_mounted, mount, runtime_dir, unmount
 from .image import Image
 from .index import ChunkRef, Stat
+from .lifeline import Lifeline, sweep_leftovers
 from .listen import parse_listen
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Counter, Gauge, Histogram, MetricRegistry
@@ -56,6 +57,7 @@ __all__ = [
     "Image",
     "ImageNotFound",
     "InvalidSafetensors",
+    "Lifeline",
     "METRICS_CONTENT_TYPE",
     "MetricRegistry",
     "MountError",
@@ -88,6 +90,7 @@ __all__ = [
     "parse_safetensors_index",
     "runtime_dir",
     "safetensors_header_length",
+    "sweep_leftovers",
     "tier_stats",
     "unmount",
 ]

@@ -142,6 +142,7 @@ class Replica:
         self.mounted = mounted
         self.control_token = token
         self.restored: Any = None  # serve.snapshots.Restored, for restored replicas
+        self.lifeline: Any = None  # casfs.Lifeline: undoes the replica if its supervisor dies
 
     @property
     def listen(self) -> str:
@@ -162,7 +163,7 @@ class Replica:
 
     def stop(self, timeout: float = 30.0, *, unmount: bool = True) -> None:
         """SIGTERM the worker's process group (SIGKILL after ``timeout``), then unmount the model
-        if this replica mounted it."""
+        if this replica mounted it, and close the replica's lifeline."""
         terminate(self.pid, self.proc, timeout)
         if self.proc is not None and not isinstance(self.proc, subprocess.Popen):
             self.proc.kill()  # snapshot.cpu's handles: reap the launcher/criu, remove work dirs
@@ -174,6 +175,9 @@ class Replica:
             except casfs.CasfsError as e:
                 log.warning("unmounting %s: %s", self.mounted, e)
             self.mounted = None
+        if self.lifeline is not None:
+            self.lifeline.close()
+            self.lifeline = None
 
 
 def worker_env(cfg: BootConfig, token: str) -> dict[str, str]:
@@ -287,6 +291,8 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     t_start = time.monotonic()
     engine = resolve_engine(cfg.engine, cfg.python)
     preflight(dataclasses.replace(cfg, engine=engine))  # engine installed, port free: before slow work
+    for left in casfs.sweep_leftovers():
+        log.warning("cleaned up after a killed supervisor: %s", left)
     workdir = _workdir(cfg)
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
     mode = "restore" if cfg.snapshot and not cfg.create_snapshot else "cold"
@@ -328,6 +334,10 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     report.details["mount"] = detail
     weights = weights_source(store, image) if engine == "transformers" else None
     mounted = model_dir if how == "mount" and not detail.get("reused") else None
+    # from here on, whatever kills this process, its guard stops the worker and unmounts
+    life = casfs.Lifeline(f"casfs serve {cfg.image} on {cfg.listen}")
+    if mounted:
+        life.add("mount", path=mounted, pid=detail.get("daemon_pid", 0), start=detail.get("daemon_start", ""))
     name = cfg.name or cfg.image
     log_path = os.path.join(workdir, "logs", f"replica-{casfs.parse_listen(cfg.listen)[1]}-{int(time.time() * 1000)}.log")
     token = secrets.token_hex(16)
@@ -355,6 +365,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                 restored = backend.restore(store, cfg.snapshot, listen=cfg.listen, seed=secrets.randbits(63),
                                            token=token, weights=weights)
                 proc, pid = restored.process, restored.pid
+                life.add("process", pid=pid)
                 wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
                 report.phases["restore"] = time.monotonic() - t
                 report.details["restore"] = restored.detail
@@ -384,7 +395,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                 try:
                     proc, pid, restored, ready = _create_and_restore(
                         cfg, backend, store, timer, report, engine, model_dir, name, log_path, token, weights,
-                        gpu_snapshot)
+                        gpu_snapshot, life)
                 except BootError as e:
                     log.warning("making snapshot %s failed (%s); booting cold without one", cfg.snapshot, e)
                     kill_started()
@@ -398,6 +409,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                 argv = worker_argv(cfg, model_dir, name, log_path, engine=engine, weights=weights)
                 proc = spawn_worker(argv, env, log_path)
                 pid = proc.pid
+                life.add("group", pid=pid)
                 wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
                 ready = time.monotonic() - t_spawn
             _, boot = http_json(cfg.listen, "GET", "/boot")
@@ -426,9 +438,11 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                 casfs.unmount(mounted)
             except casfs.CasfsError:
                 pass
+        life.close()
         raise
     replica = Replica(cfg, report, pid, proc, log_path, mounted, token)
     replica.restored = restored
+    replica.lifeline = life
     try:  # the replica's /metrics and /boot then carry the whole pipeline's timings
         http_json(cfg.listen, "POST", "/_casfs/report", report.to_dict(), headers={CONTROL_HEADER: token})
     except (OSError, http.client.HTTPException) as e:
@@ -440,7 +454,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
 
 def _create_and_restore(cfg: BootConfig, backend: Any, store: Any, timer: PhaseTimer, report: BootReport,
                         engine: str, model_dir: str, name: str, log_path: str, token: str,
-                        weights: dict | None, gpu_snapshot: bool) -> tuple[Any, int, Any, float]:
+                        weights: dict | None, gpu_snapshot: bool, life: Any) -> tuple[Any, int, Any, float]:
     """Cold boot under the snapshot supervisor, snapshot the ready worker, restore it to serve.
     Returns (process handle, pid, restored, seconds until ready). Raises BootError (the worker
     and any restore are stopped by then or by the caller)."""
@@ -449,6 +463,7 @@ def _create_and_restore(cfg: BootConfig, backend: Any, store: Any, timer: PhaseT
     argv = worker_argv(cfg, model_dir, name, log_path, engine=engine, weights=weights,
                        gpu_snapshot=gpu_snapshot)
     proc = backend.spawn(argv, env, log_path)
+    life.add("process", pid=proc.pid)
     try:
         backend.wait_ready(proc, cfg.boot_timeout)  # engine loaded and warm, not listening yet
     except BootError:
@@ -461,6 +476,7 @@ def _create_and_restore(cfg: BootConfig, backend: Any, store: Any, timer: PhaseT
     with timer.phase("restore"):  # ... which goes on serving from its snapshot
         restored = backend.restore(store, cfg.snapshot, listen=cfg.listen, seed=secrets.randbits(63),
                                    token=token, weights=weights)
+        life.add("process", pid=restored.pid)
         try:
             wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(restored.process, log_path))
         except BootError:

@@ -11,6 +11,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 
 from .preflight import ENGINE_CHECKS
 
@@ -81,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Installed before booting: a SIGTERM at any point stops what was started (boot_replica
     # cleans up after itself; a booted replica is stopped below), never orphans it.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)  # a closed terminal stops the replica as Ctrl-C does
     try:
         replica = boot_replica(cfg)
     except KeyboardInterrupt:
@@ -103,5 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         code = 0
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the shutdown finish
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    t = time.monotonic()
     replica.stop()
+    print(f"casfs serve: stopped in {time.monotonic() - t:.2f} s (replica and model mount)", file=sys.stderr)
     return code

@@ -47,7 +47,8 @@ def materialize(image: Any, how: str, workdir: str) -> tuple[str, str, dict]:
             info = casfs.mount(image, mp)
         except casfs.CasfsError as e:
             raise BootError(f"mount phase: {e}") from None
-        return mp, "mount", {"reused": False, "daemon_pid": info.pid, "log": info.log}
+        return mp, "mount", {"reused": False, "daemon_pid": info.pid, "daemon_start": info.pid_start,
+                             "log": info.log}
     dest = os.path.join(workdir, "exports", image.id)
     if os.path.isdir(dest):
         return dest, "export", {"reused": True, "fuse_unusable": why_not}

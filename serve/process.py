@@ -42,8 +42,9 @@ def pid_alive(pid: int) -> bool:
 
 def terminate(pid: int, proc: subprocess.Popen | None, timeout: float) -> None:
     """SIGTERM the process group of ``pid`` (the process alone if it has none), SIGKILL after
-    ``timeout`` seconds; returns once it is gone (or 10 s after the SIGKILL). ``proc``, when
-    given, is polled instead of /proc (it reaps our own child)."""
+    ``timeout`` seconds; returns once it is gone (or 10 s after the SIGKILL), after a SIGKILL
+    to whatever is left of its group. ``proc``, when given, is polled instead of /proc (it
+    reaps our own child)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -54,12 +55,13 @@ def terminate(pid: int, proc: subprocess.Popen | None, timeout: float) -> None:
                 pass
         deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 10)
         while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None:
-                    return
-            elif not pid_alive(pid):
+            if (proc.poll() is not None) if proc is not None else not pid_alive(pid):
+                try:  # the leader is gone: the rest of its group (vLLM's EngineCore) goes too
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
 
 def log_tail(path: str, n: int = 30) -> str:

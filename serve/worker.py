@@ -32,14 +32,15 @@ listen address, random seed, control token), reseeds and listens. ``POST /_casfs
 (with the control token) hands over the supervisor's boot report, which /boot and /metrics
 then show.
 
-Exit: SIGTERM or SIGINT closes the server and the engine and exits 0; an engine that fails to
-start exits 3 with the reason in the log.
+Exit: SIGTERM or SIGINT closes the server and the engine and exits 0 at once (no interpreter
+teardown); an engine that fails to start exits 3 with the reason in the log.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -251,8 +252,10 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        t = time.monotonic()
         await self.server.close()
         await engine.close()
+        log.info("stopped: server and engine closed in %.2f s", time.monotonic() - t)
         return 0
 
 
@@ -297,7 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"serve.worker: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(Worker(args).run())
+    return asyncio.run(_run_and_exit(Worker(args)))
+
+
+async def _run_and_exit(worker: Worker) -> int:
+    """Run the worker; once it stopped, exit at once: after vLLM's own shutdown (well under a
+    second) the interpreter's teardown (asyncio's executor, torch's and vLLM's exit handlers)
+    took 5.3 s of a measured 6.9 s SIGTERM stop, and nothing of it matters to a replica."""
+    rc = await worker.run()
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

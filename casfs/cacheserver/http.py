@@ -15,6 +15,16 @@ Nagle's algorithm (~23 requests/s per keep-alive connection), and with TCP_NODEL
 size, header count, no bodies, a connection cap answered with 503, idle timeouts).
 Why not asyncio: a cache miss blocks on the blob store; threads keep that path plain, and the
 GIL is released during ``sendall``/``recv`` of large bodies.
+
+Slow clients (slowloris; issue 17 measured 1,030 connections sending one byte every 50 s hold
+every slot past a per-recv idle timeout, /health refused for minutes): a request head must
+arrive whole within ``header_timeout`` seconds of its first byte, and a new connection must
+send its first byte within that time too (the deadline does not move with each byte); one
+client address holds at most ``max_per_client`` connections; and when every slot is taken a
+new connection takes the slot of the connection idle longest between requests (or silent since
+it connected), else of the request head that has been arriving longest (a well-behaved client
+sends its head in one packet: microseconds), so a new client (and /health) always gets in
+unless every connection is busy with a request.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import unquote
@@ -34,7 +45,7 @@ MAX_HEADERS = 100
 SMALL_BODY = 64 << 10  # bodies up to this size go out in the same send as the head
 
 REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request",
-           401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
@@ -114,13 +125,29 @@ def parse_head(head: bytes) -> Request:
     return Request(method, target, unquote(path), query, version, headers)
 
 
+class _Conn:
+    """What the accept thread knows of one connection: its client, and what it is doing
+    (``new``: no byte yet; ``idle``: waiting for the next request's first byte; ``head``: a
+    head arriving; ``busy``: a request being handled or answered) since when."""
+
+    __slots__ = ("sock", "client", "state", "since")
+
+    def __init__(self, sock: socket.socket, client: str) -> None:
+        self.sock, self.client = sock, client
+        self.state, self.since = "new", time.monotonic()
+
+
 class HttpServer:
     """Serve ``handler`` on ``host:port`` (port 0 picks a free one) until ``close()``.
 
     Args:
         handler: maps a Request to a Response; an exception becomes a 500 (logged).
-        max_connections: open connections beyond this are answered 503 and closed.
-        idle_timeout: seconds a keep-alive connection may sit idle (or stall mid-request).
+        max_connections: open connections; beyond it a new one takes an idle or slow
+            connection's slot, or is answered 503 (see the module doc).
+        idle_timeout: seconds a keep-alive connection may sit idle between requests.
+        header_timeout: seconds from a request's first byte (or a new connection's start) to
+            the end of its head, whatever arrives meanwhile; then 408 and close.
+        max_per_client: open connections from one client address; beyond it 503.
         send_timeout: seconds a send may block on a client that stopped reading.
 
     Raises:
@@ -128,19 +155,26 @@ class HttpServer:
     """
 
     def __init__(self, host: str, port: int, handler: Handler, *, max_connections: int = 1024,
-                 idle_timeout: float = 120.0, send_timeout: float = 60.0, backlog: int = 512) -> None:
+                 idle_timeout: float = 120.0, header_timeout: float = 10.0, max_per_client: int = 256,
+                 send_timeout: float = 60.0, backlog: int = 512) -> None:
         self.handler = handler
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.max_per_client = max_per_client
         self.send_timeout = send_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family, backlog=backlog)
         self.host = host
         self.port: int = self._listener.getsockname()[1]
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._per_client: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._accept_thread: threading.Thread | None = None
+        self.refused = 0  # connections answered 503
+        self.evicted = 0  # idle or slow connections closed to make room
+        self.timed_out = 0  # request heads that missed header_timeout
 
     @property
     def url(self) -> str:
@@ -182,46 +216,121 @@ class HttpServer:
     def _accept(self) -> None:
         while not self._stopping.is_set():
             try:
-                sock, _ = self._listener.accept()
+                sock, addr = self._listener.accept()
             except OSError:
                 if self._stopping.is_set():
                     return
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = addr[0] if isinstance(addr, tuple) else str(addr)
+            victim = None
+            why = ""
             with self._lock:
-                full = len(self._conns) >= self.max_connections
-                if not full:
-                    self._conns.add(sock)
-            if full:
-                self._refuse(sock)
+                if self._per_client.get(client, 0) >= self.max_per_client:
+                    why = f"too many connections from {client} (at most {self.max_per_client})"
+                elif len(self._conns) >= self.max_connections:
+                    victim = self._pick_victim()
+                    if victim is None:
+                        why = "server busy"
+                    else:
+                        self._forget(victim)
+                if not why:
+                    conn = _Conn(sock, client)
+                    self._conns[sock] = conn
+                    self._per_client[client] = self._per_client.get(client, 0) + 1
+            if victim is not None:
+                self.evicted += 1
+                with contextlib.suppress(OSError):
+                    victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
+            if why:
+                self.refused += 1
+                self._refuse(sock, why)
                 continue
-            threading.Thread(target=self._serve, args=(sock,), name="casfs-http-conn", daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), name="casfs-http-conn", daemon=True).start()
 
-    def _refuse(self, sock: socket.socket) -> None:
+    def _pick_victim(self) -> _Conn | None:
+        """The connection to close for a new one (lock held): the one idle longest (between
+        requests, or since it connected), else the head that has been arriving longest; None
+        when every connection is busy with a request."""
+        idle = [c for c in self._conns.values() if c.state in ("idle", "new")]
+        if idle:
+            return min(idle, key=lambda c: c.since)
+        heads = [c for c in self._conns.values() if c.state == "head"]
+        return min(heads, key=lambda c: c.since) if heads else None
+
+    def _forget(self, conn: _Conn) -> None:
+        """Drop ``conn`` from the books (lock held); a second call is a no-op."""
+        if self._conns.pop(conn.sock, None) is not None:
+            n = self._per_client.get(conn.client, 1) - 1
+            if n > 0:
+                self._per_client[conn.client] = n
+            else:
+                self._per_client.pop(conn.client, None)
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        body = f"{why}\n".encode()
         with contextlib.suppress(OSError):
             sock.settimeout(1.0)
-            sock.sendall(_head(503, [("Retry-After", "1")], 0, close=True))
+            sock.sendall(_head(503, [("Retry-After", "1"), ("Content-Type", "text/plain")], len(body),
+                               close=True) + body)
         with contextlib.suppress(OSError):
             sock.close()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _read_head(self, conn: _Conn, buf: bytearray) -> bytes | None:
+        """The next request head from ``conn`` (None when the client closed). Waits up to
+        ``idle_timeout`` for the first byte of a keep-alive request (``header_timeout`` for a
+        new connection's first), then ``header_timeout`` in all for the rest of the head."""
+        sock = conn.sock
+        first = conn.state == "new"
+        wait = self.header_timeout if first else self.idle_timeout
+        deadline = None
+        if buf:  # pipelined bytes already here: the head has begun
+            deadline = time.monotonic() + self.header_timeout
+            self._set_state(conn, "head")
+        end = buf.find(b"\r\n\r\n")
+        while end < 0:
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(431, f"request head over {MAX_HEAD} bytes")
+            if deadline is None:
+                sock.settimeout(wait)
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.timed_out += 1
+                    raise BadRequest(408, f"request head not complete within {self.header_timeout:g} s")
+                sock.settimeout(left)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                if deadline is None:
+                    return None  # idle too long between requests: close quietly
+                self.timed_out += 1
+                raise BadRequest(408, f"request head not complete within {self.header_timeout:g} s") from None
+            if not data:
+                return None
+            if deadline is None:
+                deadline = time.monotonic() + self.header_timeout
+                self._set_state(conn, "head")
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+        if end > MAX_HEAD:
+            raise BadRequest(431, f"request head over {MAX_HEAD} bytes")
+        head = bytes(buf[:end])
+        del buf[:end + 4]
+        return head
+
+    def _set_state(self, conn: _Conn, state: str) -> None:
+        conn.state, conn.since = state, time.monotonic()
+
+    def _serve(self, conn: _Conn) -> None:
+        sock = conn.sock
         buf = bytearray()
         try:
             while not self._stopping.is_set():
-                sock.settimeout(self.idle_timeout)
-                end = buf.find(b"\r\n\r\n")
-                while end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise BadRequest(431, f"request head over {MAX_HEAD} bytes")
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                    end = buf.find(b"\r\n\r\n")
-                if end > MAX_HEAD:
-                    raise BadRequest(431, f"request head over {MAX_HEAD} bytes")
-                head = bytes(buf[:end])
-                del buf[:end + 4]
+                head = self._read_head(conn, buf)
+                if head is None:
+                    return
+                self._set_state(conn, "busy")
                 req = parse_head(head)
                 if req.headers.get("content-length", "0") not in ("0", "") or "transfer-encoding" in req.headers:
                     raise BadRequest(400, "this server takes no request bodies")
@@ -235,6 +344,7 @@ class HttpServer:
                 self._send(sock, resp, req.method == "HEAD", close)
                 if close:
                     return
+                self._set_state(conn, "idle")
         except BadRequest as e:
             with contextlib.suppress(OSError):
                 body = f"{e}\n".encode()
@@ -244,7 +354,7 @@ class HttpServer:
             pass  # the client went away or stalled past a timeout
         finally:
             with self._lock:
-                self._conns.discard(sock)
+                self._forget(conn)
             with contextlib.suppress(OSError):
                 sock.close()
 

@@ -43,6 +43,8 @@ class CacheServer:
         token: bearer token clients must send; required when ``host`` is not loopback.
             Default: ``$CASFS_CACHE_TOKEN``.
         fsync: fsync ssd cache files.
+        max_connections, max_per_client, header_timeout: connection limits (see
+            ``casfs.cacheserver.http.HttpServer``: slow clients cannot hold the slots).
 
     Raises:
         StoreError: when listening off loopback without a token.
@@ -54,7 +56,8 @@ class CacheServer:
     def __init__(self, objects: ObjectStore, host: str = "127.0.0.1", port: int = 0, *,
                  memory_bytes: int = 1 << 30, cache_dir: str | None = None,
                  cache_bytes: int = 50 << 30, token: str | None = None, fsync: bool = True,
-                 max_connections: int = 1024) -> None:
+                 max_connections: int = 1024, max_per_client: int = 256,
+                 header_timeout: float = 10.0) -> None:
         token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         if not token and not is_loopback(host):
             raise StoreError(f"refusing to serve on {host} without a token: chunks would be open to "
@@ -63,7 +66,8 @@ class CacheServer:
         self.cache = ObjectCache(objects, memory_bytes=memory_bytes, cache_dir=cache_dir,
                                  cache_bytes=cache_bytes, metrics=self.metrics, fsync=fsync)
         self.app = CacheApp(self.cache, token=token, metrics=self.metrics)
-        self.http = HttpServer(host, port, self.app, max_connections=max_connections)
+        self.http = HttpServer(host, port, self.app, max_connections=max_connections,
+                               max_per_client=max_per_client, header_timeout=header_timeout)
         self.app.server = self.http
         self.objects = objects
 

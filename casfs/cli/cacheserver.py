@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bearer token clients must send (default $CASFS_CACHE_TOKEN); "
                         "required unless listening on loopback")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync ssd cache files")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="open connections (default 1024); when all are taken a new client gets the slot "
+                        "of one idle between requests or still sending its request head")
+    p.add_argument("--max-per-client", type=int, default=256, metavar="N",
+                   help="open connections from one client address (default 256)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request head must arrive whole within this time of its first byte "
+                        "(default 10; slow-sending clients get 408)")
     p.set_defaults(func=cmd_cache_server)
 
 
@@ -45,12 +53,16 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
     from casfs.urls import default_store_url, open_objects
 
     host, port = parse_listen(args.listen)
+    if args.max_connections < 1 or args.max_per_client < 1 or args.header_timeout <= 0:
+        raise ValueError("--max-connections and --max-per-client must be at least 1, --header-timeout above 0")
     url = args.server_store or args.store or default_store_url()
     memory = parse_size(args.memory)
     cache_bytes = parse_size(args.cache_size)
     cache_dir = args.server_cache_dir or getattr(args, "cache_dir", None)
     server = CacheServer(open_objects(url), host, port, memory_bytes=memory, cache_dir=cache_dir,
-                         cache_bytes=cache_bytes, token=args.token, fsync=not args.no_fsync)
+                         cache_bytes=cache_bytes, token=args.token, fsync=not args.no_fsync,
+                         max_connections=args.max_connections, max_per_client=args.max_per_client,
+                         header_timeout=args.header_timeout)
 
     def stop(signum, frame):  # noqa: ARG001
         raise SystemExit(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .format import format_mount_stats
 from .main import open_store_from_args
 
 
@@ -21,11 +22,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--net-host", action="store_true", help="share the host network (default: private, lo only)")
     p.add_argument("--runtime", default="runc", help="OCI runtime: runc (default) or crun")
     p.add_argument("--read-ahead-kb", type=int, default=None, help="kernel readahead for the mount")
+    p.add_argument("--tmpfs-size", default="1G", metavar="SIZE",
+                   help="size of the writable layer (a tmpfs holding the container's writes): "
+                        "512M, 1G, 50%% of memory... (default 1G)")
+    p.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="after passing SIGINT/SIGTERM/SIGHUP to the container, kill it this many "
+                        "seconds later if it has not exited (default 10)")
+    p.add_argument("--stats", action="store_true",
+                   help="print the mount's counters at exit (reads, bytes, fetches by tier, hit rates) "
+                        "to stderr")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from casfs.run import RunOptions, run_container
+    import sys
+
+    from casfs.run import Interrupted, RunOptions, check_size, run_container
+
+    check_size(args.tmpfs_size)  # ValueError: one line, before anything is mounted
+    if args.stop_timeout < 0:
+        raise ValueError("--stop-timeout must be at least 0")
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     env = {}
@@ -37,5 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     mopts = {"read_ahead_kb": args.read_ahead_kb} if args.read_ahead_kb else {}
     image = open_store_from_args(args).open_image(args.name)
     opts = RunOptions(env=env, cwd=args.workdir, host_network=args.net_host, runtime=args.runtime,
-                      mount_options=mopts)
-    return run_container(image, cmd, opts)
+                      mount_options=mopts, tmpfs_size=args.tmpfs_size, stop_timeout=args.stop_timeout)
+    show = (lambda st: print(format_mount_stats(st), file=sys.stderr)) if args.stats else None
+    try:
+        return run_container(image, cmd, opts, stats=show)
+    except Interrupted as e:
+        print(f"casfs: {e}", file=sys.stderr)
+        return 128 + e.signum

@@ -166,6 +166,37 @@ def remove_record(mountpoint: str, pid: int) -> None:
             pass
 
 
+def sweep_stale_mounts() -> list[str]:
+    """Remove the records of mounts whose daemon is gone (killed), detaching the dead mount
+    ("Transport endpoint is not connected") when it is still there. Returns one line per
+    mount cleaned up."""
+    d = runtime_dir()
+    done = []
+    try:
+        names = [n for n in os.listdir(d) if n.endswith(".json")]
+    except OSError:
+        return []
+    for n in names:
+        key = os.path.join(d, n[:-5])
+        try:
+            with open(key + ".json") as f:
+                rec = MountInfo(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        if _alive(rec.pid, rec.pid_start) or runtime_key(rec.mountpoint) != key:
+            continue
+        m = find_mount(rec.mountpoint)
+        if m is not None and m[2] == "fuse.casfs":
+            detach(rec.mountpoint)
+        for suffix in (".json", ".sock"):
+            try:
+                os.unlink(key + suffix)
+            except OSError:
+                pass
+        done.append(f"the mount of {rec.name} at {rec.mountpoint} (daemon pid {rec.pid} was killed)")
+    return done
+
+
 # ---------------------------------------------------------------------------------------------
 # the control socket, client side
 
@@ -281,6 +312,7 @@ def mount(image: "Image", mountpoint: str, options: MountOptions | None = None, 
         if not got:
             raise MountError(f"{mountpoint}: the mount ended before it was ready")
         return got[0]
+    sweep_stale_mounts()  # a daemon killed here before leaves a dead mount in the way
     if is_mounted(mountpoint):
         raise MountError(f"{mountpoint}: something is already mounted here (casfs umount {mountpoint})")
     check_mountpoint(mountpoint)
