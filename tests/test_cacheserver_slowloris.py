@@ -105,6 +105,14 @@ def test_slow_request_heads_cannot_hold_the_slots_and_health_keeps_answering(ser
     assert not late, late  # ... within the header deadline, although it kept sending bytes
     answers = [got for _, got in ended.values()]
     assert any(a.startswith(b"HTTP/1.1 408") for a in answers)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        text = b""
+        while chunk := c.recv(65536):
+            text += chunk
+    for reason in ("evicted", "header_timeout"):
+        m = re.search(rb'casfs_cache_connections_dropped_total\{reason="%s"\} (\d+)' % reason.encode(), text)
+        assert m and int(m.group(1)) > 0, reason
 
 
 def test_one_client_address_cannot_take_more_than_its_share(server):

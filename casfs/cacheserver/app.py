@@ -166,6 +166,4 @@ class CacheApp:
         gauges = {("casfs_cache_tier_bytes", (("tier", t),)): float(n) for t, n in self.cache.tier_bytes().items()}
         if self.server is not None:
             gauges[("casfs_cache_connections", ())] = float(self.server.connections)
-            for what in ("refused", "evicted", "timed_out"):  # counters kept by the HTTP server
-                gauges[(f"casfs_cache_connections_{what}_total", ())] = float(getattr(self.server, what, 0))
         return self.metrics.render(gauges)

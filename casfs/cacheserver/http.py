@@ -149,6 +149,8 @@ class HttpServer:
             the end of its head, whatever arrives meanwhile; then 408 and close.
         max_per_client: open connections from one client address; beyond it 503.
         send_timeout: seconds a send may block on a client that stopped reading.
+        on_drop: called with "refused", "evicted" or "header_timeout" for each connection
+            closed to keep slots free (for metrics).
 
     Raises:
         OSError: when the address cannot be bound.
@@ -156,8 +158,10 @@ class HttpServer:
 
     def __init__(self, host: str, port: int, handler: Handler, *, max_connections: int = 1024,
                  idle_timeout: float = 120.0, header_timeout: float = 10.0, max_per_client: int = 256,
-                 send_timeout: float = 60.0, backlog: int = 512) -> None:
+                 send_timeout: float = 60.0, backlog: int = 512,
+                 on_drop: Callable[[str], None] | None = None) -> None:
         self.handler = handler
+        self._on_drop = on_drop or (lambda why: None)
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
@@ -172,9 +176,6 @@ class HttpServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._accept_thread: threading.Thread | None = None
-        self.refused = 0  # connections answered 503
-        self.evicted = 0  # idle or slow connections closed to make room
-        self.timed_out = 0  # request heads that missed header_timeout
 
     @property
     def url(self) -> str:
@@ -239,11 +240,11 @@ class HttpServer:
                     self._conns[sock] = conn
                     self._per_client[client] = self._per_client.get(client, 0) + 1
             if victim is not None:
-                self.evicted += 1
+                self._on_drop("evicted")
                 with contextlib.suppress(OSError):
                     victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
             if why:
-                self.refused += 1
+                self._on_drop("refused")
                 self._refuse(sock, why)
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="casfs-http-conn", daemon=True).start()
@@ -296,7 +297,7 @@ class HttpServer:
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.timed_out += 1
+                    self._on_drop("header_timeout")
                     raise BadRequest(408, f"request head not complete within {self.header_timeout:g} s")
                 sock.settimeout(left)
             try:
@@ -304,7 +305,7 @@ class HttpServer:
             except TimeoutError:
                 if deadline is None:
                     return None  # idle too long between requests: close quietly
-                self.timed_out += 1
+                self._on_drop("header_timeout")
                 raise BadRequest(408, f"request head not complete within {self.header_timeout:g} s") from None
             if not data:
                 return None

@@ -30,6 +30,10 @@ DECLARED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      "requests that waited on a fill already in flight (single flight)", ()),
     ("casfs_cache_tier_bytes", "gauge", "bytes held by each cache tier", ("tier",)),
     ("casfs_cache_connections", "gauge", "open client connections", ()),
+    ("casfs_cache_connections_dropped_total", "counter",
+     "connections closed or refused to keep slots free: refused (server full of busy connections, "
+     "or over the per-client cap), evicted (idle or slow, for a new client), header_timeout",
+     ("reason",)),
     ("casfs_cache_request_seconds", "histogram", "time to answer an object request (head written)", ()),
     ("casfs_cache_fill_seconds", "histogram", "time to fetch and verify one object from the blob store", ()),
 )

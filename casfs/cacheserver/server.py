@@ -67,7 +67,9 @@ class CacheServer:
                                  cache_bytes=cache_bytes, metrics=self.metrics, fsync=fsync)
         self.app = CacheApp(self.cache, token=token, metrics=self.metrics)
         self.http = HttpServer(host, port, self.app, max_connections=max_connections,
-                               max_per_client=max_per_client, header_timeout=header_timeout)
+                               max_per_client=max_per_client, header_timeout=header_timeout,
+                               on_drop=lambda why: self.metrics.inc("casfs_cache_connections_dropped_total",
+                                                                     reason=why))
         self.app.server = self.http
         self.objects = objects
 
