@@ -17,10 +17,13 @@ tier answers the read raises ``ChunkUnavailable`` naming what each tier said. (I
 retry the whole walk twice on top of each backend's own loop: up to 15 attempts at one chunk
 behind a dead HTTP store, each with its backoff, before a FUSE reader got its EIO.)
 
-Packs: when a packed chunk has to come from the blob tier, the whole span of the pack that
-holds this image's chunks is fetched in one ranged read; its other frames are staged in a
-bounded buffer (and written to the ssd tier in the background), so the many small files that
-travel in one pack cost one round trip.
+Packs: when a packed chunk has to come from the blob tier, a span of its pack is fetched in
+one ranged read; the other frames in it are staged in a bounded buffer (and written to the ssd
+tier in the background), so the many small files that travel in one pack cost one round trip.
+Which span: for a chunk a startup profile wants (``want``), the run of wanted frames around it
+(gaps up to ``span_gap``); for any other, the frames within ``span_window`` around it. (It used
+to be the whole span of the image's frames in that pack: a Debian root's `cat /etc/os-release`
+read 2.4 MB through FUSE and fetched 17 MB.)
 
 Sub-chunk reads: ``read(ref, offset, length)`` returns a verified slice of a chunk. When the
 chunk is not in memory, the read is small against the chunk (at most a quarter of it) and the
@@ -124,6 +127,9 @@ class TieredStore:
         memory: the decoded-memory cache in front of them (None: none).
         block_cache_bytes: memory for verified blocks of sub-chunk reads.
         block_reads: serve small reads of blocked frames block by block (``read``).
+        span_window: bytes of a pack around a missed chunk fetched with it (its neighbours
+            come along staged) when no profile says what is wanted.
+        span_gap: largest gap between wanted frames (``want``) read through in one span.
         io_threads: workers for concurrent fetches (``get_many``, ``prefetch``).
         writeback_bytes: most bytes queued for background cache fills; past that fills are
             skipped rather than slowing readers.
@@ -133,7 +139,7 @@ class TieredStore:
     def __init__(self, tiers: Sequence[Tier], *, memory: MemoryCache | None = None,
                  io_threads: int = 16, writeback_bytes: int = 256 << 20,
                  staging_bytes: int = 64 << 20, block_cache_bytes: int = 64 << 20,
-                 block_reads: bool = True) -> None:
+                 block_reads: bool = True, span_window: int = 512 << 10, span_gap: int = 32 << 10) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         self.tiers = list(tiers)
@@ -150,6 +156,9 @@ class TieredStore:
         self.block_reads = block_reads and blocktree.available()
         self.blocks = MemoryCache(block_cache_bytes, name="blocks") if block_cache_bytes > 0 else None
         self._metas: OrderedDict[bytes, object] = OrderedDict()
+        self.span_window = span_window
+        self.span_gap = span_gap
+        self._wanted: set[bytes] = set()
         self.counters = {"block_reads": 0, "blocks_fetched": 0, "block_bytes_fetched": 0,
                          "block_hits": 0, "metas_fetched": 0, "whole_reads": 0}
 
@@ -497,8 +506,39 @@ class TieredStore:
         _, frame = chunkmod.encode(view, ref.digest, compress=False)
         self._queue_fill(ref, frame, upto)
 
+    def want(self, refs: Iterable[ChunkRef]) -> None:
+        """Declare chunks that will be read soon (a startup profile): a pack span fetched for
+        one of them brings exactly the wanted frames near it (``span_gap``), not a window."""
+        with self._lock:
+            self._wanted.update(r.digest for r in refs)
+
+    def _span_members(self, ref: ChunkRef, members: list[ChunkRef]) -> list[ChunkRef]:
+        """The members of ``ref``'s pack to fetch with it, in pack order (``ref`` included).
+
+        A chunk a profile wants brings the run of wanted members around it whose gaps are at
+        most ``span_gap`` bytes (reading a small gap costs less than another round trip);
+        any other chunk brings the members inside ``span_window`` bytes around it, three
+        quarters of it ahead (builds pack files in directory order)."""
+        k = next((i for i, m in enumerate(members) if m.digest == ref.digest and m.pack_off == ref.pack_off), None)
+        if k is None:
+            return [ref]
+        wanted = self._wanted
+        if ref.digest in wanted:
+            run = [m for m in members if m.digest in wanted or m is members[k]]
+            j = run.index(members[k])
+            lo = hi = j
+            while lo > 0 and run[lo].pack_off - (run[lo - 1].pack_off + run[lo - 1].stored_len) <= self.span_gap:
+                lo -= 1
+            while hi + 1 < len(run) and run[hi + 1].pack_off - (run[hi].pack_off + run[hi].stored_len) <= self.span_gap:
+                hi += 1
+            start, end = run[lo].pack_off, run[hi].pack_off + run[hi].stored_len
+            return [m for m in members if start <= m.pack_off and m.pack_off + m.stored_len <= end]
+        first = ref.pack_off - self.span_window // 4
+        last = ref.pack_off + ref.stored_len + self.span_window * 3 // 4
+        return [m for m in members if m.pack_off >= first and m.pack_off + m.stored_len <= last] or [ref]
+
     def _get_pack_span(self, tier: Tier, ref: ChunkRef, pack_members: PackMembers, level: int) -> bytes | None:
-        members = pack_members(ref.pack)  # type: ignore[arg-type]
+        members = self._span_members(ref, pack_members(ref.pack))  # type: ignore[arg-type]
         if len(members) <= 1:
             return tier.get(ref)
         start = members[0].pack_off

@@ -139,7 +139,8 @@ def test_a_corrupt_blob_with_no_other_copy_is_an_error_not_data(tmp_path):
 
 
 def test_small_files_in_one_pack_cost_one_blob_read(tmp_path):
-    files = {f"d/s{i:03d}": os.urandom(2000) for i in range(200)}
+    """150 files of 2 KB: the span window ahead of the first (384 KiB) holds them all."""
+    files = {f"d/s{i:03d}": os.urandom(2000) for i in range(150)}
     write_tree(tmp_path / "src", files)
     with casfs.open_store(str(tmp_path / "store")) as s:
         r = casfs.build(s, str(tmp_path / "src"), tag="t", progress=False)
@@ -151,6 +152,30 @@ def test_small_files_in_one_pack_cost_one_blob_read(tmp_path):
     blob = store.blob.stats()
     assert blob.hits == 1  # the whole pack came in one ranged read
     store.close()
+
+
+def test_a_pack_span_brings_a_window_or_exactly_the_wanted_frames(tmp_path):
+    """Without a profile a miss fetches the frames within the span window around it, not the
+    whole pack; with ``want`` (a startup profile) it fetches just the wanted frames near it."""
+    files = {f"d/s{i:03d}": os.urandom(4000) for i in range(800)}  # ~3.2 MB: one 4 MiB pack
+    write_tree(tmp_path / "src", files)
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        r = casfs.build(s, str(tmp_path / "src"), tag="t", progress=False)
+        assert r.pack.packs == 1
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        image = store.open_image("t")
+        assert image.read("d/s400") == files["d/s400"]
+        blob = store.blob.stats()
+        assert blob.hits == 1 and 400_000 < blob.bytes_read <= store.chunks.span_window + 4100
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        image = store.open_image("t")
+        wanted = [f"d/s{i:03d}" for i in (10, 11, 13, 500, 501)]
+        store.chunks.want(r for w in wanted for r in image.chunk_refs(image.lookup(w)))
+        for w in wanted:
+            assert image.read(w) == files[w]
+        blob = store.blob.stats()
+        assert blob.hits == 2  # s010-s013 in one span (s012 is read through), s500-s501 in another
+        assert blob.bytes_read <= 6 * 4100
 
 
 def test_a_full_ssd_skips_cache_writes_but_reads_succeed(tmp_path):

@@ -107,6 +107,7 @@ class _Daemon:
                     break
                 kept.append(r)
             refs = kept
+        store.chunks.want(refs)  # pack spans then bring the profile's frames, not whole windows
         self.replayer = ProfileReplayer(store, refs, image.index.pack_members,
                                         concurrency=self.opts.replay_concurrency,
                                         foreground_busy=lambda: self.ops.foreground_waiting > 0)
