@@ -70,3 +70,28 @@ def test_the_cli_runs_a_command_and_returns_its_status(tmp_path):
     assert p.stdout.strip() == "ok"
     p = subprocess.run(casfs_bin + ["run", "bb"], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "no command given" in p.stderr
+
+
+def test_a_run_records_a_profile_and_writes_what_it_touched_and_fetched(tmp_path):
+    """--record-profile saves a startup profile when the command ends; --stats-json writes the
+    mount's statistics (bytes read through FUSE, bytes each tier served)."""
+    _busybox_root(tmp_path / "root")
+    (tmp_path / "root" / "etc" / "big").write_bytes(os.urandom(300_000))
+    env = dict(os.environ, CASFS_HOME=str(tmp_path / "home"))
+    casfs_bin = [sys.executable, "-m", "casfs.cli.main"]
+    subprocess.run(casfs_bin + ["build", str(tmp_path / "root"), "--tag", "bb"], env=env, check=True,
+                   capture_output=True)
+    stats = tmp_path / "stats.json"
+    p = subprocess.run(casfs_bin + ["run", "--record-profile", "60", "--stats-json", str(stats), "bb", "--",
+                                    "sh", "-c", "cat /etc/motd /etc/big | wc -c"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(300_000 + len("hello from a lazily mounted image\n"))
+    import json
+
+    st = json.loads(stats.read_text())
+    assert st["mount"]["read_bytes"] >= 300_000
+    assert {t["tier"] for t in st["tiers"]} >= {"memory", "blob"}
+    assert sum(t["bytes_read"] for t in st["tiers"] if t["tier"] == "blob") > 0
+    p = subprocess.run(casfs_bin + ["profile", "show", "bb"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "big" in p.stdout, p.stdout + p.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from .format import format_mount_stats
 from .main import open_store_from_args
@@ -31,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", action="store_true",
                    help="print the mount's counters at exit (reads, bytes, fetches by tier, hit rates) "
                         "to stderr")
+    p.add_argument("--stats-json", default=None, metavar="PATH",
+                   help="at exit, write the mount's statistics to PATH as JSON (FUSE requests and bytes "
+                        "read, bytes each tier served: what the start touched and fetched)")
+    p.add_argument("--record-profile", type=float, default=None, metavar="SECONDS",
+                   help="record a startup profile of what CMD reads (saved when CMD ends or after "
+                        "SECONDS); later runs of the image prefetch it")
+    p.add_argument("--no-profile", action="store_true", help="do not replay the image's startup profile")
     p.set_defaults(func=cmd_run)
 
 
@@ -50,13 +58,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not sep or not k:
             raise ValueError(f"bad --env {kv!r}: use KEY=VALUE")
         env[k] = v
-    mopts = {"read_ahead_kb": args.read_ahead_kb} if args.read_ahead_kb else {}
+    mopts: dict = {"read_ahead_kb": args.read_ahead_kb} if args.read_ahead_kb else {}
+    if args.record_profile:
+        mopts["record_profile"] = args.record_profile
+    if args.no_profile or args.record_profile:
+        mopts["replay_profile"] = False
     image = open_store_from_args(args).open_image(args.name)
     opts = RunOptions(env=env, cwd=args.workdir, host_network=args.net_host, runtime=args.runtime,
                       mount_options=mopts, tmpfs_size=args.tmpfs_size, stop_timeout=args.stop_timeout)
-    show = (lambda st: print(format_mount_stats(st), file=sys.stderr)) if args.stats else None
+    def show(st: dict) -> None:
+        if args.stats:
+            print(format_mount_stats(st), file=sys.stderr)
+        if args.stats_json:
+            from casfs import atomic_write
+
+            atomic_write(args.stats_json, json.dumps(st, indent=1))
     try:
-        return run_container(image, cmd, opts, stats=show)
+        return run_container(image, cmd, opts, stats=show if args.stats or args.stats_json else None)
     except Interrupted as e:
         print(f"casfs: {e}", file=sys.stderr)
         return 128 + e.signum
