@@ -78,10 +78,10 @@ def _lifelines_dir(runtime_dir: str) -> str:
 
 
 def _write(path: str, record: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    """Replace the record atomically (the guard, a stdlib-only script, never writes one)."""
+    from .fsutil import atomic_write  # its temporary names end in .tmp: sweep() removes stale ones
+
+    atomic_write(path, json.dumps(record))
 
 
 class Lifeline:

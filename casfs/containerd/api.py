@@ -37,6 +37,7 @@ import threading
 from types import ModuleType
 
 from ..errors import CasfsError
+from ..fsutil import atomic_directory
 
 __all__ = ["ApiUnavailable", "load", "proto_root"]
 
@@ -132,24 +133,22 @@ def generate(root: str, out: str) -> None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
-        gen = os.path.join(tmp, "py")
-        os.makedirs(gen)
         include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-        args = ["grpc_tools.protoc", f"-I{stage}", f"-I{include}", f"--python_out={gen}",
-                f"--grpc_python_out={gen}"] + [dst for _, dst in _FILES]
-        cwd = os.getcwd()
         try:
-            os.chdir(stage)
-            rc = protoc.main(args)
-        finally:
-            os.chdir(cwd)
-        if rc != 0:
-            raise ApiUnavailable(f"protoc failed ({rc}) on containerd's definitions in {root}")
-        for dirpath, _dirs, _files in os.walk(gen):  # packages, for the generated imports
-            if dirpath != gen:
-                open(os.path.join(dirpath, "__init__.py"), "a").close()
-        try:
-            os.rename(gen, out)
+            with atomic_directory(out) as gen:  # renamed into place only when complete
+                args = ["grpc_tools.protoc", f"-I{stage}", f"-I{include}", f"--python_out={gen}",
+                        f"--grpc_python_out={gen}"] + [dst for _, dst in _FILES]
+                cwd = os.getcwd()
+                try:
+                    os.chdir(stage)
+                    rc = protoc.main(args)
+                finally:
+                    os.chdir(cwd)
+                if rc != 0:
+                    raise ApiUnavailable(f"protoc failed ({rc}) on containerd's definitions in {root}")
+                for dirpath, _dirs, _files in os.walk(gen):  # packages, for the generated imports
+                    if dirpath != gen:
+                        open(os.path.join(dirpath, "__init__.py"), "a").close()
         except OSError:
             if not os.path.isdir(out):  # another process won the race: use theirs
                 raise
