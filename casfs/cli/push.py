@@ -89,7 +89,20 @@ def cmd_push(args: argparse.Namespace) -> int:
     dst.objects.image_config = cfg
     r = copy_image(src, dst, image_id, tag=tag, threads=args.threads,
                    progress=False if args.no_progress else None)
+    _push_profile(src, dst, image_id)
     print(f"pushed {args.name} ({r.image_id[:12]}) to {repo_ref}:{tag}: {r.objects_copied} of "
           f"{r.objects_total} objects, {human(r.bytes_copied)} in {r.seconds:.2f} s")
     print(f"run it: ctr image pull --snapshotter casfs {repo_ref}:{tag}")
     return 0
+
+
+def _push_profile(src, dst, image_id: str) -> None:
+    """Publish the image's startup profile with it (hosts that mount it replay it as a prefetch)."""
+    from casfs.layout import profile_key
+
+    key = profile_key(image_id)
+    try:
+        data = src.objects.get(key)
+    except KeyError:
+        return
+    dst.objects.put(key, data)
