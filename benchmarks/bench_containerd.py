@@ -123,7 +123,7 @@ def build_casfs(root: str, store: str, work: str, cmd: list[str]) -> str:
     os.makedirs(mnt, exist_ok=True)
     sh(*CASFS, "--store", store, "mount", "debian-python", mnt, "--record-profile", "120", "--no-profile")
     try:
-        subprocess.run(["chroot", mnt, *cmd], capture_output=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+        subprocess.run(["/usr/sbin/chroot", mnt, *cmd], capture_output=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
         sh(*CASFS, "profile", "stop", mnt)
     finally:
         sh(*CASFS, "umount", mnt)

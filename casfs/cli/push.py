@@ -87,9 +87,9 @@ def cmd_push(args: argparse.Namespace) -> int:
         cfg.os, cfg.arch = os_, arch
     dst = casfs.open_store(url, cache_dir="")
     dst.objects.image_config = cfg
+    _push_profile(src, dst, image_id)  # before the tag: the image's catalog then lists it
     r = copy_image(src, dst, image_id, tag=tag, threads=args.threads,
                    progress=False if args.no_progress else None)
-    _push_profile(src, dst, image_id)
     print(f"pushed {args.name} ({r.image_id[:12]}) to {repo_ref}:{tag}: {r.objects_copied} of "
           f"{r.objects_total} objects, {human(r.bytes_copied)} in {r.seconds:.2f} s")
     print(f"run it: ctr image pull --snapshotter casfs {repo_ref}:{tag}")

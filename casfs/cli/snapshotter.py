@@ -52,8 +52,12 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     if args.verbose == 0:
         logging.getLogger("casfs.snapshotter").setLevel(logging.INFO)
         logging.getLogger().setLevel(logging.INFO)
+    from casfs.containerd.mounter import Mounter
+
     opts = {"read_ahead_kb": args.read_ahead_kb} if args.read_ahead_kb else {}
-    sn = Snapshotter(args.root, store=args.image_store, cache_dir=args.image_cache_dir, mount_options=opts)
+    mounter = Mounter()  # forked now, while this process has one thread (see casfs.containerd.mounter)
+    sn = Snapshotter(args.root, store=args.image_store, cache_dir=args.image_cache_dir, mount_options=opts,
+                     mounter=mounter)
     try:
         n = sn.remount_all()
         if n:
@@ -61,4 +65,5 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         serve(sn, args.socket, ready=lambda: print(f"casfs snapshotter: serving on {args.socket}", flush=True))
     finally:
         sn.close()
+        mounter.close()
     return 0

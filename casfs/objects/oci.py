@@ -209,7 +209,9 @@ class OciObjectStore:
         m = self.registry.get_manifest(digest, [MANIFEST_TYPE])
         if m is None:
             return
-        found = _descriptors(m.json(), f"catalog {digest[:19]} in {self.url}")
+        self._merge(digest, _descriptors(m.json(), f"catalog {digest[:19]} in {self.url}"))
+
+    def _merge(self, digest: str, found: dict[str, tuple[str, int]]) -> None:
         with self._lock:
             for key, v in found.items():
                 self._map.setdefault(key, v)
@@ -228,9 +230,9 @@ class OciObjectStore:
         if hit is not None:
             return hit
         if kind == "indexes" and _ID.match(name):
-            d = self.registry.manifest_digest(catalog_tag(name), [MANIFEST_TYPE])
-            if d is not None:
-                self._merge_catalog(d)
+            m = self.registry.get_manifest(catalog_tag(name), [MANIFEST_TYPE])  # one round trip
+            if m is not None:
+                self._merge(m.digest, _descriptors(m.json(), f"catalog {m.digest[:19]} in {self.url}"))
                 hit = self._lookup(key)
                 if hit is not None:
                     return hit
