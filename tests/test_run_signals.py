@@ -207,5 +207,5 @@ def test_casfs_run_stats_prints_the_mounts_counters_at_exit(env):
     assert p.returncode == 0, p.stderr
     assert p.stdout == "hi\n"
     lines = p.stderr.strip().splitlines()
-    assert lines[0].startswith("casfs mount stats (") and " reads, " in lines[0]
-    assert any(line.strip().startswith("blob") and "hit rate" in line for line in lines[1:]), p.stderr
+    assert lines[0].startswith("mount of bb (the container's root) (image ") and "reads: " in lines[1]
+    assert "HIT RATE" in p.stderr and any(line.strip().startswith("blob") for line in lines), p.stderr

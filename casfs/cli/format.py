@@ -16,18 +16,30 @@ def mtime_string(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ns / 1e9))
 
 
-def format_mount_stats(st: dict) -> str:
-    """A mount daemon's ``stats`` reply as a few lines: what the container read through the
-    mount, and where the bytes came from (per tier: hits, misses, hit rate, bytes)."""
-    m = st.get("mount", {})
-    lines = [f"casfs mount stats ({str(st.get('image', ''))[:12]}): {m.get('reads', 0)} reads, "
-             f"{human(m.get('read_bytes', 0))} read; {m.get('opens', 0)} opens, {m.get('lookups', 0)} lookups; "
-             f"{m.get('fetches', 0)} chunk fetches, {m.get('prefetch_chunks', 0)} prefetched, "
-             f"{m.get('eio', 0)} I/O errors"]
-    for t in st.get("tiers") or []:
-        looked = t.get("hits", 0) + t.get("misses", 0)
-        rate = f"{100.0 * t.get('hits', 0) / looked:.0f}%" if looked else "-"
-        lines.append(f"  {t.get('tier', '?'):<8} {t.get('hits', 0):>7} hits {t.get('misses', 0):>7} misses "
-                     f"(hit rate {rate:>4}) {human(t.get('bytes_read', 0)):>10} read  "
-                     f"{t.get('errors', 0)} errors")
+
+def format_mount_stats(r: dict, mountpoint: str) -> str:
+    """A mount daemon's ``stats`` reply as text (``casfs stats --mount``, ``casfs run --stats``):
+    what programs read through the mount, and what each tier served (hits, misses, hit rate,
+    bytes, latency)."""
+    m = r.get("mount", {})
+    lines = [f"mount {mountpoint} (image {str(r.get('image', ''))[:12]}, daemon pid {r.get('pid')})",
+             f"  reads: {m.get('reads', 0)} ({human(m.get('read_bytes', 0))} read by programs), "
+             f"opens: {m.get('opens', 0)}, lookups: {m.get('lookups', 0)}, EIO: {m.get('eio', 0)}",
+             f"  chunk fetches: {m.get('fetches', 0)}, served from memory at once: {m.get('inline_hits', 0)}, "
+             f"prefetched: {m.get('prefetch_chunks', 0)}",
+             f"  {'TIER':<14} {'HITS':>8} {'MISSES':>8} {'HIT RATE':>8} {'ERRORS':>7} {'READ':>10} "
+             f"{'WRITTEN':>10} {'P50':>8} {'P99':>8}"]
+    for t in r.get("tiers", []):
+        asked = t["hits"] + t["misses"]
+        rate = f"{100 * t['hits'] / asked:.1f}%" if asked else "-"
+        lines.append(f"  {t['tier']:<14} {t['hits']:>8} {t['misses']:>8} {rate:>8} {t['errors']:>7} "
+                     f"{human(t['bytes_read']):>10} {human(t['bytes_written']):>10} "
+                     f"{_us(t['p50_us']):>8} {_us(t['p99_us']):>8}")
+    rp = r.get("replay")
+    if rp:
+        lines.append(f"  profile replay: {rp}")
     return "\n".join(lines)
+
+
+def _us(v: float) -> str:
+    return "-" if not v else (f"{v / 1000:.1f} ms" if v >= 1000 else f"{v:.0f} us")

@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       mount_options=mopts, tmpfs_size=args.tmpfs_size, stop_timeout=args.stop_timeout)
     def show(st: dict) -> None:
         if args.stats:
-            print(format_mount_stats(st), file=sys.stderr)
+            print(format_mount_stats(st, f"of {args.name} (the container's root)"), file=sys.stderr)
         if args.stats_json:
             from casfs import atomic_write
 

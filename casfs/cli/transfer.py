@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 
 from ..layout import CHUNKS, INDEXES, PACKS, PROFILES
-from .format import human
+from .format import format_mount_stats, human
 from .main import check_store_exists, open_store_from_args
 
 
@@ -138,28 +138,8 @@ def _mount_stats(mountpoint: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(r, indent=2, sort_keys=True))
         return 0
-    m = r.get("mount", {})
-    print(f"mount {mountpoint} (image {str(r.get('image', ''))[:12]}, daemon pid {r.get('pid')})")
-    print(f"  reads: {m.get('reads', 0)} ({human(m.get('read_bytes', 0))} read by programs), "
-          f"opens: {m.get('opens', 0)}, lookups: {m.get('lookups', 0)}, EIO: {m.get('eio', 0)}")
-    print(f"  chunk fetches: {m.get('fetches', 0)}, served from memory at once: {m.get('inline_hits', 0)}, "
-          f"prefetched: {m.get('prefetch_chunks', 0)}")
-    print(f"  {'TIER':<14} {'HITS':>8} {'MISSES':>8} {'HIT RATE':>8} {'ERRORS':>7} {'READ':>10} "
-          f"{'WRITTEN':>10} {'P50':>8} {'P99':>8}")
-    for t in r.get("tiers", []):
-        asked = t["hits"] + t["misses"]
-        rate = f"{100 * t['hits'] / asked:.1f}%" if asked else "-"
-        print(f"  {t['tier']:<14} {t['hits']:>8} {t['misses']:>8} {rate:>8} {t['errors']:>7} "
-              f"{human(t['bytes_read']):>10} {human(t['bytes_written']):>10} "
-              f"{_us(t['p50_us']):>8} {_us(t['p99_us']):>8}")
-    rp = r.get("replay")
-    if rp:
-        print(f"  profile replay: {rp}")
+    print(format_mount_stats(r, mountpoint))
     return 0
-
-
-def _us(v: float) -> str:
-    return "-" if not v else (f"{v / 1000:.1f} ms" if v >= 1000 else f"{v:.0f} us")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
