@@ -159,6 +159,47 @@ class Image:
             done += take
         return n
 
+    def check_file(self, path: str, local: str) -> str | None:
+        """Compare the local file ``local`` with the image's regular file ``path``, byte for
+        byte through the chunk digests (blake3 of every chunk read from ``local``; nothing is
+        fetched from the store). Returns None when they are equal, else why not (one line).
+        ``local`` is opened without following a symlink. Cost: reading and hashing the file
+        (blake3 on two threads, 2-2.8 GiB/s here on large chunks).
+
+        Raises:
+            PathNotFound: no ``path`` in the image; NotAFile: it is not a regular file.
+        """
+        import os
+
+        from .digest import digest_bytes
+
+        ix = self.index
+        i = ix.lookup(path)
+        if not statmod.S_ISREG(ix.mode(i)):
+            raise NotAFile(f"{path!r} is not a regular file in image {self.name}")
+        size = ix.size(i)
+        try:
+            fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            return f"{local}: {e.strerror}"
+        try:
+            st = os.fstat(fd)
+            if not statmod.S_ISREG(st.st_mode):
+                return f"{local}: not a regular file"
+            if st.st_size != size:
+                return f"{local}: {st.st_size} bytes, the image's {path} has {size}"
+            cs = ix.chunk_size
+            buf = bytearray(min(cs, size) or 1)
+            for j, ref in enumerate(self.chunk_refs(i)):
+                want = min(cs, size - j * cs)
+                view = memoryview(buf)[:want]
+                got = os.preadv(fd, [view], j * cs)
+                if got != want or digest_bytes(view) != ref.digest:
+                    return f"{local}: bytes {j * cs}-{j * cs + want - 1} differ from the image's {path}"
+        finally:
+            os.close(fd)
+        return None
+
     def logical_bytes(self) -> int:
         """Bytes of file contents the image holds, each hard-linked file once (what a build
         read, what ``casfs images`` and the progress bars show)."""

@@ -4,17 +4,23 @@ CRIU reads its images from a directory; restoring from an export of the image (r
 FUSE mount) is the fast default. The export of image ``ID`` lives at ``<cache dir>/ID`` and is
 kept until ``drop_export`` removes it. Exports are written by ``casfs.export`` (the one
 exporter: under a temporary name, renamed into place when complete, so a restore never reads
-half an export, and concurrent restores of one image on a host race safely).
+half an export, and concurrent restores of one image on a host race safely). An export is
+checked against the image before every restore (``snapshot.verify``); one that does not match
+is exported again from the store.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
 import casfs
 
+from . import verify
 from .meta import META_FILE
+
+log = logging.getLogger("snapshot.exports")
 
 __all__ = ["drop_export", "materialize", "snapshot_cache_dir"]
 
@@ -30,6 +36,10 @@ def snapshot_cache_dir() -> str:
 def materialize(image: casfs.Image, cache_dir: str | None) -> tuple[str, bool]:
     """The image exported under the cache dir (done once per image id); (path, was it cached).
 
+    A cached export is checked first (``snapshot.verify.check``: stamps, and the chunk digests
+    of every file whose stamp changed); one that does not match the image is dropped with a
+    warning naming the file and exported again.
+
     Raises:
         OSError: the export failed, or a directory that is not a complete export is in the way.
         casfs.ChunkUnavailable: the image's contents cannot be fetched.
@@ -37,7 +47,12 @@ def materialize(image: casfs.Image, cache_dir: str | None) -> tuple[str, bool]:
     root = cache_dir or snapshot_cache_dir()
     final = os.path.join(root, image.id)
     if os.path.isfile(os.path.join(final, META_FILE)):
-        return final, True
+        problems = verify.check(image, final)
+        if not problems:
+            return final, True
+        log.warning("the host's export of snapshot %s does not match the image (%s%s); exporting it again",
+                    image.name, problems[0], f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+        _discard(final)
     os.makedirs(root, exist_ok=True)
     try:
         casfs.export(image, final, progress=False)
@@ -45,7 +60,23 @@ def materialize(image: casfs.Image, cache_dir: str | None) -> tuple[str, bool]:
     except OSError:  # FileExistsError/ENOTEMPTY: a concurrent restore exported it first
         if not os.path.isfile(os.path.join(final, META_FILE)):
             raise
+        return final, False  # its writer stamps it; a restore without stamps hashes it all
+    verify.record(image, final)
     return final, False
+
+
+def _discard(path: str) -> None:
+    """Move a bad export out of the way (readers holding its files keep them), then remove it."""
+    gone = f"{path}.bad-{os.getpid()}"
+    try:
+        os.rename(path, gone)
+    except OSError:
+        gone = path
+    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        os.unlink(verify.stamps_path(path))
+    except OSError:
+        pass
 
 
 def drop_export(image_id: str, cache_dir: str | None = None) -> bool:
@@ -58,4 +89,8 @@ def drop_export(image_id: str, cache_dir: str | None = None) -> bool:
     if not os.path.isdir(path):
         return False
     shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.unlink(verify.stamps_path(path))
+    except OSError:
+        pass
     return True
