@@ -29,6 +29,7 @@ from .lifeline import Lifeline, sweep_leftovers
 from .listen import parse_listen
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Counter, Gauge, Histogram, MetricRegistry
+from .profiles import Profile, ProfileItem, ProfileReplayer, check_profile, load_profile, save_profile
 from .safetensors_header import DTYPES as SAFETENSORS_DTYPES
 from .safetensors_header import InvalidSafetensors, SafetensorsHeader, TensorInfo
 from .safetensors_header import header_length as safetensors_header_length
@@ -65,6 +66,9 @@ __all__ = [
     "MountOptions",
     "NotAFile",
     "PathNotFound",
+    "Profile",
+    "ProfileItem",
+    "ProfileReplayer",
     "SAFETENSORS_DTYPES",
     "SafetensorsHeader",
     "Stat",
@@ -76,12 +80,14 @@ __all__ = [
     "atomic_open",
     "atomic_write",
     "build",
+    "check_profile",
     "default_store_url",
     "export",
     "format_size",
     "fsync_dir",
     "home_dir",
     "is_mounted",
+    "load_profile",
     "mount",
     "open_source",
     "open_store",
@@ -90,6 +96,7 @@ __all__ = [
     "parse_safetensors_index",
     "runtime_dir",
     "safetensors_header_length",
+    "save_profile",
     "sweep_leftovers",
     "tier_stats",
     "unmount",

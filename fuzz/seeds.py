@@ -173,6 +173,18 @@ def sample_frames() -> list[bytes]:
     return frames
 
 
+def sample_pagemaps() -> list[bytes]:
+    """Valid CRIU pagemap images: empty, one entry, lazy and eager runs (snapshot.criuimg)."""
+    from snapshot.criuimg import PE_LAZY, PE_PRESENT, Pagemap, PagemapEntry, encode_pagemap
+
+    base = 0x7F0000000000
+    return [encode_pagemap(Pagemap(1)),
+            encode_pagemap(Pagemap(2, [PagemapEntry(0x400000, 3, PE_PRESENT)])),
+            encode_pagemap(Pagemap(7, [PagemapEntry(base, 1, PE_PRESENT | PE_LAZY),
+                                       PagemapEntry(base + 0x2000, 300, PE_LAZY),
+                                       PagemapEntry(base + 0x200000, 1 << 20, PE_PRESENT)]))]
+
+
 def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
     """Write the seed corpora (idempotent: files are named by content)."""
     seeds = {
@@ -181,6 +193,8 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
         "corpus-export": [bytes([k]) + bytes([k * 7 % 256, 3, k, 1, 200, 7, k, 9, 0xFF, 0x10, 5]) for k in range(12)],
         "corpus-chunk": [b"\x00" + f for f in sample_frames()]
         + [b"\x01" + bytes([k, 2, 9, 200, 1, 0, 0x40]) for k in range(8)],
+        "corpus-criuimg": [b"\x00" + p for p in sample_pagemaps()]
+        + [b"\x01" + bytes([k, 5, 3, 1, 0, 9, 200, 7]) for k in range(6)],
     }
     for sub, items in seeds.items():
         d = os.path.join(base, sub)
@@ -194,4 +208,4 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
 
 if __name__ == "__main__":
     write_corpora()
-    print("fuzz seeds written to fuzz/corpus-index, fuzz/corpus-chunk and fuzz/corpus-export")
+    print("fuzz seeds written to fuzz/corpus-index, fuzz/corpus-chunk, fuzz/corpus-export and fuzz/corpus-criuimg")

@@ -114,5 +114,8 @@ class EchoEngine:
     async def reseed(self, seed: int) -> None:
         self.seed = seed  # nothing random here: recorded for tests
 
+    async def release_for_snapshot(self) -> dict[str, int]:
+        return {}
+
     async def close(self) -> None:
         self.healthy = False

@@ -72,8 +72,14 @@ class CriuBackend:
         self.source = source
 
     def spawn(self, argv: list[str], env: dict[str, str], log_path: str) -> Any:
-        """Start the worker for a later ``create`` (returns snapshot.SpawnedProcess)."""
-        return self.snapshot.spawn(argv, stdout=log_path, stderr=True, env=env, cwd="/")
+        """Start the worker for a later ``create`` (returns snapshot.SpawnedProcess).
+
+        Started ``deterministic`` (no address-space randomisation, a fixed hash seed): every
+        restore of one snapshot shares its layout anyway, and snapshots of the same engine
+        taken apart (another model, another host) then lay out memory alike, so their page
+        chunks deduplicate in the store."""
+        return self.snapshot.spawn(argv, stdout=log_path, stderr=True, env=env, cwd="/",
+                                   deterministic=True)
 
     def wait_ready(self, proc: Any, timeout: float) -> dict:
         """Block until the worker called snapshot.ready() (engine loaded and warm)."""

@@ -13,7 +13,9 @@ start and serve's imports, measured from $CASFS_SERVE_SPAWNED_AT, a wall-clock t
 parent sets), ``import`` (importing vLLM), ``engine`` (engine start, the import included: weights, KV
 cache, compile),
 ``warmup`` (one short generation, so the first real request does not pay one-off costs),
-``snapshot_wait`` (blocked while a snapshot is taken), ``listen``. vLLM's own timings (weights, compile) are parsed from the log (vLLM logs them from
+``release`` (under a snapshot supervisor: the KV cache's pages and freed heap handed back
+before a CPU snapshot's dump, ``release_for_snapshot`` of engines that have it), ``snapshot_wait``
+(blocked while a snapshot is taken), ``listen``. vLLM's own timings (weights, compile) are parsed from the log (vLLM logs them from
 its EngineCore process); the transformers engine reports its own (``engine_timings``: import,
 build, weights, compile, capture). /health answers 200 once all of it is done.
 
@@ -121,6 +123,7 @@ class Worker:
         self.engine_config: dict = {}
         self.device_release: dict = {}
         self.engine: Engine | None = None
+        self.released: dict[str, int] = {}
         self.spawned_at = float(os.environ.get("CASFS_SERVE_SPAWNED_AT", WORKER_T0))
 
     def _own_report(self) -> dict:
@@ -129,7 +132,8 @@ class Worker:
                            "engine_timings": self.engine_timings, "engine_config": self.engine_config,
                            "device_release": self.device_release,
                            "engine_stats": self.engine.stats() if hasattr(self.engine, "stats") else {},
-                           "restores": self.restores, "after_restore": self.restored_phases}}
+                           "restores": self.restores, "after_restore": self.restored_phases,
+                           "released_for_snapshot": self.released}}
 
     def report(self) -> dict:
         """/boot: the supervisor's whole-pipeline report once handed over, plus this process's view."""
@@ -159,6 +163,25 @@ class Worker:
                                          str(body.get("mode", "")), str(body.get("snapshot") or ""))
             return Response(200, b'{"ok":true}')
         return error_response(404, f"no route {req.method} {req.path}", code="not_found")
+
+    async def release_for_snapshot(self, engine: Engine) -> None:
+        """Just before a snapshot (only under a snapshot supervisor): drop what a restore
+        would rather recreate than restore (``Engine.release_for_snapshot``: cached prefixes,
+        the KV cache's pages, freed heap). Failing to release is logged, not fatal: the
+        snapshot is only bigger."""
+        try:
+            import snapshot
+        except ImportError:
+            return
+        release = getattr(engine, "release_for_snapshot", None)
+        if not snapshot.supervised() or release is None or self.args.gpu_snapshot:
+            return  # GPU snapshots release device memory in snapshot_point
+        t = time.monotonic()
+        try:
+            self.released = await release()
+        except EngineError as e:
+            log.warning("%s: the snapshot keeps that memory", e)
+        self.phases["release"] = time.monotonic() - t
 
     def snapshot_point(self, engine: Engine) -> None:
         """Where a snapshot is taken (when a snapshot supervisor started this process).
@@ -232,6 +255,7 @@ class Worker:
                     self.vllm = parse_vllm_timings(f.read())
             except OSError:
                 pass
+        await self.release_for_snapshot(engine)
         try:
             self.snapshot_point(engine)
         except EngineError as e:

@@ -18,13 +18,16 @@ The flow::
   key of ``snapshot.compat`` plus CRIU version, Python and library versions, and the sizes of
   the files the process maps), CRIU's flags, the files it had open, copies of link_remap files
   and /dev/shm segments.
-* ``restore`` refuses an incompatible host (``IncompatibleHost``), brings the image directory
-  back from the store (exported once per host into a cache directory, or read through a casfs
-  FUSE mount with ``source="mount"``), puts back what CRIU does not carry (/dev/shm segments,
-  link_remap files, missing append-only logs), and runs ``criu restore``. With ``lazy=True``
-  CRIU's lazy-pages daemon (userfaultfd) serves memory pages on first touch, so the process
-  runs before its pages arrive; with ``source="mount"`` those pages are read from the casfs
-  store on demand through the mount.
+* ``restore`` refuses an incompatible host (``IncompatibleHost``), puts back what CRIU does not
+  carry (/dev/shm segments, written sparse; link_remap files; missing append-only logs), and
+  runs ``criu restore``. Where the images come from: ``source="store"`` (lazy): nothing is
+  unpacked; CRIU's metadata images are written from verified reads, and the memory pages are
+  served from the store by a page server in this process as the restored processes touch
+  them (``lazyrestore``, ``pageserver``; the first restore records which chunks its faults
+  touched, later ones fetch those first). ``source="export"``: the image is exported once per
+  host into a cache directory; ``source="mount"``: CRIU reads a casfs FUSE mount. With
+  ``lazy=True`` CRIU's lazy-pages daemon (userfaultfd) serves memory pages on first touch, so
+  the process runs before its pages arrive.
 * ``restore_or_start`` restores, or falls back to a cold start (optionally taking the
   snapshot for next time) when the snapshot is missing or cannot be restored here.
 
@@ -34,7 +37,8 @@ This module is the face of CPU snapshots; each step lives in a module of its own
 ``spawning`` (starting a process CRIU can dump), ``hostkey`` (the compatibility key),
 ``checkpointing`` (dump and store), ``meta`` (what a stored snapshot is, listing them),
 ``shm`` (/dev/shm segments), ``exports`` (the per-host export cache), ``restoring`` and
-``start`` (restore, or start cold). (The module names are not the function names: a lazily
+``start`` (restore, or start cold), ``lazyrestore`` + ``pageserver`` + ``criuimg`` (restoring
+from the store without unpacking). (The module names are not the function names: a lazily
 imported submodule named ``restore`` would shadow ``snapshot.restore``.)
 """
 

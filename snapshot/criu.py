@@ -349,6 +349,7 @@ _KNOWN: list[tuple[re.Pattern, str]] = [
 ]
 _ERROR_LINE = re.compile(r"^\(?[\d. ]*\)?\s*Error \((?P<src>[^)]*)\): (?P<msg>.*)$")
 _HARMLESS = re.compile(r"rlimit: Can't setup RLIMIT_NOFILE|Could not process rule|delete table inet CRIU|"
+                       r"Unable to set TCP_(?:CORK|NODELAY)|"
                        r"\^\^\^")
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -12,10 +13,11 @@ import subprocess
 import tempfile
 import threading
 import time
+from typing import Any, Callable
 
 import casfs
 
-from . import criu as criumod, lifecycle
+from . import criu as criumod, lazyrestore, lifecycle, pageserver
 from .checkpointing import RESTORE_FLAGS
 from .compat import IncompatibleHost
 from .criu import CriuError
@@ -27,6 +29,7 @@ from .spawning import ready_caller_pid
 
 __all__ = ["RestoredProcess", "restore"]
 
+log = logging.getLogger("snapshot.cpu")
 
 def _stored_name_ok(stored: str) -> bool:
     """A stored copy is a relative path inside the image without ``..`` (checkpointing writes
@@ -61,8 +64,51 @@ def _host_item(kind: str, item: object) -> tuple[str, str]:
     return path, stored
 
 
-def _prepare_host(meta: dict, imgdir: str) -> None:
+
+_ZERO = bytes(1 << 20)
+
+
+def _copy_sparse(read, size: int, dest: str, mode: int) -> None:
+    """Write ``size`` bytes from ``read(offset, n)`` to the new file ``dest``, leaving holes where
+    whole MiB blocks are zero (vLLM's /dev/shm rings are hundreds of MB, mostly zero)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, mode)
+        off = 0
+        while off < size:
+            n = min(len(_ZERO), size - off)
+            block = read(off, n)
+            if len(block) != n:
+                raise OSError(f"short read of a stored file for {dest}")
+            if block != _ZERO[:n]:
+                os.pwrite(fd, block, off)
+            off += n
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _stored_reader(image: casfs.Image | None, imgdir: str | None, rel: str):
+    """(read(offset, n), size) of a file saved with the snapshot: from the image's directory on
+    this host, or (source="store") straight from the store, each chunk verified."""
+    if imgdir is not None:
+        path = os.path.join(imgdir, rel)
+        size = os.path.getsize(path)
+
+        def read_file(off: int, n: int) -> bytes:
+            with open(path, "rb") as f:
+                return os.pread(f.fileno(), n, off)
+        return read_file, size
+    assert image is not None
+    entry = image.lookup(rel)
+    return (lambda off, n: image.read_entry(entry, off, n)), image.index.size(entry)
+
+
+def _prepare_host(meta: dict, imgdir: str | None, image: casfs.Image | None = None) -> None:
     """Put back what CRIU does not carry: /dev/shm segments, link_remap files, missing logs.
+
+    The saved copies are read from ``imgdir`` (an export or a mount of the image), or from
+    ``image`` in the store when ``imgdir`` is None.
 
     Raises:
         CriuError: when a file the process had open read-only is missing here, or the metadata
@@ -78,17 +124,17 @@ def _prepare_host(meta: dict, imgdir: str) -> None:
                 continue
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # unique per thread too: concurrent restores may run in one process. O_EXCL and
-            # O_NOFOLLOW: /dev/shm is world-writable, a name planted there is never written through
+            # O_NOFOLLOW (in _copy_sparse): /dev/shm is world-writable, a name planted there is
+            # never written through
             tmp = f"{path}.casfs-{os.getpid()}-{threading.get_ident()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            read, size = _stored_reader(image, imgdir, stored)
             try:
-                with open(fd, "wb") as dst, open(os.path.join(imgdir, stored), "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                    os.fchmod(dst.fileno(), item.get("mode", 0o600))  # restore refuses a link_remap whose mode differs
+                _copy_sparse(read, size, tmp, item.get("mode", 0o600))  # CRIU checks a link_remap's mode
                 with contextlib.suppress(OSError):
                     os.link(tmp, path)  # never replaces one a concurrent restore put back
             finally:
-                os.unlink(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
     missing = []
     for f in meta.get("open_files") or []:
         if os.path.exists(f["path"]):
@@ -110,13 +156,16 @@ class RestoredProcess:
     A small reaper process stays its parent (so it is reaped and its status known); ``pid`` is the
     restored tree's root (outer PID), ``ready_pid`` the process woken from ``ready()``.
     ``timings`` (seconds): ``open`` (index + metadata + key check), ``fetch`` (images out of
-    casfs, or the mount), ``lazy_start`` (the lazy-pages daemon up; 0 when eager), ``criu``
-    (restore until the tree runs), ``total``; ``cached`` says the export was reused.
+    casfs: the export, the mount, or with ``source="store"`` the metadata images and eager
+    pages), ``lazy_start`` (the lazy-pages daemon up; 0 when eager), ``criu`` (restore until
+    the tree runs), ``total``; ``cached`` says the export was reused. ``page_server`` (with
+    ``source="store"``) serves the lazy pages; ``pages()`` reports what it served.
     """
 
     def __init__(self, criu_proc: subprocess.Popen, pid: int, ready_pid: int, workdir: str,
                  lazy_proc: subprocess.Popen | None, mountpoint: str | None, image_id: str,
-                 timings: dict) -> None:
+                 timings: dict, page_server: Any = None,
+                 after_lazy: list[Callable[[], None]] | None = None) -> None:
         self.criu_proc = criu_proc
         self.pid = pid
         self.ready_pid = ready_pid
@@ -125,10 +174,12 @@ class RestoredProcess:
         self.mountpoint = mountpoint
         self.image_id = image_id
         self.timings = timings
+        self.page_server = page_server
+        self._after_lazy = list(after_lazy or [])
         self._cleanup_lock = threading.Lock()
         self._cleaned = False
         self._releaser: threading.Thread | None = None
-        if lazy_proc is not None or mountpoint is not None:
+        if lazy_proc is not None or mountpoint is not None or page_server is not None:
             self._releaser = threading.Thread(target=self._release_sources, daemon=True,
                                               name=f"snapshot-restore-{pid}")
             self._releaser.start()
@@ -137,9 +188,17 @@ class RestoredProcess:
         return f"<RestoredProcess pid={self.pid} running={self.poll() is None}>"
 
     def _release_sources(self) -> None:
-        """Unmount the image once nothing reads it (the lazy-pages daemon finished)."""
+        """Once the lazy-pages daemon finished: run the after-lazy hooks (the startup profile),
+        unmount the image (nothing reads it any more)."""
         if self.lazy_proc is not None:
             self.lazy_proc.wait()
+        if self.page_server is not None:
+            self.page_server.wait(30)
+        for fn in self._after_lazy:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a profile not saved costs only a later prefetch
+                log.exception("after the lazy restore of %s", self.image_id[:12])
         if self.mountpoint is not None:
             with contextlib.suppress(casfs.CasfsError, OSError):
                 casfs.unmount(self.mountpoint)
@@ -153,6 +212,11 @@ class RestoredProcess:
             return True
         except subprocess.TimeoutExpired:
             return False
+
+    def pages(self) -> dict:
+        """What the page server served so far (``source="store"``; {} otherwise): requests,
+        faults, pages, seconds busy, the error that ended it if any."""
+        return self.page_server.stats() if self.page_server is not None else {}
 
     def poll(self) -> int | None:
         return self.criu_proc.poll()
@@ -213,33 +277,47 @@ def _wait_pidfile(proc: subprocess.Popen, path: str, timeout: float) -> int | No
     return None
 
 
-def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
+def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = None,
             source: str = "export", cache_dir: str | None = None, check: bool = True,
-            timeout: float = 300.0) -> RestoredProcess:
+            timeout: float = 300.0, profile: bool = True) -> RestoredProcess:
     """Restore a CPU snapshot (a ``SnapshotRef``, tag or image id) from ``store`` and run it.
 
     Many restores of one snapshot can run at once (each gets its own PID namespace).
 
     Args:
         lazy: run the process before its memory arrives (CRIU lazy-pages, userfaultfd).
-        source: "export": the image is exported once per host into ``cache_dir`` (default
-            ``snapshot_cache_dir()``) and CRIU reads it there; "mount": CRIU reads a casfs FUSE
-            mount of the image (with ``lazy``, pages come from the store as they are touched).
+            Default: True for ``source="store"``, else False.
+        source: "store": nothing is unpacked: CRIU's metadata images are written from verified
+            reads into the restore's work dir and the memory pages are served from the store
+            as the processes touch them (``snapshot.lazyrestore``; lazy only, and ``store``
+            must stay open until ``lazy_done()``); "export": the image is exported once per
+            host into ``cache_dir`` (default ``snapshot_cache_dir()``) and CRIU reads it there;
+            "mount": CRIU reads a casfs FUSE mount of the image (with ``lazy``, pages come from
+            the store as they are touched).
         check: refuse a host the snapshot's key does not match.
+        profile: (``source="store"``) fetch the chunks of the snapshot's startup profile first,
+            and record one at the first restore (the chunks its faults touched, in order).
 
     Raises:
         IncompatibleHost: the key does not match this host (fall back to a cold start).
         CriuError: CRIU failed (the reason from its log, with the fix for known rules).
         CriuUnavailable: no usable CRIU here.
         casfs.ImageNotFound: no such snapshot.
+        ValueError: a bad ``source``, ``source="store"`` with ``lazy=False``, or an image that
+            is not a snapshot.
     """
-    if source not in ("export", "mount"):
-        raise ValueError(f"source must be 'export' or 'mount', not {source!r}")
+    if source not in ("export", "mount", "store"):
+        raise ValueError(f"source must be 'store', 'export' or 'mount', not {source!r}")
+    if lazy is None:
+        lazy = source == "store"
+    if source == "store" and not lazy:
+        raise ValueError("source='store' restores lazily (the pages stay in the store): pass "
+                         "lazy=True, or source='export' for an eager restore")
     t0 = time.perf_counter()
     criu = criumod.find_criu()
     if lazy and not criu.features.get("uffd-noncoop", False):
         raise CriuError("lazy restore needs userfaultfd with non-cooperative events, which this "
-                        "kernel lacks: restore with lazy=False")
+                        "kernel lacks: restore with lazy=False" + (", source='export'" if source == "store" else ""))
     image, meta = _open_snapshot(ref, store)
     if check:
         key = dict(meta["key"])  # files put back by _prepare_host need not be here yet
@@ -252,25 +330,52 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
     work = tempfile.mkdtemp(prefix="casfs-restore-")
     mountpoint = None
     lazy_proc = None
+    server = None
+    replayer = None
+    after_lazy: list[Callable[[], None]] = []
+    victim: dict[str, Any] = {"pid": None, "proc": None}
+    cached = False
     try:
-        if source == "mount":
+        if source == "store":
+            prep = lazyrestore.prepare_images(image, os.path.join(work, "images"))
+            imgdir = prep.imgdir
+            _prepare_host(meta, None, image)
+        elif source == "mount":
             mountpoint = os.path.join(work, "images")
             os.mkdir(mountpoint)
             casfs.mount(image, mountpoint)
-            imgdir, cached = mountpoint, False
+            imgdir = mountpoint
+            _prepare_host(meta, imgdir)
         else:
             imgdir, cached = materialize(image, cache_dir)
+            _prepare_host(meta, imgdir)
         t_fetch = time.perf_counter() - t0 - t_open
-        _prepare_host(meta, imgdir)
         flags = list((meta.get("criu") or {}).get("restore_flags") or RESTORE_FLAGS)
         pidfile = os.path.join(work, "pid")
         args = ["restore", "-D", imgdir, "-W", work, "--pidfile", pidfile, *flags]
         t_lazy = time.perf_counter()
         if lazy:
             sock = os.path.join(work, "lazy-pages.socket")
-            lazy_proc = criumod.start(criu, ["lazy-pages", "-D", imgdir, "-W", work],
-                                      log=os.path.join(work, "lazy-pages.log"),
-                                      stderr_path=os.path.join(work, "lazy-pages.err"))
+            lazy_args = ["lazy-pages", "-D", imgdir, "-W", work]
+            pass_fds: tuple[int, ...] = ()
+            if source == "store":
+                ours, theirs = pageserver.socket_pair()
+                server = pageserver.PageServer(image, prep.processes, ours,
+                                               on_error=lambda why: _kill_restore(victim, why))
+                if profile:
+                    replayer, record = lazyrestore.startup_profile(image)
+                    if record:
+                        after_lazy.append(lambda: lazyrestore.save_startup_profile(image, server))
+                server.start()
+                lazy_args += ["--page-server", "--ps-socket", str(theirs.fileno())]
+                pass_fds = (theirs.fileno(),)
+            try:
+                lazy_proc = criumod.start(criu, lazy_args, log=os.path.join(work, "lazy-pages.log"),
+                                          stderr_path=os.path.join(work, "lazy-pages.err"),
+                                          pass_fds=pass_fds)
+            finally:
+                if source == "store":
+                    theirs.close()
             deadline = time.monotonic() + 30
             while not os.path.exists(sock):
                 if lazy_proc.poll() is not None or time.monotonic() > deadline:
@@ -282,29 +387,53 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool = False,
         t_lazy = t2 - t_lazy
         proc = criumod.start_restore(criu, args, log=os.path.join(work, "restore.log"),
                                      stderr_path=os.path.join(work, "restore.err"))
+        victim["proc"] = proc
         pid = _wait_pidfile(proc, pidfile, timeout)
         if pid is None:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            raise criumod.failure(f"criu restore of {image.name} failed (exit {proc.returncode})",
+            why = f"; {server.error}" if server is not None and server.error else ""
+            raise criumod.failure(f"criu restore of {image.name} failed (exit {proc.returncode}){why}",
                                   os.path.join(work, "restore.log"),
                                   extra=criumod.read_tail(os.path.join(work, "restore.err")))
+        victim["pid"] = pid
+        if server is not None and server.error:  # it failed before the pid was known
+            _kill_restore(victim, server.error)
         t_criu = time.perf_counter() - t2
     except BaseException:
+        if replayer is not None:
+            replayer.stop()
         if lazy_proc is not None and lazy_proc.poll() is None:
             lazy_proc.kill()
             lazy_proc.wait()
+        if server is not None:
+            server.sock.close()
         if mountpoint is not None:
             with contextlib.suppress(casfs.CasfsError, OSError):
                 casfs.unmount(mountpoint)
         # keep the logs of a failed restore for the user (the message names them)
         raise
+    if replayer is not None:
+        after_lazy.insert(0, replayer.stop)
     ready_pid = ready_caller_pid(pid, meta.get("ready"))
     if meta.get("ready"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(ready_pid, lifecycle.SIG_RESTORED)
     timings = {"open": t_open, "fetch": t_fetch, "lazy_start": t_lazy, "criu": t_criu, "cached": cached,
                "total": time.perf_counter() - t0}
-    return RestoredProcess(proc, pid, ready_pid, work, lazy_proc, mountpoint, image.id, timings)
+    if source == "store":
+        timings["eager_pages"] = prep.eager_pages
+        timings["lazy_pages"] = prep.lazy_pages
+        timings["profile_chunks"] = replayer.total if replayer is not None else 0
+    return RestoredProcess(proc, pid, ready_pid, work, lazy_proc, mountpoint, image.id, timings,
+                           page_server=server, after_lazy=after_lazy)
 
+
+def _kill_restore(victim: dict, why: str) -> None:
+    """The page server failed: kill the restored tree (its memory would be wrong otherwise)."""
+    log.error("killing the restored tree: %s", why)
+    pid = victim.get("pid")
+    if pid:  # before the pid is known, restore() kills the tree once it is
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

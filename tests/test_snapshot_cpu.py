@@ -170,6 +170,92 @@ def test_a_lazy_restore_reads_pages_through_a_casfs_mount(torch_snap, lazy_ok):
     _restore_and_check(torch_snap, lazy=True, source="mount")
 
 
+def test_a_torch_process_restores_from_the_store_without_unpacking(torch_snap, lazy_ok, tmp_path):
+    """source="store": no export is written; CRIU gets its metadata images and a few eager pages
+    in the restore's work dir, and every other page comes from the page server (store reads)."""
+    snap = torch_snap
+    cache = tmp_path / "never-written"
+    snap["stop"].touch()
+    live = cpu.restore("torch-app", snap["store"], source="store", cache_dir=str(cache))
+    snap["live"].append(live)
+    _assert_same_state(_wait_record(snap["out"], live.pid), snap["before"])
+    assert live.wait(60) == 7
+    assert live.lazy_done(60)
+    served = live.pages()
+    assert served["error"] is None and served["done"]
+    assert served["pages"] == live.timings["lazy_pages"] > 10 * live.timings["eager_pages"] > 0
+    assert not cache.exists()                     # nothing was exported
+
+
+def test_the_first_restore_from_the_store_records_a_startup_profile_that_later_ones_replay(torch_snap, lazy_ok):
+    snap = torch_snap
+    image = snap["store"].open_image("torch-app")
+    snap["stop"].touch()
+    first = cpu.restore("torch-app", snap["store"], source="store")
+    snap["live"].append(first)
+    assert first.wait(60) == 7 and first.lazy_done(60)
+    first.close()                                  # the profile is saved once the pages are all sent
+    prof = casfs.load_profile(snap["store"], image.id)
+    assert prof is not None and 0 < len(prof.items) <= len(list(image.file_chunks()))
+    second = cpu.restore("torch-app", snap["store"], source="store")
+    snap["live"].append(second)
+    _assert_same_state(_wait_record(snap["out"], second.pid), snap["before"])
+    assert second.timings["profile_chunks"] == len({it.ref.digest for it in prof.items})
+    assert second.wait(60) == 7 and second.lazy_done(60)
+
+
+def test_a_corrupt_page_in_the_store_kills_the_restored_process_instead_of_running_it_wrong(tiny, lazy_ok):
+    """Chunks holding only lazily served pages are damaged in the blob store: the page server's
+    verified read fails, and the restored tree is killed before it runs on wrong memory (a uffd
+    whose daemon gives up would hand it zero pages)."""
+    from snapshot.criuimg import parse_pagemap
+
+    out = tiny["tmp"] / "out.log"
+    proc = cpu.spawn([sys.executable, tiny["prog"], "plain"], stdout=str(out))
+    tiny["procs"].append(proc)
+    cpu.checkpoint(proc, tiny["store"], "to-damage", chunk_size=64 << 10)
+    proc.wait(10)
+    image = tiny["store"].open_image("to-damage")
+    damaged = 0
+    for name in image.listdir(""):
+        if not (name.startswith("pagemap-") and name[8:-4].isdigit()):
+            continue
+        pm = parse_pagemap(image.read(name))
+        entry = image.lookup(f"pages-{pm.pages_id}.img")
+        cs = image.chunk_size
+        eager = {o // cs for e, off in zip(pm.entries, pm.file_offsets()) if e.present and not e.lazy
+                 for o in range(off, off + e.nr_pages * 4096, 4096)}
+        for j, ref in enumerate(image.chunk_refs(entry)):
+            if j in eager:
+                continue
+            path = os.path.join(str(tiny["tmp"] / "store"), casfs_layout_path(ref))
+            with open(path, "r+b") as f:
+                f.seek(ref.pack_off + ref.stored_len - 8)
+                b = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([b[0] ^ 0xFF]))
+            damaged += 1
+    assert damaged
+    fresh = casfs.open_store(str(tiny["tmp"] / "store"))   # nothing of it in memory
+    try:
+        live = cpu.restore("to-damage", fresh, source="store")
+    except snapshot.CriuError:
+        live = None                                # failed during CRIU's own restore: also fine
+    if live is not None:
+        tiny["procs"].append(live)
+        assert live.wait(60) != 5                  # killed, not run to its normal exit
+        assert live.lazy_done(60)
+        assert "could not be read from the store" in live.pages()["error"]
+    fresh.close()
+    assert "tiny True" not in (out.read_text() if out.exists() else "")
+
+
+def casfs_layout_path(ref) -> str:
+    from casfs.layout import object_key, relpath
+
+    return relpath(object_key(ref))
+
+
 def test_two_concurrent_restores_of_one_snapshot_both_run(torch_snap):
     snap = torch_snap
     if snap["stop"].exists():
