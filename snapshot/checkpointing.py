@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import casfs
 
-from . import criu as criumod, lifecycle
+from . import criu as criumod, lifecycle, pagelayout
 from .criu import RuleViolation
 from .hostkey import cpu_snapshot_key
 from .meta import EXTRA_DIR, META_FILE, META_FORMAT, SnapshotRef
@@ -32,9 +32,14 @@ from .spawning import SpawnedProcess, ready_caller_pid
 if TYPE_CHECKING:
     from .gpu import Suspended
 
-__all__ = ["DUMP_FLAGS", "RESTORE_FLAGS", "checkpoint"]
+__all__ = ["DUMP_FLAGS", "RESTORE_FLAGS", "SNAPSHOT_CHUNK_SIZE", "checkpoint"]
 
 log = logging.getLogger("snapshot.cpu")
+
+# 64 KiB: a fault fetches and verifies 64 KiB instead of 4 MiB, and windows of the address space
+# that two snapshots of one engine share become shared chunks (55% of a second tiny vLLM
+# snapshot's pages at 64 KiB, 38% at 256 KiB, 5.5% at 4 MiB; docs/benchmarks.md).
+SNAPSHOT_CHUNK_SIZE = 64 << 10
 
 DUMP_FLAGS = ["--tcp-established", "--file-locks", "--link-remap", "--ghost-limit", "64M",
               "--network-lock", "nftables"]
@@ -68,8 +73,9 @@ def _deleted_mapping_dirs(pids: list[int]) -> set[str]:
 
 def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, *,
                leave_running: bool = False, wait_ready: bool = True, ready_timeout: float = 300.0,
-               strict: bool = True, chunk_size: int = casfs.DEFAULT_CHUNK_SIZE,
-               dump_dir: str | None = None, gpu: "Suspended | None" = None) -> SnapshotRef:
+               strict: bool = True, chunk_size: int = SNAPSHOT_CHUNK_SIZE,
+               dump_dir: str | None = None, gpu: "Suspended | None" = None,
+               layout: str = "windows") -> SnapshotRef:
     """Dump ``proc`` with CRIU and store the images in ``store`` as a casfs image tagged ``tag``.
 
     Args:
@@ -78,12 +84,17 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
         leave_running: keep the process running after the dump (``ready()`` then returns
             False in it); by default CRIU kills it.
         strict: refuse to dump a tree that breaks a rule (``RuleViolation``); False only logs.
-        chunk_size: casfs chunk size of the image (smaller: finer dedup, more objects).
+        chunk_size: casfs chunk size of the image, and the page window (``snapshot.pagelayout``):
+            smaller: finer dedup and smaller fetches on a fault, more objects (small frames
+            travel in packs). Default 64 KiB (see ``SNAPSHOT_CHUNK_SIZE``).
         dump_dir: where CRIU writes before the images are stored (default: a temp dir).
         gpu: the process's GPU state, already moved into its host memory by
             ``snapshot.suspend`` (a GPU snapshot): the key then records the GPU models, driver
             and CUDA versions (a restore host must match them), and the snapshot stores what
             ``Suspended.from_dict`` needs to ``resume`` the restored process.
+        layout: "windows" (default): lazily restorable pages are stored by address window
+            (``snapshot.pagelayout``: dedup between snapshots of one engine, restores from the
+            store); "criu": CRIU's own pages files, as dumped (readable through a mount).
 
     Returns:
         a ``SnapshotRef`` with the image id; ``timings`` has ``dump`` and ``store`` seconds.
@@ -93,6 +104,8 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
         CriuError: the process died before ready, or CRIU failed (its reason, explained).
         CriuUnavailable: no usable CRIU.
     """
+    if layout not in ("windows", "criu"):
+        raise ValueError(f"layout must be 'windows' or 'criu', not {layout!r}")
     criu = criumod.find_criu()
     report = None
     if isinstance(proc, SpawnedProcess):
@@ -163,6 +176,10 @@ def checkpoint(proc: SpawnedProcess | int, store: casfs.Store, tag: str | None, 
             "pages_bytes": sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp)
                                if n.startswith("pages-")),
         }
+        if layout == "windows":
+            meta["layout"] = {"kind": "windows", "window": chunk_size,
+                              **pagelayout.relayout_dump(tmp, chunk_size)}
+
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
         t1 = time.perf_counter()

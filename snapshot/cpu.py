@@ -44,7 +44,7 @@ imported submodule named ``restore`` would shadow ``snapshot.restore``.)
 
 from __future__ import annotations
 
-from .checkpointing import DUMP_FLAGS, RESTORE_FLAGS, checkpoint
+from .checkpointing import DUMP_FLAGS, RESTORE_FLAGS, SNAPSHOT_CHUNK_SIZE, checkpoint
 from .exports import drop_export, snapshot_cache_dir
 from .hostkey import cpu_snapshot_key, restore_problems
 from .meta import EXTRA_DIR, META_FILE, META_FORMAT, SnapshotRef, list_snapshots, read_meta
@@ -59,6 +59,7 @@ __all__ = [
     "META_FILE",
     "META_FORMAT",
     "RESTORE_FLAGS",
+    "SNAPSHOT_CHUNK_SIZE",
     "RestoredProcess",
     "SnapshotRef",
     "SpawnedProcess",

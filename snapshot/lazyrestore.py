@@ -5,12 +5,14 @@ memory pages from the casfs store as the restored processes touch them:
 
 1. ``prepare_images`` writes the image files CRIU reads itself into the restore's work dir,
    each from a verified casfs read: the process tree's metadata (a few MB: cores, mms, files,
-   sockets), every pagemap rewritten so that its lazy entries are not present, and per process
-   a pages file holding only the pages CRIU restores eagerly (those outside private anonymous
-   memory: relocated library data, stacks; ~1-3% of a Python process's pages). That is the
-   layout ``criu dump --lazy-pages`` writes; the stored snapshot is left as it was dumped.
+   sockets), every pagemap with its lazy entries not present, and per process a pages file
+   holding only the pages CRIU restores eagerly (those outside private anonymous memory:
+   relocated library data, stacks; ~1-3% of a Python process's pages): the layout ``criu dump
+   --lazy-pages`` writes. Snapshots in the window layout (``snapshot.pagelayout``) store these
+   ready; older ones are split here.
 2. ``snapshot.pageserver.PageServer`` answers ``criu lazy-pages --page-server`` on a socket
-   pair with the rest, from the image's ``pages-N.img`` files in the store (verified reads).
+   pair with the rest, from the image's window files (or CRIU's ``pages-N.img``) in the store
+   (verified reads).
 3. The pages the first restore faults in (in first-touch order, by chunk) are saved as the
    snapshot image's startup profile (``casfs.save_profile``), unless it has one; later
    restores, on any host, fetch those chunks first (``casfs.ProfileReplayer``) while CRIU runs.
@@ -33,8 +35,9 @@ from dataclasses import dataclass, field
 
 import casfs
 
-from .criuimg import PE_LAZY, PE_PRESENT, Pagemap, PagemapEntry, encode_pagemap, parse_pagemap
+from .criuimg import PAGE_SIZE, encode_pagemap, parse_pagemap
 from .meta import EXTRA_DIR, META_FILE
+from .pagelayout import LAZY_DIR, WINDOW_DIR, WindowMap, split_lazy
 from .pageserver import PageServer, ProcessPages
 
 __all__ = ["PreparedImages", "prepare_images", "save_startup_profile", "startup_profile"]
@@ -65,8 +68,12 @@ def _write(path: str, data: bytes | memoryview) -> None:
         f.write(data)
 
 
-def prepare_images(image: casfs.Image, imgdir: str) -> PreparedImages:
+def prepare_images(image: casfs.Image, imgdir: str, meta: dict | None = None) -> PreparedImages:
     """Write the image files CRIU reads itself (see the module docstring) under ``imgdir``.
+
+    Snapshots stored in the window layout (``snapshot.pagelayout``, ``meta["layout"]``) carry
+    their lazy-restore pagemaps and eager pages ready (``casfs-lazy/``); older ones are split
+    here, reading the eager pages out of CRIU's pages files.
 
     Raises:
         ValueError: the image is not a CRIU image directory this can restore lazily (a pages
@@ -74,6 +81,51 @@ def prepare_images(image: casfs.Image, imgdir: str) -> PreparedImages:
         casfs.ChunkUnavailable / casfs.CorruptChunk: the store cannot supply a file.
     """
     os.makedirs(imgdir, exist_ok=True)
+    layout = (meta or {}).get("layout") or {}
+    if layout.get("kind") == "windows":
+        return _prepare_windows(image, imgdir, int(layout["window"]))
+    return _prepare_criu_layout(image, imgdir)
+
+
+def _copy_meta_file(image: casfs.Image, rel: str, dest: str, out: PreparedImages) -> bytes:
+    st = image.stat(rel)
+    if not statmod.S_ISREG(st.mode):
+        raise ValueError(f"snapshot image entry {rel!r} is not a regular file")
+    if st.size > MAX_META_FILE:
+        raise ValueError(f"snapshot image file {rel!r} is {st.size} bytes: too large for a CRIU image")
+    data = image.read(rel)
+    _write(dest, data)
+    out.files += 1
+    out.bytes_written += len(data)
+    return data
+
+
+def _prepare_windows(image: casfs.Image, imgdir: str, window: int) -> PreparedImages:
+    out = PreparedImages(imgdir)
+    for name in image.listdir(""):
+        if name in (META_FILE, EXTRA_DIR, WINDOW_DIR, LAZY_DIR):
+            continue
+        if _TASK_PAGEMAP.match(name):
+            try:
+                pm = parse_pagemap(image.read(name))
+            except ValueError as e:
+                raise ValueError(f"snapshot image file {name}: {e}") from None
+            win = f"{WINDOW_DIR}/pages-{pm.pages_id}.win"
+            if not image.exists(win):
+                raise ValueError(f"{name} names {win}, which the snapshot lacks")
+            wm = WindowMap.of(pm, window)
+            out.processes[int(_TASK_PAGEMAP.match(name).group(1))] = ProcessPages(
+                image.lookup(win), wm.starts, wm.ends, wm.offsets)
+            out.lazy_pages += pm.lazy_pages
+            out.eager_pages += pm.present_pages - pm.lazy_pages
+            continue
+        _copy_meta_file(image, name, os.path.join(imgdir, name), out)  # shmem pagemaps and pages too
+    for name in image.listdir(LAZY_DIR):
+        _copy_meta_file(image, f"{LAZY_DIR}/{name}", os.path.join(imgdir, name), out)
+    return out
+
+
+def _prepare_criu_layout(image: casfs.Image, imgdir: str) -> PreparedImages:
     out = PreparedImages(imgdir)
     names = image.listdir("")
     pages_entries: dict[int, int] = {}
@@ -85,49 +137,36 @@ def prepare_images(image: casfs.Image, imgdir: str) -> PreparedImages:
     for name in names:
         if name in (META_FILE, EXTRA_DIR) or _PAGES.match(name):
             continue
-        st = image.stat(name)
-        if not statmod.S_ISREG(st.mode):
-            raise ValueError(f"snapshot image entry {name!r} is not a regular file")
-        if st.size > MAX_META_FILE:
-            raise ValueError(f"snapshot image file {name!r} is {st.size} bytes: too large for a CRIU "
-                             "metadata image")
-        data = image.read(name)
-        out.files += 1
         if not _ANY_PAGEMAP.match(name):
-            _write(os.path.join(imgdir, name), data)
-            out.bytes_written += len(data)
+            _copy_meta_file(image, name, os.path.join(imgdir, name), out)
             continue
         try:
-            pm = parse_pagemap(data)
+            pm = parse_pagemap(image.read(name))
         except ValueError as e:
             raise ValueError(f"snapshot image file {name}: {e}") from None
+        out.files += 1
         entry = pages_entries.get(pm.pages_id)
         if entry is None:
             raise ValueError(f"{name} names pages-{pm.pages_id}.img, which the snapshot lacks")
         used_pages.add(pm.pages_id)
         task = _TASK_PAGEMAP.match(name)
-        lazy = task is not None  # CRIU's lazy-pages daemon serves task memory only
-        local = Pagemap(pm.pages_id)
-        offsets = pm.file_offsets()
+        local = split_lazy(pm) if task else pm  # CRIU's lazy-pages daemon serves task memory only
         with open(os.path.join(imgdir, f"pages-{pm.pages_id}.img"), "wb") as pages:
-            for e, off in zip(pm.entries, offsets):
-                if lazy and e.present and e.lazy:
-                    local.entries.append(PagemapEntry(e.vaddr, e.nr_pages, (e.flags & ~PE_PRESENT) | PE_LAZY))
-                    out.lazy_pages += e.nr_pages
-                    continue
-                local.entries.append(e)
+            for e, off in zip(local.entries, pm.file_offsets()):
                 if e.present:
-                    n = e.nr_pages * 4096
+                    n = e.nr_pages * PAGE_SIZE
                     data_e = image.read_entry(entry, off, n)
                     if len(data_e) != n:
                         raise ValueError(f"pages-{pm.pages_id}.img is shorter than {name} says")
                     pages.write(data_e)
                     out.eager_pages += e.nr_pages
                     out.bytes_written += n
+                elif e.lazy:
+                    out.lazy_pages += e.nr_pages
         encoded = encode_pagemap(local)
         _write(os.path.join(imgdir, name), encoded)
         out.bytes_written += len(encoded)
-        if lazy:
+        if task:
             out.processes[int(task.group(1))] = ProcessPages.from_pagemap(entry, pm)
     missing = set(pages_entries) - used_pages
     if missing:

@@ -337,10 +337,14 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
     cached = False
     try:
         if source == "store":
-            prep = lazyrestore.prepare_images(image, os.path.join(work, "images"))
+            prep = lazyrestore.prepare_images(image, os.path.join(work, "images"), meta)
             imgdir = prep.imgdir
             _prepare_host(meta, None, image)
         elif source == "mount":
+            if (meta.get("layout") or {}).get("kind") == "windows":
+                raise ValueError(f"snapshot {image.name} stores its pages by address window, which "
+                                 "CRIU cannot read through a mount: restore with source='store' "
+                                 "(lazy) or 'export'")
             mountpoint = os.path.join(work, "images")
             os.mkdir(mountpoint)
             casfs.mount(image, mountpoint)
@@ -400,6 +404,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         victim["pid"] = pid
         if server is not None and server.error:  # it failed before the pid was known
             _kill_restore(victim, server.error)
+            proc.wait()
+            raise CriuError(f"restoring {image.name} from the store failed: {server.error}")
         t_criu = time.perf_counter() - t2
     except BaseException:
         if replayer is not None:
@@ -431,9 +437,14 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
 
 
 def _kill_restore(victim: dict, why: str) -> None:
-    """The page server failed: kill the restored tree (its memory would be wrong otherwise)."""
+    """The page server failed: kill the restored tree (its memory would be wrong otherwise),
+    and CRIU with it when the restore has not finished (CRIU waits for a tree killed under it
+    forever): every descendant of the reaper, the tree and ``criu restore`` alike."""
     log.error("killing the restored tree: %s", why)
-    pid = victim.get("pid")
-    if pid:  # before the pid is known, restore() kills the tree once it is
+    proc = victim.get("proc")
+    pids = criumod.process_tree(proc.pid)[1:] if proc is not None and proc.poll() is None else []
+    if victim.get("pid"):
+        pids.append(victim["pid"])
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -30,7 +30,7 @@ import stat as statmod
 
 import casfs
 
-__all__ = ["VERIFY_ENV", "check", "record", "stamps_path"]
+__all__ = ["VERIFY_ENV", "check", "file_stamp", "record", "stamps_path"]
 
 VERIFY_ENV = "CASFS_SNAPSHOT_VERIFY"
 
@@ -43,6 +43,15 @@ def stamps_path(export_dir: str) -> str:
 
 def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def file_stamp(path: str) -> list[int] | None:
+    """The stamp (size, inode, mtime, ctime) of the file at ``path``, or None when it is gone
+    (for files an export derives from the image, which ``record`` does not know)."""
+    try:
+        return _stamp(os.lstat(path))
+    except OSError:
+        return None
 
 
 def _files(image: casfs.Image) -> list[str]:

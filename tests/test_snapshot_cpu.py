@@ -96,17 +96,15 @@ def lazy_ok(criu):
         pytest.skip("this kernel lacks userfaultfd non-cooperative events (lazy restore)")
 
 
-@pytest.fixture(scope="module")
-def torch_snap(criu, tmp_path_factory):
-    """One torch+numpy process, snapshotted once into a casfs store (shared by the tests)."""
-    root = tmp_path_factory.mktemp("torchsnap")
+def _torch_snapshot(tmp_path_factory, layout: str):
+    root = tmp_path_factory.mktemp(f"torchsnap-{layout}")
     prog = root / "prog.py"
     prog.write_text(TORCH_PROGRAM)
     out, stop = root / "out.jsonl", root / "stop"
     store = casfs.open_store(str(root / "store"))
     proc = cpu.spawn([sys.executable, str(prog), str(out), str(stop)], stdout=str(root / "stdout.log"))
     try:
-        ref = cpu.checkpoint(proc, store, "torch-app", ready_timeout=240)
+        ref = cpu.checkpoint(proc, store, "torch-app", ready_timeout=240, layout=layout)
     except BaseException:
         proc.kill()
         raise
@@ -119,6 +117,19 @@ def torch_snap(criu, tmp_path_factory):
     for p in live:
         p.kill()
     store.close()
+
+
+@pytest.fixture(scope="module")
+def torch_snap(criu, tmp_path_factory):
+    """One torch+numpy process, snapshotted once into a casfs store (shared by the tests), its
+    pages stored by address window (the default layout)."""
+    yield from _torch_snapshot(tmp_path_factory, "windows")
+
+
+@pytest.fixture(scope="module")
+def torch_snap_criu(criu, tmp_path_factory):
+    """The same program snapshotted with CRIU's own pages files (layout="criu")."""
+    yield from _torch_snapshot(tmp_path_factory, "criu")
 
 
 def _records(path) -> list[dict]:
@@ -166,8 +177,20 @@ def test_a_torch_process_restores_lazily_with_identical_state(torch_snap, lazy_o
     _restore_and_check(torch_snap, lazy=True)
 
 
-def test_a_lazy_restore_reads_pages_through_a_casfs_mount(torch_snap, lazy_ok):
-    _restore_and_check(torch_snap, lazy=True, source="mount")
+def test_a_lazy_restore_reads_pages_through_a_casfs_mount(torch_snap_criu, lazy_ok):
+    _restore_and_check(torch_snap_criu, lazy=True, source="mount")
+
+
+def test_a_snapshot_in_crius_own_layout_restores_from_the_store_too(torch_snap_criu, lazy_ok):
+    _restore_and_check(torch_snap_criu, source="store")
+
+
+def test_a_window_layout_snapshot_is_smaller_to_store_again_and_refuses_a_mount_clearly(torch_snap, lazy_ok):
+    meta = torch_snap["ref"].meta
+    assert meta["layout"]["kind"] == "windows" and meta["layout"]["window"] == cpu.SNAPSHOT_CHUNK_SIZE
+    assert meta["layout"]["lazy_pages"] > meta["layout"]["eager_pages"] > 0
+    with pytest.raises(ValueError, match="source='store'"):
+        cpu.restore("torch-app", torch_snap["store"], lazy=True, source="mount")
 
 
 def test_a_torch_process_restores_from_the_store_without_unpacking(torch_snap, lazy_ok, tmp_path):
@@ -208,33 +231,24 @@ def test_a_corrupt_page_in_the_store_kills_the_restored_process_instead_of_runni
     """Chunks holding only lazily served pages are damaged in the blob store: the page server's
     verified read fails, and the restored tree is killed before it runs on wrong memory (a uffd
     whose daemon gives up would hand it zero pages)."""
-    from snapshot.criuimg import parse_pagemap
-
     out = tiny["tmp"] / "out.log"
     proc = cpu.spawn([sys.executable, tiny["prog"], "plain"], stdout=str(out))
     tiny["procs"].append(proc)
     cpu.checkpoint(proc, tiny["store"], "to-damage", chunk_size=64 << 10)
     proc.wait(10)
     image = tiny["store"].open_image("to-damage")
-    damaged = 0
-    for name in image.listdir(""):
-        if not (name.startswith("pagemap-") and name[8:-4].isdigit()):
-            continue
-        pm = parse_pagemap(image.read(name))
-        entry = image.lookup(f"pages-{pm.pages_id}.img")
-        cs = image.chunk_size
-        eager = {o // cs for e, off in zip(pm.entries, pm.file_offsets()) if e.present and not e.lazy
-                 for o in range(off, off + e.nr_pages * 4096, 4096)}
-        for j, ref in enumerate(image.chunk_refs(entry)):
-            if j in eager:
-                continue
+    damaged: set = set()
+    for name in image.listdir("casfs-pages"):     # lazily served pages only (the window files)
+        for ref in image.chunk_refs(image.lookup(f"casfs-pages/{name}")):
             path = os.path.join(str(tiny["tmp"] / "store"), casfs_layout_path(ref))
+            if (path, ref.pack_off) in damaged:    # equal windows are one chunk: flip it once
+                continue
             with open(path, "r+b") as f:
                 f.seek(ref.pack_off + ref.stored_len - 8)
                 b = f.read(1)
                 f.seek(-1, 1)
                 f.write(bytes([b[0] ^ 0xFF]))
-            damaged += 1
+            damaged.add((path, ref.pack_off))
     assert damaged
     fresh = casfs.open_store(str(tiny["tmp"] / "store"))   # nothing of it in memory
     try:
