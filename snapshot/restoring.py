@@ -69,8 +69,14 @@ _ZERO = bytes(1 << 20)
 
 
 def _copy_sparse(read, size: int, dest: str, mode: int) -> None:
-    """Write ``size`` bytes from ``read(offset, n)`` to the new file ``dest``, leaving holes where
-    whole MiB blocks are zero (vLLM's /dev/shm rings are hundreds of MB, mostly zero)."""
+    """Write ``size`` bytes from ``read(offset, n)`` to the new file ``dest`` (mode ``mode``),
+    leaving holes where whole MiB blocks are zero (vLLM's /dev/shm rings are hundreds of MB,
+    mostly zero). ``dest`` must not exist (a planted name is never written through); it is
+    removed again when the copy fails.
+
+    Raises:
+        FileExistsError: ``dest`` exists. OSError: a short read or a failed write.
+    """
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, mode)
@@ -84,6 +90,9 @@ def _copy_sparse(read, size: int, dest: str, mode: int) -> None:
                 os.pwrite(fd, block, off)
             off += n
         os.ftruncate(fd, size)
+    except BaseException:
+        os.unlink(dest)  # ours: created with O_EXCL above
+        raise
     finally:
         os.close(fd)
 
@@ -128,13 +137,12 @@ def _prepare_host(meta: dict, imgdir: str | None, image: casfs.Image | None = No
             # never written through
             tmp = f"{path}.casfs-{os.getpid()}-{threading.get_ident()}"
             read, size = _stored_reader(image, imgdir, stored)
+            _copy_sparse(read, size, tmp, item.get("mode", 0o600))  # CRIU checks a link_remap's mode
             try:
-                _copy_sparse(read, size, tmp, item.get("mode", 0o600))  # CRIU checks a link_remap's mode
                 with contextlib.suppress(OSError):
                     os.link(tmp, path)  # never replaces one a concurrent restore put back
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                os.unlink(tmp)
     missing = []
     for f in meta.get("open_files") or []:
         if os.path.exists(f["path"]):
