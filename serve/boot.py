@@ -98,6 +98,9 @@ class BootConfig:
         workdir: mount points, exports and logs (default ``$CASFS_HOME/serve``).
         python: interpreter for the worker (default: this one).
         snapshot: snapshot tag to restore from (or to create with ``create_snapshot``).
+        snapshot_source: where a restore reads the snapshot: "auto" (default: "store" where
+            the kernel has userfaultfd, else "export"), "store" (lazily from the casfs store,
+            nothing unpacked), "export" (exported once per host, restored eagerly).
         create_snapshot: cold boot, then snapshot the ready replica under ``snapshot``.
         gpu_snapshot: snapshots hold GPU state (None: when the engine is transformers and the
             health check found a GPU).
@@ -121,6 +124,7 @@ class BootConfig:
     workdir: str | None = None
     python: str = sys.executable
     snapshot: str | None = None
+    snapshot_source: str = "auto"
     create_snapshot: bool = False
     gpu_snapshot: bool | None = None
     gpu_check: bool = True
@@ -304,7 +308,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     if cfg.snapshot:  # fail before any work when snapshots cannot run here
         from .snapshots import open_backend
 
-        backend = open_backend()
+        backend = open_backend(source=cfg.snapshot_source)
 
     has_gpu = False
     if cfg.gpu_check:
@@ -427,6 +431,8 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
             report.details["worker"] = w
         with timer.phase("first_token"):
             _, text = first_token(cfg.listen, name)
+        if restored is not None and backend is not None:
+            backend.booted(restored)
         report.first_token_text = text
         report.total = time.monotonic() - t_start
         report.phases = {k: report.phases[k] for k in PHASE_ORDER if k in report.phases}

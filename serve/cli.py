@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "restored replica keeps the engine settings and model name it was created "
                         "with (--name/--engine/--eager/--fast-boot/--max-model-len are then ignored); "
                         "use the same --workdir for creating and restoring")
+    p.add_argument("--snapshot-source", choices=("auto", "store", "export"), default="auto",
+                   help="where a restore reads the snapshot: store (lazily: memory pages come from "
+                        "the casfs store as the replica touches them, nothing unpacked; needs "
+                        "userfaultfd), export (exported once per host, restored eagerly); default "
+                        "auto: store where the kernel allows")
     p.add_argument("--create", action="store_true",
                    help="with --snapshot: cold boot, then snapshot the ready replica as TAG")
     p.add_argument("--name", default=None, help="model name in the API (default: MODEL_IMAGE)")
@@ -73,7 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      name=args.name, engine=args.engine, eager=args.eager, device=args.device,
                      fast_boot=args.fast_boot,
                      max_model_len=args.max_model_len, materialize=args.materialize, workdir=args.workdir,
-                     snapshot=args.snapshot, create_snapshot=args.create, gpu_check=not args.no_gpu_check,
+                     snapshot=args.snapshot, snapshot_source=args.snapshot_source,
+                     create_snapshot=args.create, gpu_check=not args.no_gpu_check,
                      boot_timeout=args.boot_timeout, report_path=args.report)
 
     def interrupt(signum: int, frame: object) -> None:

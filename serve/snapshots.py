@@ -64,7 +64,7 @@ class Restored:
 class CriuBackend:
     """Snapshots through snapshot's CPU snapshots (see the module docstring)."""
 
-    def __init__(self, lazy: bool = False, source: str = "export") -> None:
+    def __init__(self, lazy: bool = True, source: str = "store") -> None:
         import snapshot
 
         self.snapshot = snapshot
@@ -107,7 +107,8 @@ class CriuBackend:
             raise BootError(f"snapshot {tag} could not be taken: {e}") from None
         meta = ref.meta
         return {"tag": tag, "image_id": ref.image_id, "timings": ref.timings,
-                "pages_bytes": meta.get("pages_bytes"), "shm_segments": len(meta.get("shm") or []),
+                "pages_bytes": meta.get("pages_bytes"), "layout": meta.get("layout"),
+                "shm_segments": len(meta.get("shm") or []),
                 "link_remap": len(meta.get("link_remap") or [])}
 
     gpu_state = False  # GpuCriuBackend (serve.gpu_snapshots): snapshots with GPU state
@@ -142,14 +143,32 @@ class CriuBackend:
         return Restored(live, live.pid, {"timings": live.timings, "lazy": self.lazy, "source": self.source,
                                          "image_id": live.image_id}, shm)
 
+    @staticmethod
+    def booted(restored: Restored) -> None:
+        """The restored replica answered its first request: let the rest of its memory stream
+        in at full speed (``RestoredProcess.boot_done``) and note what the page server had
+        served until then."""
+        proc = restored.process
+        if hasattr(proc, "boot_done"):
+            restored.detail["pages_at_first_token"] = proc.pages()
+            proc.boot_done()
 
-def open_backend(*, lazy: bool = False, source: str = "export") -> CriuBackend:
+
+def open_backend(*, source: str = "auto") -> CriuBackend:
     """The CPU snapshot backend.
+
+    Args:
+        source: where restores read the snapshot: "store" (lazily, nothing unpacked: pages come
+            from the casfs store as the replica touches them; needs userfaultfd), "export" (the
+            snapshot exported once per host, restored eagerly), or "auto" (default): "store"
+            where the kernel has userfaultfd, else "export".
 
     Raises:
         SnapshotUnavailable: snapshot.cpu is not importable or no usable CRIU is found (the
-            message lists what was tried and how to build one).
+            message lists what was tried and how to build one); "store" without userfaultfd.
     """
+    if source not in ("auto", "store", "export"):
+        raise SnapshotUnavailable(f"snapshot source must be auto, store or export, not {source!r}")
     try:
         import snapshot
 
@@ -160,9 +179,15 @@ def open_backend(*, lazy: bool = False, source: str = "export") -> CriuBackend:
             "replica snapshots need snapshot.cpu (CRIU 4.2.1: scripts/build_criu.sh), which this "
             f"checkout does not have ({e}); boot without --snapshot") from None
     try:
-        find_criu()
+        criu = find_criu()
     except CriuUnavailable as e:
         raise SnapshotUnavailable(f"replica snapshots need CRIU >= 4.2: {e}") from None
     if os.geteuid() != 0:
         raise SnapshotUnavailable("replica snapshots need root (CRIU dumps and restores process trees)")
-    return CriuBackend(lazy=lazy, source=source)
+    uffd = bool(criu.features.get("uffd-noncoop"))
+    if source == "store" and not uffd:
+        raise SnapshotUnavailable("--snapshot-source store needs userfaultfd, which this kernel lacks: "
+                                  "use --snapshot-source export")
+    if source == "auto":
+        source = "store" if uffd else "export"
+    return CriuBackend(lazy=source == "store", source=source)

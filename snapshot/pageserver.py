@@ -18,7 +18,13 @@ from the snapshot image's ``pages-N.img`` files in the casfs store:
 * the first touch of each chunk by a fault (a one-page request) is recorded in order, for the
   snapshot's startup profile (``snapshot.lazyrestore`` stores and replays it);
 * a request for chunk k of a pages file starts fetching chunks k+1..k+``readahead`` in the
-  background: the background transfer walks addresses upward.
+  background: the background transfer walks addresses upward;
+* faults come first while the program boots (until ``boot_done()``): the daemon asks for the
+  rest of memory as soon as the tree runs, and since answers go out in order, a fault queued
+  behind a 4 MiB background answer waits for all of it. So a background request is answered
+  with a single page when a fault is already queued behind it, and otherwise, after waiting
+  briefly for one to show up, with at most ``boot_xfer`` bytes (the daemon asks again for the
+  rest). After ``boot_done()`` background requests get all they ask for.
 
 Measured (2-core VM, docs/benchmarks.md): see ``snapshot.lazyrestore``.
 """
@@ -26,8 +32,10 @@ Measured (2-core VM, docs/benchmarks.md): see ``snapshot.lazyrestore``.
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -88,10 +96,14 @@ class PageServer:
         sock: our end of the socket pair; the daemon holds the other.
         on_error: called once with the reason before the socket closes on a failure.
         readahead: chunks fetched ahead of a request, in the background.
+        idle_wait, boot_xfer: until ``boot_done()``, a background request is answered with one
+            page when a fault is queued behind it, else after waiting ``idle_wait`` seconds
+            for one, with at most ``boot_xfer`` bytes (see the module docstring).
     """
 
     def __init__(self, image: casfs.Image, processes: dict[int, ProcessPages], sock: socket.socket, *,
-                 on_error: Callable[[str], None] | None = None, readahead: int = 2) -> None:
+                 on_error: Callable[[str], None] | None = None, readahead: int = 2,
+                 idle_wait: float = 0.002, boot_xfer: int = 256 << 10, boot_window: float = 20.0) -> None:
         self.image = image
         self.processes = processes
         self.sock = sock
@@ -109,6 +121,13 @@ class PageServer:
         self.touched: list[tuple[int, int]] = []  # (casfs entry, chunk number), first fault touch order
         self._fetched: set[tuple[int, int]] = set()
         self._thread: threading.Thread | None = None
+        self._buf = bytearray()
+        self._queue: collections.deque = collections.deque()
+        self._booting = True
+        self.idle_wait = idle_wait
+        self.boot_xfer = boot_xfer
+        self.boot_window = boot_window
+        self.idle_s = 0.0
 
     def start(self) -> "PageServer":
         self._thread = threading.Thread(target=self._run, name="casfs-page-server", daemon=True)
@@ -121,18 +140,45 @@ class PageServer:
 
     def stats(self) -> dict:
         return {"requests": self.requests, "faults": self.faults, "pages": self.pages,
-                "busy_s": round(self.busy_s, 4), "error": self.error, "done": self.done.is_set()}
+                "busy_s": round(self.busy_s, 4), "idle_wait_s": round(self.idle_s, 4),
+                "error": self.error, "done": self.done.is_set()}
 
     # -- serving ------------------------------------------------------------------------------
 
-    def _recv_exact(self, n: int) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < n:
-            got = self.sock.recv(n - len(buf))
-            if not got:
-                return None
-            buf += got
-        return bytes(buf)
+    def boot_done(self) -> None:
+        """The restored program is up (e.g. answered its first request): from now on the
+        background transfer runs at full speed. (Also called ``boot_window`` seconds after the
+        first request, for callers that never say.)"""
+        self._booting = False
+
+    def _fill(self, wait: float | None) -> bool:
+        """Move the requests the daemon sent into the queue. ``wait`` None: block until at
+        least one is queued; a number: drain what is there, and if nothing new came, wait up
+        to that many seconds for more. Returns False when the daemon hung up."""
+        deadline = None if wait is None else time.monotonic() + wait
+        before = len(self._queue)
+        while True:
+            try:
+                got = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                got = None
+            if got == b"":
+                return False
+            if got:
+                self._buf += got
+                while len(self._buf) >= _IOV.size:
+                    self._queue.append(_IOV.unpack_from(self._buf, 0))
+                    del self._buf[:_IOV.size]
+                continue
+            if wait is None:
+                if self._queue:
+                    return True
+                timeout = None
+            else:
+                timeout = deadline - time.monotonic()
+                if len(self._queue) > before or timeout <= 0:
+                    return True
+            select.select([self.sock], [], [], timeout)
 
     def _fail(self, reason: str) -> None:
         self.error = reason
@@ -144,12 +190,14 @@ class PageServer:
                 log.exception("page server: on_error failed")
 
     def _run(self) -> None:
+        hung_up = False
         try:
             while True:
-                head = self._recv_exact(_IOV.size)
-                if head is None:
-                    break  # the daemon closed without a goodbye (it died, or was killed)
-                cmd, nr, vaddr, pid = _IOV.unpack(head)
+                if not self._queue:
+                    if hung_up or not self._fill(None):
+                        break  # the daemon closed without a goodbye (it died, or was killed)
+                    continue
+                cmd, nr, vaddr, pid = self._queue.popleft()
                 cmd &= PS_CMD_MASK
                 if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
                     self.sock.sendall(struct.pack("<i", 0))
@@ -157,8 +205,16 @@ class PageServer:
                 if cmd != PS_IOV_GET:
                     self._fail(f"unexpected page server command {cmd:#x} from criu lazy-pages")
                     break
+                if nr > 1 and self._booting:
+                    if self.first_request_at is not None and \
+                            time.monotonic() - self.first_request_at > self.boot_window:
+                        self._booting = False
+                    else:
+                        nr = self._background_share(nr)
                 if not self._answer(nr, vaddr, pid):
                     break
+                if not hung_up:
+                    hung_up = not self._fill(0)
         except OSError as e:
             if self.error is None and not self.done.is_set():
                 self._fail(f"page server connection failed: {e}")
@@ -168,6 +224,18 @@ class PageServer:
                 self.sock.close()
             except OSError:
                 pass
+
+    def _background_share(self, nr: int) -> int:
+        """How many pages of a background request to send while the program boots: one when a
+        fault waits behind it (answers go out in order, so the fault waits for this one); else,
+        after waiting ``idle_wait`` seconds for a fault to show up, up to ``boot_xfer`` bytes."""
+        if not any(q[1] == 1 for q in self._queue):
+            t = time.monotonic()
+            self._fill(self.idle_wait)
+            self.idle_s += time.monotonic() - t
+        if any(q[1] == 1 for q in self._queue):
+            return 1
+        return max(1, min(nr, self.boot_xfer // PAGE_SIZE))
 
     def _answer(self, nr: int, vaddr: int, pid: int) -> bool:
         t0 = time.perf_counter()

@@ -221,6 +221,13 @@ class RestoredProcess:
         except subprocess.TimeoutExpired:
             return False
 
+    def boot_done(self) -> None:
+        """Tell the page server (``source="store"``) that the restored program is up (say, it
+        answered its first request): the rest of its memory then streams in at full speed.
+        Until then faults come first (``snapshot.pageserver``). A no-op otherwise."""
+        if self.page_server is not None:
+            self.page_server.boot_done()
+
     def pages(self) -> dict:
         """What the page server served so far (``source="store"``; {} otherwise): requests,
         faults, pages, seconds busy, the error that ended it if any."""
