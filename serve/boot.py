@@ -322,7 +322,11 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     if backend is not None and gpu_snapshot:
         from .gpu_snapshots import GpuCriuBackend
 
-        backend = GpuCriuBackend(lazy=backend.lazy, source=backend.source, gpu=gpu)
+        # GPU snapshots restore eagerly from the host's export unless asked otherwise: a lazy
+        # restore from the store (the CPU default) is not yet measured on a GPU host
+        explicit = cfg.snapshot_source != "auto"
+        backend = GpuCriuBackend(lazy=backend.lazy if explicit else False,
+                                 source=backend.source if explicit else "export", gpu=gpu)
         gpu = backend.gpu
     report.details["gpu_snapshot"] = gpu_snapshot
 
