@@ -34,9 +34,11 @@ from typing import Callable
 
 from .criuimg import PAGE_SIZE, PE_LAZY, PE_PRESENT, Pagemap, PagemapEntry, encode_pagemap, parse_pagemap
 
-__all__ = ["LAZY_DIR", "WINDOW_DIR", "WindowMap", "rebuild_pages", "relayout_dump", "split_lazy"]
+__all__ = ["LAZY_DIR", "WINDOW_DIR", "WindowMap", "pages_id", "rebuild_from_export", "rebuild_pages",
+           "relayout_dump", "split_lazy"]
 
 WINDOW_DIR = "casfs-pages"
+META_FILE_NAME = "casfs-snapshot.json"  # snapshot.meta.META_FILE (meta imports casfs only; no cycle)
 LAZY_DIR = "casfs-lazy"
 TASK_PAGEMAP = re.compile(r"^pagemap-(\d+)\.img$")
 
@@ -156,3 +158,35 @@ def rebuild_pages(pm: Pagemap, window: int, read_window: Callable[[int, int], by
         out(data)
         written += n
     return written
+
+
+def pages_id(pagemap_path: str) -> int:
+    """The pages file id a pagemap image names."""
+    with open(pagemap_path, "rb") as f:
+        return parse_pagemap(f.read()).pages_id
+
+
+def rebuild_from_export(export_dir: str, rel: str, out: Callable[[bytes], object]) -> int:
+    """CRIU's ``rel`` (``pages-N.img``) of a window-layout snapshot's export, rebuilt from the
+    export's window and eager pages files and handed to ``out``. Returns the bytes.
+
+    Raises:
+        ValueError: no task pagemap names ``rel``, or a source is short.
+    """
+    with open(os.path.join(export_dir, META_FILE_NAME), encoding="utf-8") as f:
+        import json
+
+        window = int(json.load(f)["layout"]["window"])
+    for name in sorted(os.listdir(export_dir)):
+        if not TASK_PAGEMAP.match(name):
+            continue
+        with open(os.path.join(export_dir, name), "rb") as f:
+            pm = parse_pagemap(f.read())
+        if f"pages-{pm.pages_id}.img" != rel:
+            continue
+        win = os.path.join(export_dir, WINDOW_DIR, f"pages-{pm.pages_id}.win")
+        eager = os.path.join(export_dir, LAZY_DIR, f"pages-{pm.pages_id}.img")
+        with open(win, "rb") as w, open(eager, "rb") as e:
+            return rebuild_pages(pm, window, lambda off, n: os.pread(w.fileno(), n, off),
+                                 lambda off, n: os.pread(e.fileno(), n, off), out)
+    raise ValueError(f"no pagemap of {export_dir} names {rel}")

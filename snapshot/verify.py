@@ -30,7 +30,7 @@ import stat as statmod
 
 import casfs
 
-__all__ = ["VERIFY_ENV", "check", "file_stamp", "record", "stamps_path"]
+__all__ = ["VERIFY_ENV", "check", "derived_files", "record", "stamps_path"]
 
 VERIFY_ENV = "CASFS_SNAPSHOT_VERIFY"
 
@@ -45,23 +45,16 @@ def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def file_stamp(path: str) -> list[int] | None:
-    """The stamp (size, inode, mtime, ctime) of the file at ``path``, or None when it is gone
-    (for files an export derives from the image, which ``record`` does not know)."""
-    try:
-        return _stamp(os.lstat(path))
-    except OSError:
-        return None
-
 
 def _files(image: casfs.Image) -> list[str]:
     return [p for p, st in image.walk("") if st.is_file]
 
 
 def record(image: casfs.Image, export_dir: str) -> None:
-    """Keep the stamps of every file of ``image`` in its export at ``export_dir``."""
+    """Keep the stamps of every file of ``image`` in its export at ``export_dir``, and of the
+    files the export derives from them (``derived_files``)."""
     stamps = {}
-    for rel in _files(image):
+    for rel in [*_files(image), *derived_files(export_dir)]:
         try:
             st = os.lstat(os.path.join(export_dir, rel))
         except OSError:
@@ -73,6 +66,10 @@ def record(image: casfs.Image, export_dir: str) -> None:
 
 def check(image: casfs.Image, export_dir: str, *, full: bool | None = None) -> list[str]:
     """Problems of the export at ``export_dir`` against ``image`` ([] when it may be restored).
+
+    Files of the image are hashed against its chunk digests; files the export derives from
+    them (CRIU's pages files of a window-layout snapshot, ``derived_files``) are compared with
+    a fresh derivation from the image's files, after those passed.
 
     Args:
         full: hash every file (default: as ``$CASFS_SNAPSHOT_VERIFY`` says, "full" or not);
@@ -90,21 +87,78 @@ def check(image: casfs.Image, export_dir: str, *, full: bool | None = None) -> l
                 stamps = doc["files"]
         except (OSError, ValueError):
             pass
-    problems = []
+
+    def unchanged(rel: str) -> bool:
+        if full or rel not in stamps:
+            return False
+        try:
+            return _stamp(os.lstat(os.path.join(export_dir, rel))) == stamps[rel]
+        except OSError as e:
+            problems.append(f"{os.path.join(export_dir, rel)}: {e.strerror}")
+            return True  # reported
+
+    problems: list[str] = []
     hashed = 0
     for rel in _files(image):
-        local = os.path.join(export_dir, rel)
-        if not full and rel in stamps:
-            try:
-                if _stamp(os.lstat(local)) == stamps[rel]:
-                    continue
-            except OSError as e:
-                problems.append(f"{local}: {e.strerror}")
-                continue
-        why = image.check_file(rel, local)
+        if unchanged(rel):
+            continue
+        why = image.check_file(rel, os.path.join(export_dir, rel))
         hashed += 1
         if why:
             problems.append(why)
+    if not problems:
+        for rel in derived_files(export_dir):
+            if unchanged(rel):
+                continue
+            why = _check_derived(export_dir, rel)
+            hashed += 1
+            if why:
+                problems.append(why)
     if not problems and (full or hashed):
         record(image, export_dir)  # what was just hashed is known good: stamp it
     return problems
+
+
+# -- files an export derives from the image's ------------------------------------------------
+
+
+def _window_layout(export_dir: str) -> dict | None:
+    from .meta import META_FILE
+
+    try:
+        with open(os.path.join(export_dir, META_FILE), encoding="utf-8") as f:
+            layout = json.load(f).get("layout") or {}
+    except (OSError, ValueError):
+        return None
+    return layout if layout.get("kind") == "windows" else None
+
+
+def derived_files(export_dir: str) -> list[str]:
+    """Files of the export that are not files of the image: CRIU's ``pages-N.img`` of a
+    window-layout snapshot (``snapshot.pagelayout``), one per task pagemap."""
+    from .pagelayout import TASK_PAGEMAP, pages_id
+
+    if _window_layout(export_dir) is None:
+        return []
+    return [f"pages-{pages_id(os.path.join(export_dir, n))}.img"
+            for n in sorted(os.listdir(export_dir)) if TASK_PAGEMAP.match(n)]
+
+
+def _check_derived(export_dir: str, rel: str) -> str | None:
+    """Why the derived file ``rel`` is wrong (None when a fresh derivation gives its bytes)."""
+    from .pagelayout import rebuild_from_export
+
+    local = os.path.join(export_dir, rel)
+    try:
+        with open(local, "rb") as f:
+            same = [True]
+
+            def compare(data: bytes) -> None:
+                if same[0] and f.read(len(data)) != data:
+                    same[0] = False
+            rebuild_from_export(export_dir, rel, compare)
+            if not same[0] or f.read(1):
+                return f"{local}: differs from the pages the snapshot holds"
+    except (OSError, ValueError) as e:
+        return f"{local}: {e}"
+    return None
