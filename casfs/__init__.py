@@ -29,7 +29,7 @@ from .lifeline import Lifeline, sweep_leftovers
 from .listen import parse_listen
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Counter, Gauge, Histogram, MetricRegistry
-from .profiles import Profile, ProfileItem, ProfileReplayer, check_profile, load_profile, save_profile
+from .profiles import Profile, ProfileItem, load_profile, save_profile
 from .safetensors_header import DTYPES as SAFETENSORS_DTYPES
 from .safetensors_header import InvalidSafetensors, SafetensorsHeader, TensorInfo
 from .safetensors_header import header_length as safetensors_header_length
@@ -68,7 +68,6 @@ __all__ = [
     "PathNotFound",
     "Profile",
     "ProfileItem",
-    "ProfileReplayer",
     "SAFETENSORS_DTYPES",
     "SafetensorsHeader",
     "Stat",
@@ -80,7 +79,6 @@ __all__ = [
     "atomic_open",
     "atomic_write",
     "build",
-    "check_profile",
     "default_store_url",
     "export",
     "format_size",

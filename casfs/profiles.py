@@ -48,7 +48,11 @@ class ProfileItem:
 
 @dataclass
 class Profile:
-    """A startup profile: the chunks an image's first boot touched, in first-touch order."""
+    """A startup profile: the chunks an image's first boot touched, in first-touch order.
+
+    ``chunk_size`` is the unit the items' ``chunk`` numbers count: the image's chunk size for
+    a mount's profile; a finer unit where a recorder knows more (snapshot restores record
+    pages: ``chunk`` is then a page number and ``ref`` the chunk holding that page)."""
 
     image_id: str
     chunk_size: int
@@ -106,7 +110,9 @@ def decode_profile(data: bytes | memoryview) -> Profile:
     for k in range(count):
         e, j, dg, raw, stored, packed, pack, off = _PROFILE_ITEM.unpack_from(
             data, _PROFILE_HEADER.size + k * _PROFILE_ITEM.size)
-        if raw > chunk_size or packed > 1 or stored > chunkmod.MAX_RAW_LEN + (1 << 20):
+        # a ref may be longer than chunk_size: a profile may count finer units than chunks
+        # (snapshot restores keep theirs by page, each item naming the chunk holding the page)
+        if raw > max(chunk_size, chunkmod.MAX_RAW_LEN) or packed > 1 or stored > chunkmod.MAX_RAW_LEN + (1 << 20):
             raise CorruptChunk(f"profile item {k} is out of range")
         items.append(ProfileItem(e, j, ChunkRef(dg, raw, stored, pack if packed else None, off)))
     return Profile(image.hex(), chunk_size, items)

@@ -14,8 +14,12 @@ memory pages from the casfs store as the restored processes touch them:
    pair with the rest, from the image's window files (or CRIU's ``pages-N.img``) in the store
    (verified reads).
 3. The pages the first restore faults in (in first-touch order, by chunk) are saved as the
-   snapshot image's startup profile (``casfs.save_profile``), unless it has one; later
-   restores, on any host, fetch those chunks first (``casfs.ProfileReplayer``) while CRIU runs.
+   snapshot image's startup profile (``casfs.save_profile``), unless it has one. Later
+   restores, on any host, fetch those pages first (on the store's threads) and hand their
+   pages to CRIU as eager pages (``hot``): a booting Python process touches tens of thousands
+   of pages (the tiny vLLM replica: ~38,000 pages, 151 MB, before its first token), and a
+   lazy fault is a round trip through the daemon and this process (~0.3 ms each on the busy
+   2-core VM), so the working set goes in with CRIU's own bulk copy and only the rest is lazy.
 
 Decisions, measured on the 2-core VM (docs/benchmarks.md, "CPU snapshots"): a page server
 over CRIU's own protocol instead of the pages files read through a casfs FUSE mount: the
@@ -27,15 +31,18 @@ knows which request is a fault.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import stat as statmod
 from dataclasses import dataclass, field
 
 import casfs
 
-from .criuimg import PAGE_SIZE, encode_pagemap, parse_pagemap
+from .criuimg import PAGE_SIZE, PE_LAZY, PE_PRESENT, Pagemap, PagemapEntry, encode_pagemap, parse_pagemap
 from .meta import EXTRA_DIR, META_FILE
 from .pagelayout import LAZY_DIR, WINDOW_DIR, WindowMap, split_lazy
 from .pageserver import PageServer, ProcessPages
@@ -61,6 +68,7 @@ class PreparedImages:
     bytes_written: int = 0
     lazy_pages: int = 0
     eager_pages: int = 0
+    hot_pages: int = 0
 
 
 def _write(path: str, data: bytes | memoryview) -> None:
@@ -68,12 +76,16 @@ def _write(path: str, data: bytes | memoryview) -> None:
         f.write(data)
 
 
-def prepare_images(image: casfs.Image, imgdir: str, meta: dict | None = None) -> PreparedImages:
+def prepare_images(image: casfs.Image, imgdir: str, meta: dict | None = None,
+                   hot: dict[tuple[int, int], int] | None = None,
+                   hot_data: bytes | None = None) -> PreparedImages:
     """Write the image files CRIU reads itself (see the module docstring) under ``imgdir``.
 
     Snapshots stored in the window layout (``snapshot.pagelayout``, ``meta["layout"]``) carry
     their lazy-restore pagemaps and eager pages ready (``casfs-lazy/``); older ones are split
-    here, reading the eager pages out of CRIU's pages files.
+    here, reading the eager pages out of CRIU's pages files. ``hot`` (casfs entry, page number)
+    are window-file pages CRIU restores eagerly (the startup profile's; window layout only),
+    read from ``hot_data`` (page k at ``hot[...] == k``) or, without it, from the windows.
 
     Raises:
         ValueError: the image is not a CRIU image directory this can restore lazily (a pages
@@ -83,7 +95,7 @@ def prepare_images(image: casfs.Image, imgdir: str, meta: dict | None = None) ->
     os.makedirs(imgdir, exist_ok=True)
     layout = (meta or {}).get("layout") or {}
     if layout.get("kind") == "windows":
-        return _prepare_windows(image, imgdir, int(layout["window"]))
+        return _prepare_windows(image, imgdir, int(layout["window"]), hot, hot_data)
     return _prepare_criu_layout(image, imgdir)
 
 
@@ -100,29 +112,127 @@ def _copy_meta_file(image: casfs.Image, rel: str, dest: str, out: PreparedImages
     return data
 
 
-def _prepare_windows(image: casfs.Image, imgdir: str, window: int) -> PreparedImages:
+def _prepare_windows(image: casfs.Image, imgdir: str, window: int,
+                     hot: dict[tuple[int, int], int] | None, hot_data: bytes | None) -> PreparedImages:
     out = PreparedImages(imgdir)
+    own: set[str] = set()
     for name in image.listdir(""):
         if name in (META_FILE, EXTRA_DIR, WINDOW_DIR, LAZY_DIR):
             continue
-        if _TASK_PAGEMAP.match(name):
-            try:
-                pm = parse_pagemap(image.read(name))
-            except ValueError as e:
-                raise ValueError(f"snapshot image file {name}: {e}") from None
-            win = f"{WINDOW_DIR}/pages-{pm.pages_id}.win"
-            if not image.exists(win):
-                raise ValueError(f"{name} names {win}, which the snapshot lacks")
-            wm = WindowMap.of(pm, window)
-            out.processes[int(_TASK_PAGEMAP.match(name).group(1))] = ProcessPages(
-                image.lookup(win), wm.starts, wm.ends, wm.offsets)
+        task = _TASK_PAGEMAP.match(name)
+        if not task:
+            _copy_meta_file(image, name, os.path.join(imgdir, name), out)  # shmem pagemaps and pages too
+            continue
+        try:
+            pm = parse_pagemap(image.read(name))
+        except ValueError as e:
+            raise ValueError(f"snapshot image file {name}: {e}") from None
+        win = f"{WINDOW_DIR}/pages-{pm.pages_id}.win"
+        if not image.exists(win):
+            raise ValueError(f"{name} names {win}, which the snapshot lacks")
+        wm = WindowMap.of(pm, window)
+        entry = image.lookup(win)
+        out.processes[int(task.group(1))] = ProcessPages(entry, wm.starts, wm.ends, wm.offsets)
+        mine = {p: k for (e, p), k in hot.items() if e == entry} if hot else {}
+        if mine:
+            _write_with_hot_pages(image, imgdir, name, pm, wm, entry, mine, hot_data, out)
+            own.update((name, f"pages-{pm.pages_id}.img"))
+        else:
             out.lazy_pages += pm.lazy_pages
             out.eager_pages += pm.present_pages - pm.lazy_pages
-            continue
-        _copy_meta_file(image, name, os.path.join(imgdir, name), out)  # shmem pagemaps and pages too
     for name in image.listdir(LAZY_DIR):
-        _copy_meta_file(image, f"{LAZY_DIR}/{name}", os.path.join(imgdir, name), out)
+        if name not in own:
+            _copy_meta_file(image, f"{LAZY_DIR}/{name}", os.path.join(imgdir, name), out)
     return out
+
+
+def _write_with_hot_pages(image: casfs.Image, imgdir: str, name: str, pm: Pagemap, wm: WindowMap,
+                          entry: int, hot: dict[int, int], hot_data: bytes | None,
+                          out: PreparedImages) -> None:
+    """The lazy-restore pagemap and eager pages file of one process, with its hot pages (page
+    numbers in its window file: the startup profile, what its first restore faulted in)
+    restored eagerly by CRIU instead of one page fault at a time: a Python process touches
+    tens of thousands of pages before it answers a request, and each lazy fault is a round
+    trip through the daemon."""
+    window = wm.window
+    per = window // PAGE_SIZE
+    hot_windows = {p // per for p in hot}
+    eager_src = image.lookup(f"{LAZY_DIR}/pages-{pm.pages_id}.img")
+    # every chunk this needs, fetched (and verified) on the store's threads first: the reads
+    # below then find them in memory, in file order
+    image.prefetch_entry(eager_src)
+    if hot_data is None:
+        for j in sorted(hot_windows):
+            image.prefetch_entry(entry, j * window, window)
+    local = Pagemap(pm.pages_id)
+    eager_off = 0
+    cur: list = [None, b""]  # the window last read: (number, bytes)
+
+    def hot_bytes(off: int, n: int) -> bytes:
+        j = off // window
+        if cur[0] != j:
+            cur[0], cur[1] = j, image.read_entry(entry, j * window, window)
+        return cur[1][off - j * window:off - j * window + n]
+
+    pages = bytearray()  # written in one go: thousands of small writes to tmpfs cost ~1 s here
+    hot_view = memoryview(hot_data) if hot_data is not None else None
+    for e in pm.entries:
+        if not e.present:
+            local.entries.append(e)
+            continue
+        if not e.lazy:
+            n = e.nr_pages * PAGE_SIZE
+            data = image.read_entry(eager_src, eager_off, n)
+            if len(data) != n:
+                raise ValueError(f"{LAZY_DIR}/pages-{pm.pages_id}.img is shorter than {name} says")
+            eager_off += n
+            pages += data
+            local.entries.append(e)
+            out.eager_pages += e.nr_pages
+            continue
+        runs: list[list] = []  # [start, end, hot]
+        a = e.vaddr
+        while a < e.end:
+            b = min(e.end, (a // window + 1) * window)
+            off = wm.locate(a, b - a)
+            if off is None or off // window not in hot_windows:
+                pieces = [(a, b, False)]
+            else:  # a window with hot pages: page by page
+                pieces = [(x, x + PAGE_SIZE, (off + x - a) // PAGE_SIZE in hot) for x in range(a, b, PAGE_SIZE)]
+            for x, y, is_hot in pieces:
+                if runs and runs[-1][2] == is_hot and runs[-1][1] == x:
+                    runs[-1][1] = y
+                else:
+                    runs.append([x, y, is_hot])
+            a = b
+        for start, end, is_hot in runs:
+            nr = (end - start) // PAGE_SIZE
+            if not is_hot:
+                local.entries.append(PagemapEntry(start, nr, PE_LAZY))
+                out.lazy_pages += nr
+                continue
+            off = wm.locate(start, end - start)
+            x = off
+            while x < off + (end - start):  # a run never leaves its window
+                if hot_data is None:
+                    data = hot_bytes(x, off + (end - start) - x)
+                else:  # as many pages as lie back to back in the hot file too
+                    k = hot[x // PAGE_SIZE]
+                    n = 1
+                    while x + n * PAGE_SIZE < off + (end - start) and hot.get(x // PAGE_SIZE + n) == k + n:
+                        n += 1
+                    data = hot_view[k * PAGE_SIZE:(k + n) * PAGE_SIZE]
+                if not data or len(data) % PAGE_SIZE:
+                    raise ValueError(f"{WINDOW_DIR}/pages-{pm.pages_id}.win is shorter than {name} says")
+                pages += data
+                x += len(data)
+            local.entries.append(PagemapEntry(start, nr, PE_PRESENT))
+            out.eager_pages += nr
+            out.hot_pages += nr
+    _write(os.path.join(imgdir, f"pages-{pm.pages_id}.img"), pages)
+    encoded = encode_pagemap(local)
+    _write(os.path.join(imgdir, name), encoded)
+    out.files += 2
 
 
 def _prepare_criu_layout(image: casfs.Image, imgdir: str) -> PreparedImages:
@@ -177,36 +287,100 @@ def _prepare_criu_layout(image: casfs.Image, imgdir: str) -> PreparedImages:
 # -- the startup profile of a snapshot: the chunks its restores fault in first ----------------
 
 
-def startup_profile(image: casfs.Image, *, concurrency: int = 8) -> tuple[casfs.ProfileReplayer | None, bool]:
-    """Start fetching the snapshot's stored startup profile into the store's memory tier, in
-    first-touch order, on background threads. Returns (the replayer or None, whether this
-    restore should record a profile: True when the image has none).
+HOT_FILE = "pages"
+HOT_META = "hot.json"
+HOT_CHUNK_SIZE = 1 << 20
 
-    A profile that cannot be read costs only its prefetch: logged, then (None, False)."""
+
+def hot_tag(image_id: str) -> str:
+    """The tag of the image holding a snapshot's hot pages (its startup profile's bytes)."""
+    return f"snapshot-hot.{image_id}"
+
+
+def startup_profile(image: casfs.Image) -> tuple[bool, dict[tuple[int, int], int], bytes | None]:
+    """The snapshot's startup profile: (whether this restore should record one: True when the
+    image has none; its hot pages: (casfs entry, page number) -> index in the hot file, in the
+    order the first restore faulted them in; the hot file's bytes, or None when that image is
+    missing or does not match, and the pages are read from the snapshot's windows instead).
+
+    The profile is kept at page granularity (``Profile.chunk_size`` is the page size; each item
+    names a page and the window chunk holding it); the hot pages' bytes, back to back in that
+    order, are a small image of their own (``hot_tag``: 1 MiB chunks), so a restore fetches a
+    few dozen chunks instead of the thousands of 64 KiB windows the pages are spread over. An
+    item that no longer matches the image is dropped. A profile that cannot be read costs only
+    its prefetch: logged, then (False, {}, None)."""
     try:
         prof = casfs.load_profile(image.store, image.id)
     except casfs.CasfsError as e:
         log.warning("startup profile of snapshot %s unusable: %s", image.id[:12], e)
-        return None, False
+        return False, {}, None
     if prof is None:
-        return None, True
-    refs = []
-    seen: set[bytes] = set()
-    for it in casfs.check_profile(prof, image):
-        if it.ref.digest not in seen:
-            seen.add(it.ref.digest)
-            refs.append(it.ref)
-    rep = casfs.ProfileReplayer(image.store, refs, image.index.pack_members, concurrency=concurrency)
-    return rep.start(), False
+        return True, {}, None
+    if prof.chunk_size != PAGE_SIZE:
+        return False, {}, None
+    hot: dict[tuple[int, int], int] = {}
+    refs: dict[int, list] = {}
+    per = image.chunk_size // PAGE_SIZE
+    for k, it in enumerate(prof.items):
+        if it.entry not in refs:
+            try:
+                refs[it.entry] = image.chunk_refs(it.entry)
+            except (casfs.CasfsError, IndexError, ValueError, OSError):
+                refs[it.entry] = []
+        mine = refs[it.entry]
+        if it.chunk // per < len(mine) and mine[it.chunk // per] == it.ref:
+            hot.setdefault((it.entry, it.chunk), k)
+    return False, hot, _hot_bytes(image, [(it.entry, it.chunk) for it in prof.items])
+
+
+def _hot_bytes(image: casfs.Image, pages: list[tuple[int, int]]) -> bytes | None:
+    """The hot file of ``image`` when its image exists and names exactly these pages."""
+    try:
+        hot = image.store.open_image(hot_tag(image.id))
+        doc = json.loads(hot.read(HOT_META))
+        if doc.get("snapshot") != image.id or [tuple(p) for p in doc.get("pages", [])] != pages:
+            log.warning("hot pages of snapshot %s do not match its profile: reading its windows", image.id[:12])
+            return None
+        data = hot.read(HOT_FILE)
+    except casfs.ImageNotFound:
+        return None
+    except (casfs.CasfsError, ValueError, TypeError) as e:
+        log.warning("hot pages of snapshot %s unusable (%s): reading its windows", image.id[:12], e)
+        return None
+    return data if len(data) == len(pages) * PAGE_SIZE else None
 
 
 def save_startup_profile(image: casfs.Image, server: PageServer) -> dict | None:
-    """Store the chunks ``server``'s faults touched, in order, as the image's startup profile
-    (nothing when the restore failed or touched nothing). Returns {"key", "chunks"} or None."""
+    """Store the pages ``server``'s faults touched, in order, as the image's startup profile,
+    and their bytes as its hot-pages image (``hot_tag``); nothing when the restore failed or
+    touched nothing. Returns {"key", "pages", "hot_image"} or None.
+
+    Runs after the restore handed the process all its pages (in the background of a serving
+    replica): the bytes are read again from the store (verified), window by window."""
     if server.error or not server.touched:
         return None
-    cs = image.chunk_size
-    items = [casfs.ProfileItem(e, j, image.chunk_refs(e, j * cs, 1)[0]) for e, j in server.touched]
-    key = casfs.save_profile(image.store, casfs.Profile(image.id, cs, items))
-    log.info("startup profile of snapshot %s saved: %d chunks", image.id[:12], len(items))
-    return {"key": key, "chunks": len(items)}
+    items = [casfs.ProfileItem(e, p, image.chunk_refs(e, p * PAGE_SIZE, 1)[0]) for e, p in server.touched]
+    data = bytearray(len(items) * PAGE_SIZE)
+    window = image.chunk_size
+    per = window // PAGE_SIZE
+    by_window: dict[tuple[int, int], list[int]] = {}
+    for k, (e, p) in enumerate(server.touched):
+        by_window.setdefault((e, p // per), []).append(k)
+    for (e, j), ks in sorted(by_window.items()):
+        chunk = image.read_entry(e, j * window, window)
+        for k in ks:
+            at = (server.touched[k][1] - j * per) * PAGE_SIZE
+            data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] = chunk[at:at + PAGE_SIZE]
+    tmp = tempfile.mkdtemp(prefix="casfs-hot-")
+    try:
+        with open(os.path.join(tmp, HOT_FILE), "wb") as f:
+            f.write(data)
+        with open(os.path.join(tmp, HOT_META), "w", encoding="utf-8") as f:
+            json.dump({"snapshot": image.id, "pages": server.touched}, f)
+        res = casfs.build(image.store, tmp, tag=hot_tag(image.id), chunk_size=HOT_CHUNK_SIZE, progress=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    key = casfs.save_profile(image.store, casfs.Profile(image.id, PAGE_SIZE, items))
+    log.info("startup profile of snapshot %s saved: %d pages (hot pages image %s)", image.id[:12],
+             len(items), res.image_id[:12])
+    return {"key": key, "pages": len(items), "hot_image": res.image_id}

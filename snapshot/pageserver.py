@@ -15,7 +15,7 @@ from the snapshot image's ``pages-N.img`` files in the casfs store:
   covers) is fatal to the restore: ``on_error`` runs first (the caller kills the restored
   tree), then the socket closes. Closing alone would not do: a uffd whose daemon is gone
   turns later faults into zero-filled pages, silently wrong memory;
-* the first touch of each chunk by a fault (a one-page request) is recorded in order, for the
+* the first touch of each page by a fault (a one-page request) is recorded in order, for the
   snapshot's startup profile (``snapshot.lazyrestore`` stores and replays it);
 * a request for chunk k of a pages file starts fetching chunks k+1..k+``readahead`` in the
   background: the background transfer walks addresses upward;
@@ -24,7 +24,9 @@ from the snapshot image's ``pages-N.img`` files in the casfs store:
   behind a 4 MiB background answer waits for all of it. So a background request is answered
   with a single page when a fault is already queued behind it, and otherwise, after waiting
   briefly for one to show up, with at most ``boot_xfer`` bytes (the daemon asks again for the
-  rest). After ``boot_done()`` background requests get all they ask for.
+  rest). After ``boot_done()`` background requests get all they ask for. A restore that
+  records the startup profile holds the background transfer back further (one page per
+  request, ``record_wait`` apart) until then, so every page the program touches is a fault.
 
 Measured (2-core VM, docs/benchmarks.md): see ``snapshot.lazyrestore``.
 """
@@ -99,11 +101,18 @@ class PageServer:
         idle_wait, boot_xfer: until ``boot_done()``, a background request is answered with one
             page when a fault is queued behind it, else after waiting ``idle_wait`` seconds
             for one, with at most ``boot_xfer`` bytes (see the module docstring).
+        recording: the restore records the startup profile: until ``boot_done()`` background
+            requests get one page each, at most every ``record_wait`` seconds, so that what
+            the program touches arrives by fault and is recorded (the whole working set, not
+            just what the background transfer had not yet brought).
+        boot_window, quiet_s: the boot ends by itself ``boot_window`` seconds after the first
+            request, or once no fault came for ``quiet_s`` seconds.
     """
 
     def __init__(self, image: casfs.Image, processes: dict[int, ProcessPages], sock: socket.socket, *,
                  on_error: Callable[[str], None] | None = None, readahead: int = 2,
-                 idle_wait: float = 0.002, boot_xfer: int = 256 << 10, boot_window: float = 20.0) -> None:
+                 idle_wait: float = 0.002, boot_xfer: int = 256 << 10, boot_window: float = 30.0,
+                 recording: bool = False, record_wait: float = 0.05, quiet_s: float = 1.0) -> None:
         self.image = image
         self.processes = processes
         self.sock = sock
@@ -118,7 +127,7 @@ class PageServer:
         self.first_request_at: float | None = None
         self.done = threading.Event()
         self._touched: set[tuple[int, int]] = set()
-        self.touched: list[tuple[int, int]] = []  # (casfs entry, chunk number), first fault touch order
+        self.touched: list[tuple[int, int]] = []  # (casfs entry, page number in it), first fault order
         self._fetched: set[tuple[int, int]] = set()
         self._thread: threading.Thread | None = None
         self._buf = bytearray()
@@ -128,6 +137,10 @@ class PageServer:
         self.boot_xfer = boot_xfer
         self.boot_window = boot_window
         self.idle_s = 0.0
+        self.recording = recording
+        self.record_wait = record_wait
+        self.quiet_s = quiet_s
+        self.last_fault_at: float | None = None
 
     def start(self) -> "PageServer":
         self._thread = threading.Thread(target=self._run, name="casfs-page-server", daemon=True)
@@ -206,9 +219,10 @@ class PageServer:
                     self._fail(f"unexpected page server command {cmd:#x} from criu lazy-pages")
                     break
                 if nr > 1 and self._booting:
-                    if self.first_request_at is not None and \
-                            time.monotonic() - self.first_request_at > self.boot_window:
-                        self._booting = False
+                    now = time.monotonic()
+                    if (self.first_request_at is not None and now - self.first_request_at > self.boot_window) \
+                            or (self.last_fault_at is not None and now - self.last_fault_at > self.quiet_s):
+                        self._booting = False  # nobody said boot_done(), but the faults stopped
                     else:
                         nr = self._background_share(nr)
                 if not self._answer(nr, vaddr, pid):
@@ -231,9 +245,9 @@ class PageServer:
         after waiting ``idle_wait`` seconds for a fault to show up, up to ``boot_xfer`` bytes."""
         if not any(q[1] == 1 for q in self._queue):
             t = time.monotonic()
-            self._fill(self.idle_wait)
+            self._fill(self.record_wait if self.recording else self.idle_wait)
             self.idle_s += time.monotonic() - t
-        if any(q[1] == 1 for q in self._queue):
+        if self.recording or any(q[1] == 1 for q in self._queue):
             return 1
         return max(1, min(nr, self.boot_xfer // PAGE_SIZE))
 
@@ -252,7 +266,8 @@ class PageServer:
         first, last = off // cs, (off + nbytes - 1) // cs
         if nr == 1:
             self.faults += 1
-            key = (proc.entry, first)
+            self.last_fault_at = time.monotonic()
+            key = (proc.entry, off // PAGE_SIZE)
             if key not in self._touched:
                 self._touched.add(key)
                 self.touched.append(key)

@@ -65,14 +65,18 @@ def _host_item(kind: str, item: object) -> tuple[str, str]:
 
 
 
-_ZERO = bytes(1 << 20)
+def _zeros(n: int, _cache: dict[int, bytes] = {}) -> bytes:  # noqa: B006 - a cache on purpose
+    z = _cache.get(n)
+    if z is None:
+        z = _cache[n] = bytes(n)
+    return z
 
 
-def _copy_sparse(read, size: int, dest: str, mode: int) -> None:
-    """Write ``size`` bytes from ``read(offset, n)`` to the new file ``dest`` (mode ``mode``),
-    leaving holes where whole MiB blocks are zero (vLLM's /dev/shm rings are hundreds of MB,
-    mostly zero). ``dest`` must not exist (a planted name is never written through); it is
-    removed again when the copy fails.
+def _copy_sparse(read, size: int, block: int, dest: str, mode: int) -> None:
+    """Write ``size`` bytes from ``read(offset, n)`` (called per ``block``) to the new file
+    ``dest`` (mode ``mode``), leaving holes where whole blocks are zero (vLLM's /dev/shm rings
+    are hundreds of MB, mostly zero). ``dest`` must not exist (a planted name is never written
+    through); it is removed again when the copy fails.
 
     Raises:
         FileExistsError: ``dest`` exists. OSError: a short read or a failed write.
@@ -82,12 +86,15 @@ def _copy_sparse(read, size: int, dest: str, mode: int) -> None:
         os.fchmod(fd, mode)
         off = 0
         while off < size:
-            n = min(len(_ZERO), size - off)
-            block = read(off, n)
-            if len(block) != n:
+            n = min(block, size - off)
+            data = read(off, n)
+            if data is None:  # known zero
+                off += n
+                continue
+            if len(data) != n:
                 raise OSError(f"short read of a stored file for {dest}")
-            if block != _ZERO[:n]:
-                os.pwrite(fd, block, off)
+            if data != _zeros(n):
+                os.pwrite(fd, data, off)
             off += n
         os.ftruncate(fd, size)
     except BaseException:
@@ -98,19 +105,32 @@ def _copy_sparse(read, size: int, dest: str, mode: int) -> None:
 
 
 def _stored_reader(image: casfs.Image | None, imgdir: str | None, rel: str):
-    """(read(offset, n), size) of a file saved with the snapshot: from the image's directory on
-    this host, or (source="store") straight from the store, each chunk verified."""
+    """(read(offset, n), size, block) of a file saved with the snapshot: from the image's
+    directory on this host, or (source="store") straight from the store, chunk by chunk, each
+    verified; ``read`` returns None for a chunk known to be zero: one seen all-zero once is
+    zero wherever its digest recurs (vLLM's 400 MB of /dev/shm rings are thousands of copies
+    of one zero chunk)."""
     if imgdir is not None:
         path = os.path.join(imgdir, rel)
-        size = os.path.getsize(path)
 
         def read_file(off: int, n: int) -> bytes:
             with open(path, "rb") as f:
                 return os.pread(f.fileno(), n, off)
-        return read_file, size
+        return read_file, os.path.getsize(path), 1 << 20
     assert image is not None
     entry = image.lookup(rel)
-    return (lambda off, n: image.read_entry(entry, off, n)), image.index.size(entry)
+    refs = image.chunk_refs(entry)
+    cs = image.chunk_size
+    zero: dict[bytes, bool] = {}
+
+    def read_stored(off: int, n: int) -> bytes | None:
+        ref = refs[off // cs]
+        if zero.get(ref.digest):
+            return None
+        data = image.read_entry(entry, off, n)
+        zero[ref.digest] = len(data) == ref.raw_len and data == _zeros(len(data))
+        return data
+    return read_stored, image.index.size(entry), cs
 
 
 def _prepare_host(meta: dict, imgdir: str | None, image: casfs.Image | None = None) -> None:
@@ -136,8 +156,8 @@ def _prepare_host(meta: dict, imgdir: str | None, image: casfs.Image | None = No
             # O_NOFOLLOW (in _copy_sparse): /dev/shm is world-writable, a name planted there is
             # never written through
             tmp = f"{path}.casfs-{os.getpid()}-{threading.get_ident()}"
-            read, size = _stored_reader(image, imgdir, stored)
-            _copy_sparse(read, size, tmp, item.get("mode", 0o600))  # CRIU checks a link_remap's mode
+            read, size, block = _stored_reader(image, imgdir, stored)
+            _copy_sparse(read, size, block, tmp, item.get("mode", 0o600))  # CRIU checks a link_remap's mode
             try:
                 with contextlib.suppress(OSError):
                     os.link(tmp, path)  # never replaces one a concurrent restore put back
@@ -310,8 +330,9 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
             "mount": CRIU reads a casfs FUSE mount of the image (with ``lazy``, pages come from
             the store as they are touched).
         check: refuse a host the snapshot's key does not match.
-        profile: (``source="store"``) fetch the chunks of the snapshot's startup profile first,
-            and record one at the first restore (the chunks its faults touched, in order).
+        profile: (``source="store"``) fetch the pages of the snapshot's startup profile first
+            and hand them to CRIU as eager pages, and record one at the first restore (the
+            pages its faults touched, in order).
 
     Raises:
         IncompatibleHost: the key does not match this host (fall back to a cold start).
@@ -342,17 +363,23 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         if problems:
             raise IncompatibleHost(problems)
     t_open = time.perf_counter() - t0
-    work = tempfile.mkdtemp(prefix="casfs-restore-")
+    # a restore from the store stages CRIU's eager pages (the working set) in RAM, not on disk
+    shm = "/dev/shm" if source == "store" and os.path.isdir("/dev/shm") else None
+    work = tempfile.mkdtemp(prefix="casfs-restore-", dir=shm)
     mountpoint = None
     lazy_proc = None
     server = None
-    replayer = None
+    record = False
     after_lazy: list[Callable[[], None]] = []
     victim: dict[str, Any] = {"pid": None, "proc": None}
     cached = False
     try:
         if source == "store":
-            prep = lazyrestore.prepare_images(image, os.path.join(work, "images"), meta)
+            hot: dict = {}
+            hot_data = None
+            if profile:
+                record, hot, hot_data = lazyrestore.startup_profile(image)
+            prep = lazyrestore.prepare_images(image, os.path.join(work, "images"), meta, hot, hot_data)
             imgdir = prep.imgdir
             _prepare_host(meta, None, image)
         elif source == "mount":
@@ -379,12 +406,10 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
             pass_fds: tuple[int, ...] = ()
             if source == "store":
                 ours, theirs = pageserver.socket_pair()
-                server = pageserver.PageServer(image, prep.processes, ours,
+                server = pageserver.PageServer(image, prep.processes, ours, recording=profile and record,
                                                on_error=lambda why: _kill_restore(victim, why))
-                if profile:
-                    replayer, record = lazyrestore.startup_profile(image)
-                    if record:
-                        after_lazy.append(lambda: lazyrestore.save_startup_profile(image, server))
+                if profile and record:
+                    after_lazy.append(lambda: lazyrestore.save_startup_profile(image, server))
                 server.start()
                 lazy_args += ["--page-server", "--ps-socket", str(theirs.fileno())]
                 pass_fds = (theirs.fileno(),)
@@ -423,8 +448,6 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
             raise CriuError(f"restoring {image.name} from the store failed: {server.error}")
         t_criu = time.perf_counter() - t2
     except BaseException:
-        if replayer is not None:
-            replayer.stop()
         if lazy_proc is not None and lazy_proc.poll() is None:
             lazy_proc.kill()
             lazy_proc.wait()
@@ -435,8 +458,6 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
                 casfs.unmount(mountpoint)
         # keep the logs of a failed restore for the user (the message names them)
         raise
-    if replayer is not None:
-        after_lazy.insert(0, replayer.stop)
     ready_pid = ready_caller_pid(pid, meta.get("ready"))
     if meta.get("ready"):
         with contextlib.suppress(ProcessLookupError):
@@ -446,7 +467,13 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
     if source == "store":
         timings["eager_pages"] = prep.eager_pages
         timings["lazy_pages"] = prep.lazy_pages
-        timings["profile_chunks"] = replayer.total if replayer is not None else 0
+        timings["profile_pages"] = len(hot)
+        timings["hot_image"] = hot_data is not None
+        timings["hot_pages"] = prep.hot_pages
+        for name in os.listdir(imgdir):  # CRIU has read the eager pages: free their memory
+            if name.startswith("pages-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(imgdir, name))
     return RestoredProcess(proc, pid, ready_pid, work, lazy_proc, mountpoint, image.id, timings,
                            page_server=server, after_lazy=after_lazy)
 

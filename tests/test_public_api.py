@@ -16,7 +16,7 @@ EXPECTED = {
     # issue 17: helpers die with their supervisor (casfs.lifeline)
     "Lifeline", "sweep_leftovers",
     # startup profiles, recorded and replayed by snapshot's restores from the store (issue 19)
-    "Profile", "ProfileItem", "ProfileReplayer", "check_profile", "load_profile", "save_profile",
+    "Profile", "ProfileItem", "load_profile", "save_profile",
 }
 
 

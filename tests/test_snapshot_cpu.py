@@ -199,7 +199,7 @@ def test_a_torch_process_restores_from_the_store_without_unpacking(torch_snap, l
     snap = torch_snap
     cache = tmp_path / "never-written"
     snap["stop"].touch()
-    live = cpu.restore("torch-app", snap["store"], source="store", cache_dir=str(cache))
+    live = cpu.restore("torch-app", snap["store"], source="store", cache_dir=str(cache), profile=False)
     snap["live"].append(live)
     _assert_same_state(_wait_record(snap["out"], live.pid), snap["before"])
     assert live.wait(60) == 7
@@ -219,12 +219,18 @@ def test_the_first_restore_from_the_store_records_a_startup_profile_that_later_o
     assert first.wait(60) == 7 and first.lazy_done(60)
     first.close()                                  # the profile is saved once the pages are all sent
     prof = casfs.load_profile(snap["store"], image.id)
-    assert prof is not None and 0 < len(prof.items) <= len(list(image.file_chunks()))
+    assert prof is not None and prof.chunk_size == 4096     # pages, in the order they faulted
+    assert 0 < len(prof.items) == first.pages()["faults"] <= first.timings["lazy_pages"]
     second = cpu.restore("torch-app", snap["store"], source="store")
     snap["live"].append(second)
     _assert_same_state(_wait_record(snap["out"], second.pid), snap["before"])
-    assert second.timings["profile_chunks"] == len({it.ref.digest for it in prof.items})
+    assert second.timings["profile_pages"] == len(prof.items)
+    assert second.timings["hot_pages"] == len(prof.items)   # restored by CRIU, not faulted in
+    assert second.timings["hot_image"]                      # their bytes from one small image
+    hot = snap["store"].open_image(f"snapshot-hot.{image.id}")
+    assert hot.stat("pages").size == len(prof.items) * 4096
     assert second.wait(60) == 7 and second.lazy_done(60)
+    assert second.pages()["faults"] < first.pages()["faults"]
 
 
 def test_a_corrupt_page_in_the_store_kills_the_restored_process_instead_of_running_it_wrong(tiny, lazy_ok):
