@@ -85,14 +85,15 @@ def make_tokenizer(vocab_size: int, seed: int = 0):
             for ch in form[1:]:
                 add(cur, ch)
                 cur += ch
-    toks = list(vocab)
+    short = [t for t in vocab if len(t) <= 6]  # pieces of new tokens: a token is at most 12 characters
     x = seed * 7919 + 12345
     while len(vocab) < want:
         x = (6364136223846793005 * x + 1442695040888963407) % (1 << 64)
-        a, b = toks[(x >> 20) % len(toks)], toks[(x >> 40) % len(toks)]
-        if len(a) + len(b) <= 12 and a + b not in vocab:
+        a, b = short[(x >> 20) % len(short)], short[(x >> 40) % len(short)]
+        if a + b not in vocab:
             add(a, b)
-            toks.append(a + b)
+            if len(a) + len(b) <= 6:
+                short.append(a + b)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
