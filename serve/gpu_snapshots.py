@@ -85,6 +85,24 @@ class DriverGpu:
         return {"used": sum(d["memory_total"] - d["memory_free"] for d in devs),
                 "free": sum(d["memory_free"] for d in devs)}
 
+    def process_memory(self, pid: int) -> int | None:
+        """GPU memory NVML lists for ``pid`` (bytes; 0 when it holds none; None when NVML cannot
+        tell, e.g. it does not see this PID namespace)."""
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            total, seen = 0, False
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    seen = True
+                    if int(proc.pid) == pid:
+                        total += int(proc.usedGpuMemory or 0)
+            return total if (seen or total) else 0
+        except Exception:  # noqa: BLE001 - NVML missing or not supported: unknown
+            return None
+
 
 class WeightsPrefetch:
     """Reads every chunk of the weight files of a model image through the store in a thread

@@ -162,6 +162,8 @@ class Worker:
             self.app.metrics.record_boot({k: float(v) for k, v in phases.items()}, body.get("total"),
                                          str(body.get("mode", "")), str(body.get("snapshot") or ""))
             return Response(200, b'{"ok":true}')
+        if req.path in (CONTROL_PREFIX + "park", CONTROL_PREFIX + "unpark"):
+            return await self._park(req.path == CONTROL_PREFIX + "park", body)
         return error_response(404, f"no route {req.method} {req.path}", code="not_found")
 
     async def release_for_snapshot(self, engine: Engine) -> None:
@@ -182,6 +184,28 @@ class Worker:
         except EngineError as e:
             log.warning("%s: the snapshot keeps that memory", e)
         self.phases["release"] = time.monotonic() - t
+
+    async def _park(self, park: bool, body: dict) -> Response:
+        """(serve.pool) park: finish the running batch, hold new ones, free the weights and KV
+        cache keeping their addresses; the supervisor then suspends the GPU state. unpark (after
+        the supervisor resumed it): memory back at the same addresses, weights streamed in from
+        ``body["weights"]``, batches go on. Answers the engine's report as JSON."""
+        engine = self.engine
+        if engine is None or not hasattr(engine, "release_device"):
+            return error_response(409, f"the {self.args.engine} engine cannot be parked", code="not_parkable")
+        try:
+            if park:
+                out = await asyncio.to_thread(engine.release_device)
+            else:
+                from .hf_model import WeightsSource
+
+                w = body.get("weights") or {}
+                src = (WeightsSource(w["store"], w["image"], w.get("path") or "model.safetensors",
+                                     w.get("cache_dir") or None) if w.get("store") and w.get("image") else None)
+                out = await asyncio.to_thread(engine.restore_device, src)
+        except EngineError as e:
+            return error_response(500, str(e), code="engine_error")
+        return Response(200, json.dumps(out, default=str).encode())
 
     def snapshot_point(self, engine: Engine) -> None:
         """Where a snapshot is taken (when a snapshot supervisor started this process).

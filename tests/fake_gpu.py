@@ -36,9 +36,10 @@ class FakeGpuState:
 class FakeGpu:
     """A fake GPU layer (see the module docstring). ``calls``: ("suspend"|"resume", pid, alive)."""
 
-    def __init__(self, *, fail_suspend: bool = False, fail_resume: bool = False) -> None:
+    def __init__(self, *, fail_suspend: bool = False, fail_resume: int = 0, free_bytes: int = 1 << 40) -> None:
         self.fail_suspend = fail_suspend
-        self.fail_resume = fail_resume
+        self.fail_resume = int(fail_resume)  # how many resumes fail (True: one)
+        self.free_bytes = free_bytes  # what memory() reports free
         self.calls: list[tuple[str, int, bool]] = []
 
     def suspend(self, pid: int) -> FakeGpuState:
@@ -50,6 +51,7 @@ class FakeGpu:
     def resume(self, state: FakeGpuState) -> object:
         self.calls.append(("resume", state.pid, _alive(state.pid)))
         if self.fail_resume:
+            self.fail_resume -= 1
             os.kill(state.pid, signal.SIGKILL)  # what snapshot.resume does when a restore fails
             raise RuntimeError(f"fake GPU: not enough free memory to resume pid {state.pid}; it was killed")
         return object()
@@ -59,4 +61,4 @@ class FakeGpu:
         return FakeGpuState(pid)
 
     def memory(self) -> dict[str, int]:
-        return {"used": 0, "free": 0}
+        return {"used": 0, "free": self.free_bytes}

@@ -135,12 +135,18 @@ def test_a_gpu_snapshot_made_and_restored_with_the_driver_serves_identical_token
     monkeypatch.setenv("CASFS_SNAPSHOT_CACHE", str(tiny / "snapcache"))
     common = dict(image="qwen3-tiny", store=str(tiny / "store"), engine="transformers", eager=True,
                   workdir=str(tiny / "work"), max_model_len=128, snapshot="tiny-gpu")
+    cold = boot_replica(BootConfig(listen=_listen(), **{**common, "snapshot": None}))
+    try:
+        want = _complete(cold.listen)
+    finally:
+        cold.stop()
     rep = boot_replica(BootConfig(listen=_listen(), create_snapshot=True, **common))
     try:
         r = rep.report
         assert r.details["gpu_snapshot"] is True and "snapshot_failed" not in r.details, r.details.get("snapshot_failed")
         assert r.snapshot_create["gpu_state"]["device_bytes"]
         made = _complete(rep.listen)
+        assert made == want  # the first restore serves what the cold replica served
     finally:
         rep.stop()
     rep = boot_replica(BootConfig(listen=_listen(), **common))
@@ -150,5 +156,27 @@ def test_a_gpu_snapshot_made_and_restored_with_the_driver_serves_identical_token
         assert r.details["restore"]["timings"]["gpu_resume"] > 0
         assert r.details["worker"]["after_restore"]["weights_bytes"] > 0
         assert _complete(rep.listen) == made
+    finally:
+        rep.stop()
+
+
+def test_a_parked_replica_holds_no_gpu_memory_and_unparks_with_identical_output(tiny):
+    from serve.boot import BootConfig, boot_replica
+    from serve.gpu_snapshots import DriverGpu
+    from serve.pool import ParkedReplica, Reservations, _weights_of, park, unpark
+
+    gpu = DriverGpu()
+    rep = boot_replica(BootConfig(image="qwen3-tiny", listen=_listen(), store=str(tiny / "store"), engine="transformers",
+                                  eager=True, workdir=str(tiny / "work"), max_model_len=128))
+    try:
+        want = _complete(rep.listen)
+        p = ParkedReplica(rep, weights=_weights_of(rep))
+        for _ in range(2):
+            pr = park(p, gpu)
+            assert pr["process_gpu_bytes_while_parked"] in (0, None), pr
+            assert pr["gpu_memory_after"]["free"] > pr["gpu_memory_before"]["free"]
+            ur = unpark(p, gpu, Reservations(gpu), model="qwen3-tiny")
+            assert ur["phases"]["first_token"] > 0
+            assert _complete(rep.listen) == want
     finally:
         rep.stop()

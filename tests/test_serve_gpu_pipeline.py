@@ -86,7 +86,7 @@ def test_a_gpu_snapshot_suspends_before_the_dump_and_resumes_the_restored_proces
 def test_a_failed_gpu_resume_kills_the_restored_process_and_the_replica_boots_cold(echo_image):
     rep = _boot(echo_image, FakeGpu(), create_snapshot=True)
     rep.stop()
-    gpu = FakeGpu(fail_resume=True)
+    gpu = FakeGpu(fail_resume=1)
     rep = _boot(echo_image, gpu)
     try:
         r = rep.report
