@@ -191,7 +191,7 @@ class Bench:
 
         with casfs.open_store(os.path.join(self.work, "blob")) as s:
             snap_id = s.open_image(snap).id
-        for tier in a.tiers.split(","):
+        for tier in a.tiers.replace("+", ",").split(","):
             for _ in range(a.on):
                 if tier == "host":
                     prep = "export and weights in the page cache"
