@@ -65,6 +65,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-gpu-check", action="store_true", help="skip the GPU health phase")
     p.add_argument("--report", metavar="PATH", default=None, help="also write the boot report here")
     p.add_argument("--boot-timeout", type=float, default=900.0, metavar="SECONDS")
+    p.add_argument("--park", type=int, default=0, metavar="N",
+                   help="a warm pool: boot N replicas (from --snapshot where it restores; a GPU snapshot restores "
+                        "one process per PID at a time, so the others boot cold), park "
+                        "them (GPU memory released: weights and KV cache freed, GPU state moved to host "
+                        "memory by the driver) and serve on --listen as their front door: a request "
+                        "unparks one (free GPU memory checked and reserved first), a replica idle for "
+                        "--idle-park seconds is parked again. GET /pool and /metrics show the pool")
+    p.add_argument("--idle-park", type=float, default=60.0, metavar="SECONDS",
+                   help="with --park: park an active replica after this long without requests (default 60)")
     p.add_argument("--exit-after-boot", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
@@ -81,6 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      snapshot=args.snapshot, snapshot_source=args.snapshot_source,
                      create_snapshot=args.create, gpu_check=not args.no_gpu_check,
                      boot_timeout=args.boot_timeout, report_path=args.report)
+    if args.park:
+        return _serve_pool(args, cfg)
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -116,3 +127,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     replica.stop()
     print(f"casfs serve: stopped in {time.monotonic() - t:.2f} s (replica and model mount)", file=sys.stderr)
     return code
+
+
+def _free_listen(host: str) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"{host}:{s.getsockname()[1]}"
+
+
+def _serve_pool(args: argparse.Namespace, cfg: object) -> int:
+    """``--park N``: boot N replicas, park them, serve as their front door (serve.front)."""
+    import asyncio
+    import dataclasses
+
+    from casfs import parse_listen
+
+    from .boot import boot_replica
+    from .front import FrontDoor
+    from .gpu_snapshots import DriverGpu
+    from .pool import WarmPool
+
+    if args.park < 1:
+        raise ValueError("--park needs N >= 1 replicas")
+    host, _ = parse_listen(args.listen)
+    gpu = DriverGpu()
+
+    def boot(i: int):
+        return boot_replica(dataclasses.replace(cfg, listen=_free_listen(host), report_path=None,
+                                                create_snapshot=args.create and i == 0))
+
+    pool = WarmPool(boot, args.park, gpu)
+    try:
+        parked = pool.park_all()
+        print(json.dumps({"pool": [{"pid": p.replica.pid, "listen": p.replica.listen, "parked": p.parked}
+                                   for p in pool.replicas], "parks": parked}, default=str), flush=True)
+        front = FrontDoor(pool, idle_s=args.idle_park)
+
+        async def run() -> None:
+            addr = await front.start(args.listen)
+            print(f"casfs serve: {len(pool.replicas)} parked replica(s) of {args.image} behind "
+                  f"http://{addr[0]}:{addr[1]}/v1 (unparked on demand, parked after {args.idle_park:.0f} s idle)",
+                  file=sys.stderr, flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            await front.close()
+
+        asyncio.run(run())
+    finally:
+        pool.stop()
+    return 0

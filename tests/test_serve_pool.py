@@ -145,3 +145,42 @@ def test_a_pool_replaces_a_replica_whose_resume_failed_and_counts_it_in_its_metr
         assert 'casfs_pool_events_total{kind="parks"} 3' in text and 'casfs_pool_replicas{state="parked"} 1' in text
     finally:
         pool.stop()
+
+
+def test_the_front_door_unparks_on_demand_relays_streams_and_parks_again_when_idle(tiny):
+    import asyncio
+    import time
+
+    import openai
+
+    from serve.front import FrontDoor
+
+    gpu = FakeGpu()
+    pool = WarmPool(_booter(tiny), 1, gpu)
+    loop = asyncio.new_event_loop()
+    front = FrontDoor(pool, idle_s=1.0)
+    try:
+        want = _complete(pool.replicas[0].replica)
+        pool.park_all()
+        t = threading.Thread(target=loop.run_forever, daemon=True)
+        t.start()
+        host, port = asyncio.run_coroutine_threadsafe(front.start("127.0.0.1:0"), loop).result(30)
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        got = client.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=8, temperature=0)
+        assert got.choices[0].text == want and [c[0] for c in gpu.calls] == ["suspend", "resume"]
+        parts = [c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt="Hello, my name is", max_tokens=8, temperature=0, stream=True)]
+        assert "".join(parts) == want and len(parts) > 1
+        deadline = time.monotonic() + 20
+        while not pool.replicas[0].parked and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pool.replicas[0].parked and [c[0] for c in gpu.calls] == ["suspend", "resume", "suspend"]
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+            m = r.read().decode()
+        assert 'casfs_pool_events_total{kind="unparks"} 1' in m and 'casfs_pool_events_total{kind="parks"} 2' in m
+        with urllib.request.urlopen(f"http://{host}:{port}/pool", timeout=10) as r:
+            assert json.load(r)["replicas"][0]["parked"] is True
+    finally:
+        asyncio.run_coroutine_threadsafe(front.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        pool.stop()
