@@ -16,7 +16,7 @@ checks it); everything in casfs's submodules is an implementation detail.
 
 from __future__ import annotations
 
-from .build import DEFAULT_CHUNK_SIZE, BuildResult, open_source
+from .build import CODE_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, WEIGHT_CHUNK_SIZE, BuildResult, chunk_size_for, open_source
 from .build import build_image as build
 from .errors import (BuildError, CasfsError, ChunkUnavailable, CorruptChunk, CorruptIndex,
                      ImageNotFound, NotAFile, PathNotFound, StoreError)
@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BuildError",
     "BuildResult",
+    "CODE_CHUNK_SIZE",
     "CasfsError",
     "ChunkRef",
     "ChunkUnavailable",
@@ -75,10 +76,12 @@ __all__ = [
     "StoreError",
     "TensorInfo",
     "TierStats",
+    "WEIGHT_CHUNK_SIZE",
     "atomic_directory",
     "atomic_open",
     "atomic_write",
     "build",
+    "chunk_size_for",
     "default_store_url",
     "export",
     "format_size",

@@ -86,7 +86,6 @@ def _write_tree(image: Image, root: str, progress: bool | None) -> ExportResult:
         bar, task = byte_bar(f"exporting {image.name}", total)
 
     # prefetch window over upcoming file spans (each hard-linked file once)
-    span = ix.chunk_size * PREFETCH_SPAN_CHUNKS
     pending: deque[tuple[int, int, int]] = deque()
     inodes: set[int] = set()
     for i in files:
@@ -95,6 +94,7 @@ def _write_tree(image: Image, root: str, progress: bool | None) -> ExportResult:
             if st.ino in inodes:
                 continue
             inodes.add(st.ino)
+        span = ix.file_chunk_size(i) * PREFETCH_SPAN_CHUNKS
         pending.extend((i, off, min(span, st.size - off)) for off in range(0, st.size, span))
     ahead = 0
 
@@ -140,7 +140,7 @@ def _write_tree(image: Image, root: str, progress: bool | None) -> ExportResult:
                     with open(fd, "wb") as f:
                         size = st.size
                         off = 0
-                        cs = ix.chunk_size
+                        cs = ix.file_chunk_size(i)
                         while off < size:
                             n = min(cs, size - off)
                             f.write(image.read_entry(i, off, n))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat as statmod
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import NotAFile
+from .errors import CorruptIndex, NotAFile
 from .index import ChunkRef, Index, Stat
 
 if TYPE_CHECKING:
@@ -26,7 +26,17 @@ class Image:
 
     @property
     def chunk_size(self) -> int:
+        """The largest chunk size of any file in the image (bytes); a file's own is
+        ``file_chunk_size``."""
         return self.index.chunk_size
+
+    def file_chunk_size(self, entry: int) -> int:
+        """Bytes per chunk of regular file ``entry`` (chunk ``j`` starts at ``j * size``).
+
+        Raises:
+            NotAFile, CorruptIndex.
+        """
+        return self.index.file_chunk_size(entry)
 
     def lookup(self, path: str) -> int:
         """Entry number of ``path`` (raises PathNotFound)."""
@@ -66,7 +76,7 @@ class Image:
         end = min(fsize, offset + size)
         if offset >= end:
             return []
-        cs = ix.chunk_size
+        cs = ix.file_chunk_size(entry)
         return [ix.file_chunk(entry, j) for j in range(offset // cs, (end - 1) // cs + 1)]
 
     def read_entry(self, entry: int, offset: int = 0, size: int = -1) -> bytes:
@@ -85,13 +95,18 @@ class Image:
         end = min(fsize, offset + size)
         if offset >= end:
             return b""
-        cs = ix.chunk_size
+        cs = ix.file_chunk_size(entry)
         refs = self.chunk_refs(entry, offset, end - offset)
         if len(refs) == 1:  # inside one chunk: a small read fetches only the blocks it covers
             lo = offset - (offset // cs) * cs
             return self.store.chunks.read(refs[0], lo, end - offset, ix.pack_members)
         parts = self.store.chunks.get_many(refs, ix.pack_members)
         first = offset // cs
+        for k, part in enumerate(parts):
+            want = min(cs, fsize - (first + k) * cs)
+            if len(part) != want:
+                raise CorruptIndex(f"{ix.path(entry)!r}: chunk {first + k} is {len(part)} bytes, "
+                                   f"the file needs {want}")
         lo = offset - first * cs
         if len(parts) == 1:
             return parts[0][lo:lo + (end - offset)]
@@ -124,7 +139,6 @@ class Image:
             file's), ValueError (negative offset, read-only buffer).
         """
         from . import chunk as chunkmod
-        from .errors import CorruptIndex
 
         ix = self.index
         if not statmod.S_ISREG(ix.mode(entry)):
@@ -134,7 +148,7 @@ class Image:
         out = chunkmod.writable_view(buf)
         fsize = ix.size(entry)
         n = max(0, min(len(out), fsize - offset))
-        cs = ix.chunk_size
+        cs = ix.file_chunk_size(entry)
         chunks = self.store.chunks
         done = 0
         while done < n:

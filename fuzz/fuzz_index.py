@@ -4,7 +4,10 @@ Contract under test: for any input bytes, ``Index.parse`` either returns an ``In
 ``CorruptIndex``; on an index it returned, every accessor (walk, path, name, stat, children,
 lookup_child, lookup, readlink, xattrs, file_chunk_ids, file_chunks, chunk, pack_members)
 either answers or raises ``CorruptIndex`` (``PathNotFound`` too for ``lookup``), in bounded
-time: ``walk`` visits each entry at most once. Any other exception, a walk that visits more
+time: ``walk`` visits each entry at most once. ``file_chunk_size`` answers a power of two in
+[4 KiB, the header's chunk size] or raises ``CorruptIndex``; a file whose chunk list it accepts
+has ``ceil(size / file_chunk_size)`` chunks. Both format versions are fuzzed (version 1 has
+no ``chunk_shift`` column; the seeds include a real version-1 index). Any other exception, a walk that visits more
 entries than the index holds, or a hang (libFuzzer ``-timeout``) is a bug.
 
 Two input modes (first byte): raw bytes straight into ``Index.parse``, or structured: a
@@ -38,10 +41,8 @@ with atheris.instrument_imports(include=["casfs"]):  # before anything else impo
 import seeds  # noqa: E402
 
 Index = indexmod.Index
-SECTIONS = indexmod._SECTIONS
 HEADER = indexmod._HEADER
-LENGTHS = indexmod._LENGTHS
-SECTION_START = HEADER.size + LENGTHS.size
+SHIFT_VALUES = (0, 11, 12, 13, 16, 20, 24, 27, 28, 29, 255)  # boundaries of a file's chunk size
 COUNT_KEYS = ("entries", "chunks", "packs", "file_chunks", "xattrs")  # header fields 2..6
 MAX_SAMPLED = 48  # entries exercised per input (bounds the time per input)
 
@@ -55,25 +56,31 @@ class Parts:
     def __init__(self, data: bytes) -> None:
         _, version, chunk_size, *counts = HEADER.unpack_from(data, 0)
         self.fields = [version, chunk_size, *counts]  # version, chunk_size, then COUNT_KEYS
+        self.layout = (indexmod._SECTIONS_V1, indexmod._LENGTHS_V1) if version == 1 else \
+            (indexmod._SECTIONS, indexmod._LENGTHS)
         self.sections: list[bytearray] = []
-        off = SECTION_START
-        for ln in LENGTHS.unpack_from(data, HEADER.size):
+        off = HEADER.size + self.layout[1].size
+        for ln in self.layout[1].unpack_from(data, HEADER.size):
             self.sections.append(bytearray(data[off:off + ln]))
             off += ln
 
     def count(self, key: str) -> int:
         return self.fields[2 + COUNT_KEYS.index(key)]
 
+    @property
+    def names(self) -> tuple:
+        return self.layout[0]
+
     def item_size(self, k: int) -> int:
-        tc = SECTIONS[k][1]
-        return struct.calcsize(tc) if tc is not None else (32 if SECTIONS[k][2] else 1)
+        tc = self.names[k][1]
+        return struct.calcsize(tc) if tc is not None else (32 if self.names[k][2] else 1)
 
     def serialize(self, length_delta: tuple[int, int] | None) -> bytes:
         lengths = [len(b) for b in self.sections]
         if length_delta is not None:
             k, d = length_delta
             lengths[k] = max(0, lengths[k] + d)
-        return (HEADER.pack(indexmod.MAGIC, *self.fields) + LENGTHS.pack(*lengths)
+        return (HEADER.pack(indexmod.MAGIC, *self.fields) + self.layout[1].pack(*lengths)
                 + b"".join(self.sections))
 
 
@@ -100,7 +107,7 @@ def _resize(p: Parts, fdp: atheris.FuzzedDataProvider) -> None:
     new = min(new, 4 * old + 64, 20_000)  # keep inputs small (old may be a fuzzed header value)
     p.fields[2 + COUNT_KEYS.index(key)] = new
     repeat = fdp.ConsumeBool()
-    for k, (_, _, ck) in enumerate(SECTIONS):
+    for k, (_, _, ck) in enumerate(p.names):
         if ck != key:
             continue
         size = p.item_size(k)
@@ -127,19 +134,22 @@ def _mutate(fdp: atheris.FuzzedDataProvider) -> bytes:
             _resize(p, fdp)
             n = p.count("entries")
         elif op in (2, 3, 4, 5):  # one element of a column (reaches the accessors' checks)
-            cols = [k for k, sec in enumerate(p.sections) if SECTIONS[k][1] is not None and sec]
+            cols = [k for k, sec in enumerate(p.sections) if p.names[k][1] is not None and sec]
             if not cols:
                 continue
             k = cols[fdp.ConsumeIntInRange(0, len(cols) - 1)]
-            tc = SECTIONS[k][1]
+            tc = p.names[k][1]
             size = struct.calcsize(tc)
             i = fdp.ConsumeIntInRange(0, len(p.sections[k]) // size - 1)
-            val = _interesting(fdp, i, n, 8 * size)
+            if p.names[k][0] == "chunk_shift" and fdp.ConsumeBool():
+                val = SHIFT_VALUES[fdp.ConsumeIntInRange(0, len(SHIFT_VALUES) - 1)]
+            else:
+                val = _interesting(fdp, i, n, 8 * size)
             if tc == "q" and val >= 1 << 63:
                 val -= 1 << 64
             struct.pack_into("<" + tc, p.sections[k], i * size, val)
         elif op == 6:  # copy one element over another in the same column (cycles, overlaps)
-            k = fdp.ConsumeIntInRange(0, len(SECTIONS) - 1)
+            k = fdp.ConsumeIntInRange(0, len(p.names) - 1)
             size = p.item_size(k)
             count = len(p.sections[k]) // size
             if count:
@@ -147,18 +157,18 @@ def _mutate(fdp: atheris.FuzzedDataProvider) -> bytes:
                 sec = p.sections[k]
                 sec[b * size:(b + 1) * size] = sec[a * size:(a + 1) * size]
         elif op == 7:  # a heap byte, or a heap grown/shrunk (names, links, xattrs)
-            heaps = [k for k, (_, tc, ck) in enumerate(SECTIONS) if tc is None]
+            heaps = [k for k, (_, tc, ck) in enumerate(p.names) if tc is None]
             k = heaps[fdp.ConsumeIntInRange(0, len(heaps) - 1)]
             sec = p.sections[k]
             if sec and fdp.ConsumeBool():
                 sec[fdp.ConsumeIntInRange(0, len(sec) - 1)] = fdp.ConsumeIntInRange(0, 255)
-            elif SECTIONS[k][2] is None:
+            elif p.names[k][2] is None:
                 if fdp.ConsumeBool():
                     del sec[fdp.ConsumeIntInRange(0, len(sec)):]
                 else:
                     sec += fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300))
         elif op == 8:  # one section length that no longer adds up
-            length_delta = (fdp.ConsumeIntInRange(0, len(SECTIONS) - 1), fdp.ConsumeIntInRange(-64, 64))
+            length_delta = (fdp.ConsumeIntInRange(0, len(p.names) - 1), fdp.ConsumeIntInRange(-64, 64))
         else:  # raw damage after serialization: truncate or overwrite a few bytes
             data = bytearray(p.serialize(length_delta))
             if fdp.ConsumeBool():
@@ -223,7 +233,12 @@ def exercise(ix: Index, picks: list[int], valid: bool) -> None:
         elif st.is_symlink:
             _call(ix.readlink, i)
         elif st.is_file:
-            _call(ix.file_chunk_ids, i)
+            cs = _call(ix.file_chunk_size, i)
+            if cs is not None and (cs & (cs - 1) or not 4096 <= cs <= ix.chunk_size):
+                raise AssertionError(f"file_chunk_size({i}) = {cs}: not a power of two in [4096, {ix.chunk_size}]")
+            ids = _call(ix.file_chunk_ids, i)
+            if ids is not None and len(ids) != -(-st.size // cs):  # type: ignore[operator]
+                raise AssertionError(f"file {i}: {len(ids)} chunks for {st.size} bytes of {cs}-byte chunks")
             refs = _call(ix.file_chunks, i) or []
             for j in range(min(len(refs), 4)):
                 _call(ix.file_chunk, i, j)

@@ -43,10 +43,13 @@ def _digest(tag: str) -> bytes:
     return hashlib.sha256(tag.encode()).digest()  # any 32 bytes: the parser never hashes them
 
 
-def synthetic_index(n_dirs: int, files_per_dir: int, seed: int, chunk_size: int = 4096) -> bytes:
+def synthetic_index(n_dirs: int, files_per_dir: int, seed: int, chunk_size: int = 4096,
+                    mixed_sizes: bool = False) -> bytes:
     """Serialize a synthetic tree: nested dirs, files of 0-3 chunks (some packed), symlinks,
-    xattrs, a hard-link group, a device node and a fifo."""
+    xattrs, a hard-link group, a device node and a fifo. With ``mixed_sizes`` each file gets
+    its own chunk size (``chunk_size`` times 1, 2 or 16)."""
     rng = random.Random(seed)
+    default_cs = chunk_size
     entries = [EntrySpec("", DIR, mtime_ns=1)]
     chunks: list[ChunkRef] = []
     packs = [_digest(f"pack{seed}.{k}") for k in range(3)]
@@ -63,13 +66,15 @@ def synthetic_index(n_dirs: int, files_per_dir: int, seed: int, chunk_size: int 
             if kind < 0.15:
                 entries.append(EntrySpec(path, LINK, symlink=f"../target/{f}".encode()))
                 continue
+            chunk_size = default_cs * rng.choice((1, 2, 16)) if mixed_sizes else default_cs
             nchunks = rng.choice((0, 1, 1, 2, 3))
             size = 0 if nchunks == 0 else (nchunks - 1) * chunk_size + rng.randint(1, chunk_size)
             ids = []
             for j in range(nchunks):
                 raw = chunk_size if j < nchunks - 1 else size - (nchunks - 1) * chunk_size
-                if chunks and rng.random() < 0.2:  # a shared (deduplicated) chunk
-                    ids.append(rng.randrange(len(chunks)))
+                same = [k for k, c in enumerate(chunks) if c.raw_len <= chunk_size]
+                if same and rng.random() < 0.2:  # a shared (deduplicated) chunk
+                    ids.append(rng.choice(same))
                     continue
                 pack = rng.choice(packs) if rng.random() < 0.6 else None
                 chunks.append(ChunkRef(_digest(f"{seed}/{path}/{j}"), raw, raw + 48, pack,
@@ -79,12 +84,23 @@ def synthetic_index(n_dirs: int, files_per_dir: int, seed: int, chunk_size: int 
             size = 0 if not ids else (len(ids) - 1) * chunk_size + chunks[ids[-1]].raw_len
             xattrs = {b"user.k": f"v{f}".encode()} if rng.random() < 0.1 else {}
             entries.append(EntrySpec(path, FILE, size=size, chunks=ids, xattrs=xattrs,
-                                     mtime_ns=rng.randrange(1 << 62)))
+                                     mtime_ns=rng.randrange(1 << 62), chunk_size=chunk_size))
     entries.append(EntrySpec("hard1", FILE, link_group="g"))
     entries.append(EntrySpec("hard2", FILE, link_group="g"))
     entries.append(EntrySpec("null", CHR, rdev=0x103))
     entries.append(EntrySpec("fifo", FIFO, xattrs={b"security.selinux": b"x" * 40, b"user.a": b""}))
-    return serialize(entries, chunks, chunk_size)
+    return serialize(entries, chunks, default_cs)
+
+
+def version1_index() -> bytes:
+    """The index of ``tests/data/store-index-v1``: written by casfs before per-file chunk sizes
+    (format version 1), which the parser still reads."""
+    d = os.path.join(ROOT, "tests", "data", "store-index-v1", "indexes")
+    for sub, _, names in os.walk(d):
+        for name in names:
+            with open(os.path.join(sub, name), "rb") as f:
+                return chunkmod.decode(f.read())
+    raise FileNotFoundError(f"no index under {d}")
 
 
 def one_pack_per_chunk_index() -> bytes:
@@ -111,7 +127,7 @@ def built_index() -> bytes:
         os.symlink("pkg/a.py", os.path.join(src, "link"))
         os.link(os.path.join(src, "pkg/a.py"), os.path.join(src, "pkg/hard.py"))
         with casfs.open_store(os.path.join(tmp, "store"), memory_bytes=0) as store:
-            res = casfs.build(store, src, chunk_size=4096, progress=False)
+            res = casfs.build(store, src, progress=False)  # the default per-file policy
             return chunkmod.decode(store.index_frame(res.image_id))
 
 
@@ -154,8 +170,10 @@ def sample_indexes() -> list[bytes]:
         synthetic_index(4, 3, 3),
         synthetic_index(12, 6, 4, chunk_size=8192),
         synthetic_index(40, 8, 5),
+        synthetic_index(6, 5, 6, mixed_sizes=True),
         one_pack_per_chunk_index(),
         built_index(),
+        version1_index(),
     ]
 
 

@@ -200,7 +200,7 @@ def _plan(image: "casfs.Image", path: str, header: SafetensorsHeader,
           dests: Mapping[str, "torch.Tensor"]) -> list[_Job]:
     """One job per chunk that holds bytes of some destination, in file order."""
     entry = image.lookup(path)
-    cs = image.chunk_size
+    cs = image.file_chunk_size(entry)
     refs = image.chunk_refs(entry)
     expect_chunks = -(-header.file_size // cs)
     if len(refs) != expect_chunks:

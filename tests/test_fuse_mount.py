@@ -628,3 +628,50 @@ def test_a_read_only_mount_stops_the_kernel_sending_flush_and_unused_xattr_reque
         os.getxattr(os.path.join(mnt, "f2"), "user.x")
     st = control(mnt, "stats")["mount"]
     assert st["opens"] == 20 and st["flushes"] <= 1 and st["getxattrs"] <= 1
+
+
+def test_files_with_different_chunk_sizes_read_right_through_the_mount(tmp_path, mounts):
+    # the default build: a weight file in 16 MiB chunks beside code in 512 KiB chunks
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(21)
+    weights = rng.randbytes((16 << 20) + 3 * 4096 + 5)
+    code = (b"import os\nprint(os.getcwd())\n" * 60000)[: (3 << 19) + 77]
+    (src / "model.safetensors").write_bytes(weights)
+    (src / "lib.so").write_bytes(code)
+    store = casfs.open_store(str(tmp_path / "store"))
+    casfs.build(store, str(src), tag="t", progress=False)
+    image = store.open_image("t")
+    assert image.file_chunk_size(image.lookup("lib.so")) == casfs.CODE_CHUNK_SIZE
+    assert image.file_chunk_size(image.lookup("model.safetensors")) == casfs.WEIGHT_CHUNK_SIZE
+    mnt = str(tmp_path / "mnt")
+    mounts(image, mnt)
+    for name, data in (("lib.so", code), ("model.safetensors", weights)):
+        path = os.path.join(mnt, name)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for off in (0, (1 << 19) - 3, 1 << 19, (16 << 20) - 2, len(data) - 10,
+                        *(rng.randrange(len(data)) for _ in range(8))):
+                assert os.pread(fd, 70000, off) == data[off:off + 70000], (name, off)
+        finally:
+            os.close(fd)
+        with open(path, "rb") as f:
+            assert f.read() == data, name
+
+
+def test_an_image_in_index_format_version_1_mounts_and_reads(tmp_path, mounts):
+    import shutil
+
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "store-index-v1"), tmp_path / "v1")
+    store = casfs.open_store(str(tmp_path / "v1"))
+    image = store.open_image("v1")
+    assert image.index.version == 1
+    mnt = str(tmp_path / "mnt")
+    mounts(image, mnt)
+    rng = random.Random(13)
+    want = bytes(rng.getrandbits(8) for _ in range(10000))
+    with open(os.path.join(mnt, "a.bin"), "rb") as f:
+        assert f.read() == want
+    with open(os.path.join(mnt, "dir/link"), "rb") as f:
+        assert f.read() == want
+    assert os.stat(os.path.join(mnt, "dir/b.py")).st_ino == os.stat(os.path.join(mnt, "dir/b2.py")).st_ino

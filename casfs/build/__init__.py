@@ -13,11 +13,12 @@ from ..index import serialize
 from ..layout import object_key
 from ..leases import Lease, begin_writer, missing_objects
 from ..chunk import DEFAULT_BLOCK
-from .packer import COMPRESS_POLICIES, DEFAULT_CHUNK_SIZE, WEIGHT_SUFFIXES, Packer, PackStats
+from .packer import COMPRESS_POLICIES, DEFAULT_CHUNK_SIZE, Packer, PackStats
+from .policy import CODE_CHUNK_SIZE, WEIGHT_CHUNK_SIZE, WEIGHT_SUFFIXES, chunk_size_for
 from .source import Source
 
-__all__ = ["BuildResult", "build_image", "open_source", "COMPRESS_POLICIES", "DEFAULT_CHUNK_SIZE",
-           "WEIGHT_SUFFIXES"]
+__all__ = ["BuildResult", "build_image", "open_source", "COMPRESS_POLICIES", "CODE_CHUNK_SIZE",
+           "DEFAULT_CHUNK_SIZE", "WEIGHT_CHUNK_SIZE", "WEIGHT_SUFFIXES", "chunk_size_for"]
 
 
 @dataclass
@@ -91,7 +92,7 @@ def open_source(path: str) -> Source:
 
 
 def build_image(store, source: Source | str, tag: str | None = None, *,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool | None = None,
+                chunk_size: int | None = None, progress: bool | None = None,
                 dedup_against_tags: bool = True, compress: str = "auto",
                 block: int | None = None) -> BuildResult:
     """Build an image from ``source`` into ``store`` and optionally tag it.
@@ -105,7 +106,9 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
     Args:
         store: a ``casfs.Store``.
         source: a Source or a path for ``open_source``.
-        chunk_size: bytes per chunk, a power of two from 4 KiB to 256 MiB.
+        chunk_size: bytes per chunk for every file, a power of two from 4 KiB to 256 MiB.
+            None (the default): each file gets its own (``casfs.build.policy``): 16 MiB for
+            model weights and large incompressible files, 512 KiB for everything else.
         progress: show a progress bar (default: when stderr is a terminal).
         compress: the codec policy. ``"auto"`` (default) stores model-weight files (names
             ending in ``.safetensors .bin .pt .pth .gguf .onnx .npy``) raw, so they can be
@@ -124,7 +127,7 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
 
     if tag is not None:
         check_tag(tag)
-    if chunk_size & (chunk_size - 1) or not (4096 <= chunk_size <= 256 << 20):
+    if chunk_size is not None and (chunk_size & (chunk_size - 1) or not (4096 <= chunk_size <= 256 << 20)):
         raise BuildError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 256 MiB")
     if compress not in COMPRESS_POLICIES:
         raise BuildError(f"compress must be one of {', '.join(COMPRESS_POLICIES)}, got {compress!r}")
@@ -157,16 +160,19 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
             try:
                 parallel = bool(getattr(src, "parallel_reads", False))
                 linked: dict[object, list[int]] = {}  # hard links: read one name, share its chunks
+                sizes: dict[object, int] = {}
                 for e in entries:
                     if e.open is not None:
                         group = e.spec.link_group
                         if group is not None and group in linked:
                             e.spec.chunks = linked[group]
+                            e.spec.chunk_size = sizes[group]
                             continue
-                        e.spec.chunks = packer.add_file(e.open, e.spec.size, parallel_read=parallel,
-                                                        name=e.spec.path)
+                        e.spec.chunks, e.spec.chunk_size = packer.add_file(
+                            e.open, e.spec.size, parallel_read=parallel, name=e.spec.path)
                         if group is not None:
                             linked[group] = e.spec.chunks
+                            sizes[group] = e.spec.chunk_size
                 packer.finish()
                 if bar is not None:
                     bar.stop()
@@ -180,7 +186,7 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
                     bar.stop()
             packer.close()
             try:
-                data = serialize([e.spec for e in entries], table, chunk_size)
+                data = serialize([e.spec for e in entries], table, chunk_size or CODE_CHUNK_SIZE)
             except (ValueError, OverflowError) as err:
                 raise BuildError(f"{src.description}: {err} (a field is out of range or the tree is malformed)") from None
             image_id = store.put_index(data)

@@ -42,15 +42,14 @@ from ..errors import BuildError
 from ..index import ChunkRef
 from ..layout import chunk_key, pack_key
 from ..objects.base import ObjectStore
+from .policy import SAMPLE_BYTES, WEIGHT_SUFFIXES, chunk_size_for, is_weight_name, needs_sample
 
-DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_CHUNK_SIZE = 4 << 20  # the chunk size of indexes made before per-file sizes (format v1)
 PACK_TARGET = 4 << 20  # close a pack once it holds this many bytes
 PACK_ENTRY_MAX = 1 << 20  # frames up to this size go into packs; larger ones are loose objects
 WINDOW_BYTES = 64 << 20  # input bytes hashed/compressed ahead of placement
 WINDOW_ITEMS = 64
 COMPRESS_POLICIES = ("auto", "always", "never")
-# files stored raw under compress="auto": tensor/array formats whose float data zstd barely shrinks
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".npy")
 
 
 @dataclass
@@ -74,7 +73,7 @@ def codec_choice(name: str, compress: str = "auto") -> tuple[bool, float | None]
         ValueError: for a policy other than ``COMPRESS_POLICIES``.
     """
     if compress == "auto":
-        if name.lower().endswith(WEIGHT_SUFFIXES):
+        if is_weight_name(name):
             return False, None
         return True, None
     if compress == "always":
@@ -132,7 +131,8 @@ class Packer:
 
     Args:
         objects: the blob store to write to.
-        chunk_size: bytes per chunk (aligned to file offsets).
+        chunk_size: bytes per chunk for every file (aligned to file offsets); None (the
+            default): each file's own, from ``policy.chunk_size_for``.
         known: digest -> where an existing copy lives (from earlier images).
         threads: hashing/compression workers.
         on_bytes: progress callback, called with the number of input bytes consumed.
@@ -144,7 +144,7 @@ class Packer:
         ValueError: for an unknown ``compress`` policy.
     """
 
-    def __init__(self, objects: ObjectStore, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    def __init__(self, objects: ObjectStore, chunk_size: int | None = None,
                  known: dict[bytes, ChunkRef] | None = None, threads: int | None = None,
                  on_bytes: Callable[[int], None] | None = None, compress: str = "auto",
                  block: int = chunkmod.DEFAULT_BLOCK) -> None:
@@ -173,39 +173,50 @@ class Packer:
     # -- input --------------------------------------------------------------------------------
 
     def add_file(self, opener: Callable[[], BinaryIO], size: int, *, parallel_read: bool = False,
-                 name: str = "") -> list[int]:
+                 name: str = "") -> tuple[list[int], int]:
         """Queue a file of ``size`` bytes for chunking.
 
-        Returns its list of chunk-table indices, filled in as chunks are placed (complete once
-        ``finish()`` returns). Placement happens in submission order, so builds are deterministic
-        and small files keep directory locality in packs. With ``parallel_read`` (only for
-        openers that are safe to call from other threads, e.g. real files), files up to one
-        chunk are read by the worker pool too, overlapping I/O across files.
+        Returns ``(slots, chunk_size)``: the file's list of chunk-table indices, filled in as
+        chunks are placed (complete once ``finish()`` returns), and the chunk size it was cut
+        with. Placement happens in submission order, so builds are deterministic and small
+        files keep directory locality in packs. With ``parallel_read`` (only for openers that
+        are safe to call from other threads, e.g. real files), files up to one chunk are read
+        by the worker pool too, overlapping I/O across files.
 
         Raises:
             BuildError: when the file's length differs from ``size`` (it changed during the build).
         """
         slots: list[int] = []
         codec = codec_choice(name, self.compress)
-        if parallel_read and size <= self.chunk_size:
+        cs = self.chunk_size or chunk_size_for(name, size)
+        if parallel_read and size <= cs and not (self.chunk_size is None and needs_sample(name, size)):
             fut = self._pool.submit(_read_small, opener, size, name, codec, self.block)
             self._enqueue(fut, size, slots, (opener, 0, size, codec))
-            return slots
+            return slots, cs
         total = 0
         with opener() as f:
+            head = b""
+            if self.chunk_size is None and needs_sample(name, size):
+                head = _read_full(f, SAMPLE_BYTES)
+                cs = chunk_size_for(name, size, head)
             while True:
-                data = _read_full(f, self.chunk_size)
+                if len(head) >= cs:  # the sample covers this whole chunk
+                    data, head = head[:cs], head[cs:]
+                elif head:
+                    data, head = head + _read_full(f, cs - len(head)), b""
+                else:
+                    data = _read_full(f, cs)
                 if not data:
                     break
                 self._enqueue(self._pool.submit(_hash_and_encode, data, codec, self.block), len(data), slots,
                               (opener, total, len(data), codec))
                 total += len(data)
-                if len(data) < self.chunk_size:
+                if len(data) < cs:
                     break
         if total != size:
             raise BuildError(f"{name or 'a file'}: size changed during the build ({size} -> {total} bytes); "
                              "build again from a stable tree")
-        return slots
+        return slots, cs
 
     def _enqueue(self, fut: Future, nbytes: int, slots: list[int], origin: tuple) -> None:
         self._window.append((fut, slots, origin))

@@ -17,8 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "in the store (from any tagged image) are not stored again.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("--tag", "-t", required=True, metavar="NAME", help="tag for the new image")
-    p.add_argument("--chunk-size", default="4M", metavar="SIZE",
-                   help="chunk size, a power of two from 4K to 256M (default 4M)")
+    p.add_argument("--chunk-size", default="auto", metavar="SIZE",
+                   help="one chunk size for every file, a power of two from 4K to 256M; default "
+                        "auto: each file its own, 16M for model weights (.safetensors .bin .pt .pth "
+                        ".gguf .onnx .npy) and large incompressible files, 512K for everything else")
     p.add_argument("--compress", choices=("auto", "always", "never"), default="auto",
                    help="codec policy: auto (default) stores model weights (.safetensors .bin .pt .pth "
                         ".gguf .onnx .npy) raw for zero-copy reads and zstd-compresses other chunks "
@@ -31,7 +33,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     import casfs
 
     store = open_store_from_args(args, create=True)
-    r = casfs.build(store, args.src, tag=args.tag, chunk_size=parse_size(args.chunk_size),
+    r = casfs.build(store, args.src, tag=args.tag, chunk_size=None if args.chunk_size == "auto" else parse_size(args.chunk_size),
                     progress=False if args.no_progress else None, compress=args.compress)
     p = r.pack
     print(f"built {args.tag} {r.image_id}")

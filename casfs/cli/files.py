@@ -72,7 +72,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     if st.is_file:
         refs = image.chunk_refs(i)
         packed = sum(1 for r in refs if r.pack)
-        print(f"  chunks: {len(refs)} ({packed} in packs), chunk size {human(ix.chunk_size)}")
+        print(f"  chunks: {len(refs)} ({packed} in packs), chunk size {human(ix.file_chunk_size(i))}")
     for k, v in ix.xattrs(i).items():
         print(f"  xattr {k.decode(errors='replace')}: {v[:60]!r}")
     return 0
@@ -88,7 +88,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
         raise NotAFile(f"{args.path}: not a regular file ({mode_string(ix.mode(i))[0]} entry); use `casfs ls`")
     size = ix.size(i)
     out = sys.stdout.buffer
-    cs = ix.chunk_size
+    cs = ix.file_chunk_size(i)
     image.prefetch_entry(i)
     off = 0
     while off < size:

@@ -84,11 +84,12 @@ class _Handle:
     the store has no memory tier) the last chunk read, so that the kernel's several requests
     inside one chunk fetch it once."""
 
-    __slots__ = ("entry", "size", "refs", "ra", "last_j", "last_data", "safetensors")
+    __slots__ = ("entry", "size", "cs", "refs", "ra", "last_j", "last_data", "safetensors")
 
-    def __init__(self, entry: int, size: int, ra: Readahead | None, safetensors: bool) -> None:
+    def __init__(self, entry: int, size: int, cs: int, ra: Readahead | None, safetensors: bool) -> None:
         self.entry = entry
         self.size = size
+        self.cs = cs  # the file's chunk size
         self.refs: dict[int, "ChunkRef"] = {}
         self.ra = ra
         self.last_j = -1
@@ -124,7 +125,6 @@ class CasfsOperations(pyfuse3.Operations):
         self._pm = self.index.pack_members
         self._has_xattrs = self.index.has_xattrs
         self.n = self.index.n_entries
-        self.cs = self.index.chunk_size
         self.timeout = float(timeout)
         self.readahead = readahead
         self.max_ahead_bytes = max_ahead_bytes
@@ -329,11 +329,12 @@ class CasfsOperations(pyfuse3.Operations):
         if not statmod.S_ISREG(ix.mode(i)):
             raise pyfuse3.FUSEError(errno.EISDIR if statmod.S_ISDIR(ix.mode(i)) else errno.EINVAL)
         size = ix.size(i)
-        ra = Readahead(self.cs, size, max_ahead_bytes=self.max_ahead_bytes) if self.readahead else None
+        cs = ix.file_chunk_size(i)
+        ra = Readahead(cs, size, max_ahead_bytes=self.max_ahead_bytes) if self.readahead else None
         st = self.readahead and size > 8 and ix.name(i).endswith(b".safetensors")
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(i, size, ra, st)
+        self._handles[fh] = _Handle(i, size, cs, ra, st)
         self.counters["opens"] += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
@@ -359,7 +360,7 @@ class CasfsOperations(pyfuse3.Operations):
         c = self.counters
         c["reads"] += 1
         c["read_bytes"] += end - off
-        cs = self.cs
+        cs = h.cs
         c0 = off // cs
         c1 = (end - 1) // cs
         if self.recorder is not None and self.recorder.active:
