@@ -28,8 +28,8 @@ models share is fetched from the blob tier once: the second load is served by th
 Speed (H100 machine, docs/benchmarks.md, run 5): with weights stored raw (``casfs.build``'s
 default ``compress="auto"``) and 16 MiB chunks, 16 workers load 12.1 GiB/s warm, 3.1x
 ``safetensors.torch.load_file(device="cuda")`` in the same run. With 4 MiB chunks the
-per-chunk work of 16 workers dominates (2.65 GiB/s; 4.75 with 8 workers): build weight images
-with ``--chunk-size 16M``. zstd chunks decompress at ~0.55 GiB/s a core and stay much slower.
+per-chunk work of 16 workers dominates (2.65 GiB/s; 4.75 with 8 workers): ``casfs.build``'s
+default now gives weight files 16 MiB chunks (per-file chunk sizes). zstd chunks decompress at ~0.55 GiB/s a core and stay much slower.
 On an error, destination tensors hold unspecified bytes.
 """
 

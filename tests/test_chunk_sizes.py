@@ -244,3 +244,11 @@ def test_random_per_file_sizes_round_trip_and_map_offsets(files, data):
         assert ix.file_chunk_size(i) == 1 << shift
         refs = ix.file_chunks(i)
         assert [struct.unpack_from("<II", r.digest)[1] for r in refs] == list(range(n))
+
+
+def test_chunks_of_multi_chunk_files_are_loose_so_a_read_fetches_one_chunk(mixed):
+    image, files, _ = mixed
+    big = image.chunk_refs(image.lookup("lib/libx.so"))  # five 512 KiB chunks
+    assert len(big) == 5 and all(r.pack is None for r in big)
+    small = image.chunk_refs(image.lookup("lib/tiny.py"))
+    assert len(small) == 1 and small[0].pack is not None  # small files still travel in packs

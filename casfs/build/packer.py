@@ -1,10 +1,18 @@
 """Shared packing for every builder: chunking, dedup, compression, packs, uploads.
 
-Files are cut into fixed-size chunks aligned to file offsets. Each chunk is named by its blake3
-digest; a chunk already known (earlier in this build, or in any tagged image of the store) is
-referenced, not stored again. New chunks whose frame is small (small files and file tails) are
-appended to the current *pack*, so that the many small files of a container root travel in few
-objects; larger frames are stored as loose ``chunks/<hex>`` objects. Hashing and compression run
+Files are cut into fixed-size chunks aligned to file offsets (each file its own size:
+``casfs.build.policy``). Each chunk is named by its blake3 digest; a chunk already known
+(earlier in this build, or in any tagged image of the store) is referenced, not stored again.
+A file that fits in one chunk whose frame is small is appended to the current *pack*, so that
+the many small files of a container root travel in few objects; every chunk of a file larger
+than one chunk, and every frame over ``PACK_ENTRY_MAX``, is a loose ``chunks/<hex>`` object.
+
+Why chunks of large files are not packed (``Packer.pack_file_chunks = False``; measured with
+``benchmarks/bench_chunk_policy.py`` on a torch venv, docs/benchmarks.md "Per-file chunk
+sizes"): with 512 KiB code chunks in packs, a cold 4 KiB read of a large ``.so`` fetched the
+pack span around it (1.8 MB on average); loose, it fetches the one chunk (134 KB; 2.7 MB with
+the old 4 MiB chunks), and a cold ``import torch`` fetched 0.73x the bytes of the 4 MiB build,
+at the price of 12x more requests (501 against 42), which concurrency hid at 50 ms RTT. Hashing and compression run
 on a thread pool (blake3 and zstd release the GIL), in file order, so packs keep directory
 locality and builds are deterministic.
 
@@ -144,6 +152,10 @@ class Packer:
         ValueError: for an unknown ``compress`` policy.
     """
 
+    # False (the default): the chunks of a file larger than one chunk are loose objects, so a
+    # cold read of one fetches that chunk alone, never a pack span (see the module doc)
+    pack_file_chunks = False
+
     def __init__(self, objects: ObjectStore, chunk_size: int | None = None,
                  known: dict[bytes, ChunkRef] | None = None, threads: int | None = None,
                  on_bytes: Callable[[int], None] | None = None, compress: str = "auto",
@@ -165,7 +177,7 @@ class Packer:
         self._uploads: deque[Future] = deque()
         self._up = ThreadPoolExecutor(max_workers=4, thread_name_prefix="casfs-upload")
         self._on_bytes = on_bytes
-        self._window: deque[tuple[Future, list[int], tuple]] = deque()
+        self._window: deque[tuple[Future, list[int], tuple, bool]] = deque()
         self._window_bytes = 0
         # table slot -> (opener, offset, raw length, codec): where to read the chunk again
         self._origin: list[tuple] = []
@@ -191,7 +203,7 @@ class Packer:
         cs = self.chunk_size or chunk_size_for(name, size)
         if parallel_read and size <= cs and not (self.chunk_size is None and needs_sample(name, size)):
             fut = self._pool.submit(_read_small, opener, size, name, codec, self.block)
-            self._enqueue(fut, size, slots, (opener, 0, size, codec))
+            self._enqueue(fut, size, slots, (opener, 0, size, codec), True)
             return slots, cs
         total = 0
         with opener() as f:
@@ -209,7 +221,7 @@ class Packer:
                 if not data:
                     break
                 self._enqueue(self._pool.submit(_hash_and_encode, data, codec, self.block), len(data), slots,
-                              (opener, total, len(data), codec))
+                              (opener, total, len(data), codec), size <= cs or self.pack_file_chunks)
                 total += len(data)
                 if len(data) < cs:
                     break
@@ -218,19 +230,19 @@ class Packer:
                              "build again from a stable tree")
         return slots, cs
 
-    def _enqueue(self, fut: Future, nbytes: int, slots: list[int], origin: tuple) -> None:
-        self._window.append((fut, slots, origin))
+    def _enqueue(self, fut: Future, nbytes: int, slots: list[int], origin: tuple, packable: bool) -> None:
+        self._window.append((fut, slots, origin, packable))
         self._window_bytes += nbytes
         self._drain(WINDOW_BYTES, WINDOW_ITEMS)
 
     def _drain(self, max_bytes: int, max_items: int = 0) -> None:
         while self._window and (self._window_bytes > max_bytes or len(self._window) > max_items):
-            fut, slots, origin = self._window.popleft()
+            fut, slots, origin, packable = self._window.popleft()
             digest, frame, raw_len = fut.result()
             self._window_bytes -= raw_len
-            slots.append(self._place(digest, frame, raw_len, origin))
+            slots.append(self._place(digest, frame, raw_len, origin, packable))
 
-    def _place(self, digest: bytes, frame: bytes, raw_len: int, origin: tuple = ()) -> int:
+    def _place(self, digest: bytes, frame: bytes, raw_len: int, origin: tuple = (), packable: bool = True) -> int:
         st = self.stats
         st.bytes_in += raw_len
         st.chunks_total += 1
@@ -241,7 +253,8 @@ class Packer:
             st.chunks_reused += 1
             return slot
         ref = self.known.get(digest)
-        if ref is None and len(frame) > PACK_ENTRY_MAX and self.objects.contains(chunk_key(digest)):
+        loose = len(frame) > PACK_ENTRY_MAX or not packable
+        if ref is None and loose and self.objects.contains(chunk_key(digest)):
             ref = ChunkRef(digest, raw_len, len(frame))
         slot = len(self.table)
         self._slot[digest] = slot
@@ -253,7 +266,7 @@ class Packer:
         st.chunks_new += 1
         st.bytes_new_raw += raw_len
         st.bytes_stored += len(frame)
-        if len(frame) > PACK_ENTRY_MAX:
+        if loose:
             st.loose += 1
             self.table.append(ChunkRef(digest, raw_len, len(frame)))
             self._upload(chunk_key(digest), frame)
@@ -326,7 +339,7 @@ class Packer:
                 raise BuildError("a source file changed during the build (a chunk read again to replace "
                                  "one that vanished from the store differs); build again from a stable tree")
             self.stats.bytes_stored += len(frame)
-            if len(frame) > PACK_ENTRY_MAX:
+            if len(frame) > PACK_ENTRY_MAX or ref.pack is None:  # loose stays loose
                 self.table[slot] = ChunkRef(digest, raw_len, len(frame))
                 self._upload(chunk_key(digest), frame)
             else:
