@@ -31,13 +31,13 @@ def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     rng = random.Random(3)
     files = {f"pkg/m{i}.py": rng.randbytes(rng.randrange(0, 4000)) for i in range(60)}
-    files["weights/model.bin"] = rng.randbytes(2_500_000)  # 2 loose 1 MiB chunks + a packed tail
+    files["weights/model.bin"] = rng.randbytes(2_500_000)  # 3 loose chunks (2 of 1 MiB and the tail)
     files["weights/copy.bin"] = files["weights/model.bin"]  # deduplicated
     files["empty"] = b""
     write_tree(str(root / "tree"), files)
     with casfs.open_store(str(root / "store")) as store:
         res = casfs.build(store, str(root / "tree"), tag="web", chunk_size=1 << 20)
-        assert len(list(store.objects.list("chunks/"))) == 2 and list(store.objects.list("packs/"))
+        assert len(list(store.objects.list("chunks/"))) == 3 and list(store.objects.list("packs/"))
     return str(root / "store"), res.image_id, files
 
 

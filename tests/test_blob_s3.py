@@ -117,14 +117,14 @@ def test_a_store_built_and_read_through_an_s3_url_returns_every_byte(endpoint, t
     tree = tmp_path / "tree"
     rng = random.Random(1)
     files = {f"lib/mod{i}.py": rng.randbytes(rng.randrange(0, 3000)) for i in range(40)}
-    files["weights/model.bin"] = rng.randbytes(2_500_000)  # 2 loose 1 MiB chunks + a packed tail
+    files["weights/model.bin"] = rng.randbytes(2_500_000)  # 3 loose chunks (2 of 1 MiB and the tail)
     files["etc/hosts"] = b"127.0.0.1 localhost\n"
     write_tree(str(tree), files)
     os.symlink("hosts", tree / "etc" / "hosts.link")
     url = f"s3://{BUCKET}/build{next(_prefixes)}?endpoint={endpoint}"
     with casfs.open_store(url, cache_dir=str(tmp_path / "cache"), memory_bytes=0) as store:
         res = casfs.build(store, str(tree), tag="demo", chunk_size=1 << 20)
-        assert len(list(store.objects.list("chunks/"))) == 2 and list(store.objects.list("packs/"))
+        assert len(list(store.objects.list("chunks/"))) == 3 and list(store.objects.list("packs/"))
     with casfs.open_store(url, cache_dir="", memory_bytes=0) as store:
         assert open_objects(store.url).url == store.url  # the URL names the same store
         assert store.tags() == {"demo": res.image_id}
