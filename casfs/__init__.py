@@ -38,6 +38,7 @@ from .safetensors_header import parse_shard_index as parse_safetensors_index
 from .sizes import format_size
 from .stats import TierStats, tier_stats
 from .store import Store
+from .tiers.pinned import PinnedChunk, PinnedTier, cuda_pinned, plain_memory
 from .urls import default_store_url, home_dir, open_store
 
 __version__ = "0.1.0"
@@ -69,6 +70,8 @@ __all__ = [
     "PathNotFound",
     "Profile",
     "ProfileItem",
+    "PinnedChunk",
+    "PinnedTier",
     "SAFETENSORS_DTYPES",
     "SafetensorsHeader",
     "Stat",
@@ -81,6 +84,7 @@ __all__ = [
     "atomic_open",
     "atomic_write",
     "build",
+    "cuda_pinned",
     "chunk_size_for",
     "default_store_url",
     "export",
@@ -93,6 +97,7 @@ __all__ = [
     "open_source",
     "open_store",
     "parse_listen",
+    "plain_memory",
     "parse_safetensors_header",
     "parse_safetensors_index",
     "runtime_dir",

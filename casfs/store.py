@@ -18,6 +18,7 @@ from .tiered import TieredStore
 from .tiers.base import Tier
 from .tiers.blob import BlobTier, ObjectStore
 from .tiers.memory import MemoryCache
+from .tiers.pinned import PinnedTier
 from .tiers.ssd import SsdTier
 
 if TYPE_CHECKING:
@@ -50,15 +51,21 @@ class Store:
         memory_bytes: memory cache capacity (0: no memory cache).
         extra_tiers: tiers placed between ssd and blob (the AZ cache).
         io_threads: concurrent chunk fetches.
+        pinned: a ``PinnedTier`` placed first (chunks in pinned host memory for GPU loads;
+            filled by the weights loader and the warm pool, not by every read).
     """
 
     def __init__(self, objects: ObjectStore, *, cache_dir: str | None = None,
                  cache_bytes: int = 50 << 30, memory_bytes: int = 512 << 20,
-                 extra_tiers: list[Tier] | None = None, io_threads: int = 16) -> None:
+                 extra_tiers: list[Tier] | None = None, io_threads: int = 16,
+                 pinned: "PinnedTier | None" = None) -> None:
         self.objects = objects
         self.url = objects.url
         self.cache_dir = cache_dir
         tiers: list[Tier] = []
+        self.pinned = pinned
+        if pinned is not None:
+            tiers.append(pinned)
         self.memory = MemoryCache(memory_bytes) if memory_bytes > 0 else None
         # raw: a warm start decompresses nothing (casfs.tiers.ssd)
         self.ssd = SsdTier(cache_chunks_dir(cache_dir), cache_bytes, raw=True) if cache_dir else None

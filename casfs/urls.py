@@ -27,7 +27,8 @@ def default_store_url() -> str:
 
 
 def open_store(url: str | None = None, *, cache_dir: str | None = None, cache_bytes: int = 50 << 30,
-               memory_bytes: int = 512 << 20, azcache: str | None = None, io_threads: int = 16) -> Store:
+               memory_bytes: int = 512 << 20, azcache: str | None = None, io_threads: int = 16,
+               pinned_bytes: int = 0) -> Store:
     """Open the store at ``url`` (default: ``default_store_url()``).
 
     Args:
@@ -37,6 +38,9 @@ def open_store(url: str | None = None, *, cache_dir: str | None = None, cache_by
         memory_bytes: memory tier capacity in bytes (0 disables it).
         azcache: comma-separated cache-server URLs (default ``$CASFS_AZCACHE``), when the
             azcache tier is available.
+        pinned_bytes: capacity of a pinned host-memory tier (``casfs.PinnedTier``) placed
+            first; 0 (default): none. Its memory is allocated as chunks arrive, through torch
+            with CUDA (``casfs.PinnedTier`` with another allocator: pass ``Store(pinned=)``).
 
     Raises:
         StoreError: for bad URLs or unreachable backends.
@@ -54,5 +58,10 @@ def open_store(url: str | None = None, *, cache_dir: str | None = None, cache_by
         except ImportError:
             raise StoreError("this casfs has no azcache tier yet; unset CASFS_AZCACHE") from None
         extra.append(AzCacheTier([u.strip() for u in azcache.split(",") if u.strip()]))
+    pinned = None
+    if pinned_bytes:
+        from .tiers.pinned import PinnedTier
+
+        pinned = PinnedTier(pinned_bytes)
     return Store(objects, cache_dir=cache_dir or None, cache_bytes=cache_bytes,
-                 memory_bytes=memory_bytes, extra_tiers=extra, io_threads=io_threads)
+                 memory_bytes=memory_bytes, extra_tiers=extra, io_threads=io_threads, pinned=pinned)
