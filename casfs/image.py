@@ -202,7 +202,7 @@ class Image:
                 return f"{local}: not a regular file"
             if st.st_size != size:
                 return f"{local}: {st.st_size} bytes, the image's {path} has {size}"
-            cs = ix.chunk_size
+            cs = ix.file_chunk_size(i)
             buf = bytearray(min(cs, size) or 1)
             for j, ref in enumerate(self.chunk_refs(i)):
                 want = min(cs, size - j * cs)

@@ -122,12 +122,13 @@ class WeightsPrefetch:
         t0 = time.perf_counter()
         try:
             image = store.open_image(image_id)
-            buf = bytearray(image.chunk_size)
+            buf = bytearray(image.chunk_size)  # the largest chunk size of any file
             for p in paths:
                 entry = image.lookup(p)
                 size = image.stat(p).size
-                for off in range(0, size, image.chunk_size):
-                    n = image.read_into(entry, off, memoryview(buf)[:min(image.chunk_size, size - off)])
+                cs = image.file_chunk_size(entry)
+                for off in range(0, size, cs):
+                    n = image.read_into(entry, off, memoryview(buf)[:min(cs, size - off)])
                     self.bytes += n
         except (casfs.CasfsError, OSError, ValueError) as e:
             self.error = f"{type(e).__name__}: {e}"

@@ -118,7 +118,7 @@ class PageServer:
         self.sock = sock
         self.on_error = on_error
         self.readahead = readahead
-        self.chunk_size = image.chunk_size
+        self.chunk_size = image.chunk_size  # the largest; a file's own: image.file_chunk_size
         self.error: str | None = None
         self.requests = 0
         self.faults = 0
@@ -262,7 +262,7 @@ class PageServer:
             self._fail(f"criu lazy-pages asked for {nr} pages at {vaddr:#x} of process {pid}, "
                        "which the snapshot does not hold")
             return False
-        cs = self.chunk_size
+        cs = self.image.file_chunk_size(proc.entry)  # each pages file has its own chunk size
         first, last = off // cs, (off + nbytes - 1) // cs
         if nr == 1:
             self.faults += 1
@@ -291,14 +291,15 @@ class PageServer:
         if self.readahead <= 0:
             return
         size = self.image.index.size(entry)
+        cs = self.image.file_chunk_size(entry)
         for j in range(last + 1, last + 1 + self.readahead):
-            if j * self.chunk_size >= size:
+            if j * cs >= size:
                 break
             if (entry, j) in self._fetched:
                 continue
             self._fetched.add((entry, j))
             try:
-                self.image.prefetch_entry(entry, j * self.chunk_size, self.chunk_size)
+                self.image.prefetch_entry(entry, j * cs, cs)
             except (casfs.CasfsError, RuntimeError):
                 return
 
