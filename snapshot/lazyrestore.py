@@ -320,14 +320,16 @@ def startup_profile(image: casfs.Image) -> tuple[bool, dict[tuple[int, int], int
         return False, {}, None
     hot: dict[tuple[int, int], int] = {}
     refs: dict[int, list] = {}
-    per = image.chunk_size // PAGE_SIZE
+    pers: dict[int, int] = {}
     for k, it in enumerate(prof.items):
         if it.entry not in refs:
             try:
                 refs[it.entry] = image.chunk_refs(it.entry)
+                pers[it.entry] = image.file_chunk_size(it.entry) // PAGE_SIZE
             except (casfs.CasfsError, IndexError, ValueError, OSError):
                 refs[it.entry] = []
-        mine = refs[it.entry]
+                pers[it.entry] = 1
+        mine, per = refs[it.entry], pers[it.entry]
         if it.chunk // per < len(mine) and mine[it.chunk // per] == it.ref:
             hot.setdefault((it.entry, it.chunk), k)
     return False, hot, _hot_bytes(image, [(it.entry, it.chunk) for it in prof.items])

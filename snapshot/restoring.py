@@ -120,7 +120,7 @@ def _stored_reader(image: casfs.Image | None, imgdir: str | None, rel: str):
     assert image is not None
     entry = image.lookup(rel)
     refs = image.chunk_refs(entry)
-    cs = image.chunk_size
+    cs = image.file_chunk_size(entry)
     zero: dict[bytes, bool] = {}
 
     def read_stored(off: int, n: int) -> bytes | None:
