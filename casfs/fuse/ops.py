@@ -34,6 +34,7 @@ import logging
 import os
 import stat as statmod
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import pyfuse3
@@ -57,8 +58,11 @@ BLKSIZE = 128 << 10  # st_blksize: the I/O size `cp`/`cat` pick up
 def _guard(fn: Callable) -> Callable:
     """Map errors of a metadata handler to FUSE errnos (pyfuse3 must see only FUSEError)."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: "CasfsOperations", *args: Any) -> Any:
+        t0 = time.perf_counter()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -71,6 +75,8 @@ def _guard(fn: Callable) -> Callable:
         except Exception:  # noqa: BLE001 - the mount must keep serving
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     return wrapper
 
@@ -141,6 +147,9 @@ class CasfsOperations(pyfuse3.Operations):
         self._ra_inflight = 0
         self._statfs: pyfuse3.StatvfsData | None = None
         self.foreground_waiting = 0  # reads waiting on a fetch right now
+        # seconds spent in handlers (metadata ones, and read without its fetches) and waiting
+        # for fetches: with the daemon's CPU per thread, where a start's FUSE time goes
+        self.seconds: dict[str, float] = {"read": 0.0, "fetch_wait": 0.0}
         self.counters = {
             "lookups": 0, "getattrs": 0, "readdirs": 0, "opens": 0, "reads": 0, "read_bytes": 0,
             "inline_hits": 0, "fetches": 0, "eio": 0, "prefetch_chunks": 0, "prefetch_skipped": 0,
@@ -351,6 +360,15 @@ class CasfsOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
+        t0 = time.perf_counter()
+        w0 = self.seconds["fetch_wait"]
+        try:
+            return await self._read(fh, off, size)
+        finally:
+            sec = self.seconds
+            sec["read"] += time.perf_counter() - t0 - (sec["fetch_wait"] - w0)
+
+    async def _read(self, fh: int, off: int, size: int) -> Any:
         h = self._handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -466,11 +484,13 @@ class CasfsOperations(pyfuse3.Operations):
     async def _fetch(self, fn: Callable, *args: Any) -> Any:
         self.counters["fetches"] += 1
         self.foreground_waiting += 1
+        t0 = time.perf_counter()
         try:
             # abandon_on_cancel: unmounting must not wait for a fetch stuck on a dead backend
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
         finally:
             self.foreground_waiting -= 1
+            self.seconds["fetch_wait"] += time.perf_counter() - t0
 
     # -- readahead --------------------------------------------------------------------------
 
@@ -548,6 +568,7 @@ class CasfsOperations(pyfuse3.Operations):
         out["known_inodes"] = self.known_inodes
         out["prefetch_inflight_bytes"] = self._ra_inflight
         out["foreground_waiting"] = self.foreground_waiting
+        out["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
         return out
 
 
