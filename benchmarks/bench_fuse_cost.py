@@ -3,8 +3,9 @@
 FUSE mount against the same root on local disk, with the mount daemon's CPU split by thread.
 
 The image is the root of ``bench_cold_start_root.py`` (Debian + Python + the vLLM CPU venv,
-built once into ``--root``). The workload runs in ``unshare -mpf --root=<root> --mount-proc``
-(its own namespaces and /proc, no runc) with the page cache dropped before each run:
+built once into ``--root``). The workload runs chrooted in its own mount and PID namespaces
+(``unshare -mpf``, the host's /dev bound in, a fresh /proc; no runc) with the page cache dropped
+before each run:
 
   native        the root on local disk
   lazy, local   a fresh ``casfs.mount`` of the image from a local store (zstd frames, no ssd
@@ -57,8 +58,12 @@ def thread_cpu(pid: int) -> dict[int, float]:
 
 def run_in(root: str, cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    p = subprocess.run(["unshare", "-mpf", f"--root={root}", "--mount-proc"] + cmd, capture_output=True,
-                       text=True, env={"PATH": "/usr/bin:/bin", "HOME": "/root"})
+    # private mount + PID namespaces; the host's /dev bound in (FUSE mounts are nodev), a /proc,
+    # a writable /tmp (as a container gets)
+    script = ('r=$1; shift; mount --bind /dev "$r/dev" && mount -t proc proc "$r/proc" && '
+              'mount -t tmpfs tmpfs "$r/tmp" && exec chroot "$r" "$@"')
+    p = subprocess.run(["unshare", "-mpf", "/bin/sh", "-c", script, "sh", root] + cmd, capture_output=True,
+                       text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
     if p.returncode:
         raise SystemExit(f"workload failed in {root}: {p.stderr[-2000:]}")
     return time.perf_counter() - t0
@@ -96,6 +101,7 @@ def main() -> int:
     ap.add_argument("--root", default="/var/tmp/casfs-vllm-root")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="torch")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--work", default=None, help="work directory; a store built there before is reused")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -105,16 +111,19 @@ def main() -> int:
     print(describe_machine(machine), flush=True)
     make_root(args.root)
     cmd = WORKLOADS[args.workload]
-    work = tempfile.mkdtemp(prefix="casfs-fusecost-", dir="/var/tmp")
+    work = args.work or tempfile.mkdtemp(prefix="casfs-fusecost-", dir="/var/tmp")
+    os.makedirs(work, exist_ok=True)
     os.environ["CASFS_RUNTIME_DIR"] = os.path.join(work, "run")
     mnt = os.path.join(work, "mnt")
-    os.makedirs(mnt)
+    os.makedirs(mnt, exist_ok=True)
     store_dir = os.path.join(work, "store")
     rows: dict[str, list[dict]] = {"native": [], "lazy, local store": [], "lazy, warm ssd (raw)": []}
     try:
-        with casfs.open_store(store_dir) as s:
-            casfs.build(s, args.root, tag="root", progress=False)
+        if not os.path.isdir(store_dir):
+            with casfs.open_store(store_dir) as s:
+                casfs.build(s, args.root, tag="root", progress=False)
         cache = os.path.join(work, "cache")
+        shutil.rmtree(cache, ignore_errors=True)
         lazy(store_dir, cache, mnt, cmd)  # fills the ssd tier
         for r in range(args.repeat):
             drop_caches()
@@ -127,7 +136,8 @@ def main() -> int:
     finally:
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", mnt], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     out = []
     nat = statistics.median(x["wall"] for x in rows["native"])
     for name, runs in rows.items():

@@ -115,8 +115,7 @@ def main() -> int:
             casfs.build(store, src, tag="bench", progress=False, block=block)
             image = store.open_image("bench")
             for ref in image.file_chunks():  # fill the ssd tier with every whole frame
-                store.chunks.get(ref)
-            store.chunks.flush(timeout=600)
+                store.ssd.put(ref, store.blob.get(ref))
             store.close()
             print(f"built and cached the {variant} image in {time.perf_counter() - t0:.1f} s", flush=True)
         eimg = os.path.join(work, "img.erofs")

@@ -238,6 +238,24 @@ class TieredStore:
             return parts[0][lo:lo + (end - offset)]
         return b"".join(parts)[lo:lo + (end - offset)]
 
+    def held_locally(self, ref: ChunkRef, offset: int, length: int) -> bool:
+        """Whether ``read(ref, offset, length)`` would be one or two blocks from a local tier
+        (ssd) of a chunk whose block table is known: a few-100-us ``pread`` and hash that a
+        caller may do inline rather than hand to a thread (the FUSE loop: under load a thread
+        hand-off cost more than the read). Answered from memory, no I/O."""
+        m = self._metas.get(ref.digest)
+        if m is None or m is _WHOLE or length <= 0:
+            return False
+        block = m.block  # type: ignore[attr-defined]
+        end = min(ref.raw_len, offset + length)
+        first, last = offset // block, (end - 1) // block
+        if last - first > 1:
+            return False
+        for tier in self.tiers:
+            if tier.writable and tier.supports_ranges:
+                return tier.holds(ref, range(first, last + 1))
+        return False
+
     def wants_blocks(self, ref: ChunkRef, length: int) -> bool:
         """Whether ``read`` would serve ``length`` bytes of ``ref`` block by block (a small
         read of a chunk longer than the smallest block, with block reads on; the chunk's frame

@@ -675,3 +675,43 @@ def test_an_image_in_index_format_version_1_mounts_and_reads(tmp_path, mounts):
     with open(os.path.join(mnt, "dir/link"), "rb") as f:
         assert f.read() == want
     assert os.stat(os.path.join(mnt, "dir/b.py")).st_ino == os.stat(os.path.join(mnt, "dir/b2.py")).st_ino
+
+
+def test_a_small_read_through_the_mount_fetches_only_its_blocks(tmp_path, mounts):
+    """A 4 KiB read of a 4 MiB chunk fetches the block table and one 64 KiB block; once the
+    blocks are held locally (the ssd tier) the next mount reads them inline."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(8 << 20)
+    (src / "weights.bin").write_bytes(data)
+    store = casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    casfs.build(store, str(src), tag="t", progress=False)
+    image = store.open_image("t")
+    mnt = str(tmp_path / "mnt")
+    mounts(image, mnt, readahead=False)
+    fd = os.open(os.path.join(mnt, "weights.bin"), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead: 4 KiB requests
+        for off in (5_000_000, 123_456, 7_777_777):
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.close(fd)
+    st = control(mnt, "stats")
+    blob = next(t for t in st["tiers"] if t["tier"] == "blob")
+    assert st["mount"]["block_reads"] >= 3
+    assert blob["bytes_read"] <= 3 * ((64 << 10) + 4096) + 3 * 8192  # blocks and block tables
+    casfs.unmount(mnt)
+    store.close()
+    store = casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    mounts(store.open_image("t"), mnt, readahead=False)
+    fd = os.open(os.path.join(mnt, "weights.bin"), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for off in (5_000_000, 123_456, 7_777_777):
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.close(fd)
+    st = control(mnt, "stats")
+    assert next(t for t in st["tiers"] if t["tier"] == "blob")["bytes_read"] == 0
+    assert st["mount"]["inline_local"] >= 1  # block tables known, blocks in the ssd: no thread
+    store.close()

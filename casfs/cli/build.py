@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="codec policy: auto (default) stores model weights (.safetensors .bin .pt .pth "
                         ".gguf .onnx .npy) raw for zero-copy reads and zstd-compresses other chunks "
                         "that shrink by >= 10%%; always: zstd wherever it shrinks a chunk; never: all raw")
+    p.add_argument("--block-size", default="64K", metavar="SIZE",
+                   help="block size of blocked frames: chunks longer than it are read and verified "
+                        "block by block, so a small read fetches a block, not its chunk; a power of two "
+                        "from 16K to 1M, or 0 for whole frames only (default 64K)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(func=cmd_build)
 
@@ -32,9 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     import casfs
 
+    block = 0 if args.block_size.strip() == "0" else parse_size(args.block_size)
+    if block and (block & (block - 1) or not (16 << 10) <= block <= (1 << 20)):
+        raise ValueError(f"--block-size {args.block_size}: use a power of two from 16K to 1M, or 0")
     store = open_store_from_args(args, create=True)
     r = casfs.build(store, args.src, tag=args.tag, chunk_size=None if args.chunk_size == "auto" else parse_size(args.chunk_size),
-                    progress=False if args.no_progress else None, compress=args.compress)
+                    progress=False if args.no_progress else None, compress=args.compress,
+                    block=block)
     p = r.pack
     print(f"built {args.tag} {r.image_id}")
     print(f"  {r.entries} entries, {human(p.bytes_in)} in {r.seconds:.2f} s ({r.mb_per_s:.0f} MB/s)")

@@ -150,11 +150,12 @@ class CasfsOperations(pyfuse3.Operations):
         # seconds spent in handlers (metadata ones, and read without its fetches) and waiting
         # for fetches: with the daemon's CPU per thread, where a start's FUSE time goes
         self.seconds: dict[str, float] = {"read": 0.0, "fetch_wait": 0.0}
+        self._waited: dict[Any, float] = {}  # fetch waits of the reads in flight, by trio task
         self.counters = {
             "lookups": 0, "getattrs": 0, "readdirs": 0, "opens": 0, "reads": 0, "read_bytes": 0,
             "inline_hits": 0, "fetches": 0, "eio": 0, "prefetch_chunks": 0, "prefetch_skipped": 0,
             "sequential_reads": 0, "safetensors_hints": 0, "forgets": 0, "block_reads": 0,
-            "flushes": 0, "getxattrs": 0,
+            "flushes": 0, "getxattrs": 0, "inline_local": 0,
         }
 
     # -- inodes -----------------------------------------------------------------------------
@@ -361,12 +362,11 @@ class CasfsOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> Any:
         t0 = time.perf_counter()
-        w0 = self.seconds["fetch_wait"]
+        task = trio.lowlevel.current_task()
         try:
             return await self._read(fh, off, size)
-        finally:
-            sec = self.seconds
-            sec["read"] += time.perf_counter() - t0 - (sec["fetch_wait"] - w0)
+        finally:  # this read's own time: without its fetches (other reads run meanwhile)
+            self.seconds["read"] += time.perf_counter() - t0 - self._waited.pop(task, 0.0)
 
     async def _read(self, fh: int, off: int, size: int) -> Any:
         h = self._handles.get(fh)
@@ -451,6 +451,9 @@ class CasfsOperations(pyfuse3.Operations):
         if got is not None:
             self.counters["inline_hits"] += 1
             return got
+        if self.chunks.held_locally(ref, lo, n):  # a local pread + hash: cheaper than a thread
+            self.counters["inline_local"] += 1
+            return self.chunks.read(ref, lo, n, self._pm)
         return await self._fetch(self.chunks.read, ref, lo, n, self._pm)
 
     async def _chunk(self, h: _Handle, j: int) -> bytes:
@@ -490,7 +493,10 @@ class CasfsOperations(pyfuse3.Operations):
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
         finally:
             self.foreground_waiting -= 1
-            self.seconds["fetch_wait"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.seconds["fetch_wait"] += dt
+            task = trio.lowlevel.current_task()
+            self._waited[task] = self._waited.get(task, 0.0) + dt
 
     # -- readahead --------------------------------------------------------------------------
 
@@ -543,6 +549,8 @@ class CasfsOperations(pyfuse3.Operations):
                 self._prefetch(h, ahead)
         except Exception as e:  # noqa: BLE001 - a hint is best effort
             log.warning("safetensors prefetch of %s skipped: %s", self._path(h.entry), e)
+        finally:
+            self._waited.pop(trio.lowlevel.current_task(), None)
 
     # -- writes: refused --------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ store never probes for undeclared methods:
   (the ssd tier), so a warm start reads locally what a cold start fetched block by block.
 - ``rejected(ref)``: the store found this tier's frame for ``ref`` corrupt. Default: delete it
   from a writable tier; a read-only tier may override it to learn which source lied.
+- ``holds(ref, blocks)`` (False): a local cache says, without I/O, that it has those blocks.
 - ``contains`` (default: a ``get``), ``put`` and ``delete`` (default: PermissionError, the tier
   is read-only), ``close`` (default: nothing), ``stats``.
 
@@ -182,6 +183,11 @@ class Tier:
     def drop_part(self, ref: ChunkRef, part: str) -> None:
         """Forget a piece of ``ref``'s frame that failed verification."""
         raise NotImplementedError(f"tier {self.name} keeps no frame parts (supports_parts is False)")
+
+    def holds(self, ref: ChunkRef, blocks: range) -> bool:
+        """Whether this tier holds ``blocks`` of ``ref``'s frame on local storage, answered
+        from memory without I/O (a read of them is then a local ``pread``). Default: False."""
+        return False
 
     def rejected(self, ref: ChunkRef) -> None:
         """The store found this tier's frame for ``ref`` corrupt. Default: delete it when the

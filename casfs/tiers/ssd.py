@@ -303,6 +303,16 @@ class SsdTier(Tier):
                 return
         self._write(f"{ref.digest.hex()}.{part}", data)
 
+    def holds(self, ref: ChunkRef, blocks: range) -> bool:
+        """Whether the whole frame of ``ref``, or every one of ``blocks`` as a part, is here
+        (the in-memory LRU: no I/O)."""
+        name = ref.digest.hex()
+        with self._lock:
+            if name in self._lru:
+                return True
+            held = self._parts.get(name)
+            return held is not None and all(str(i) in held for i in blocks)
+
     def drop_part(self, ref: ChunkRef, part: str) -> None:
         self._remove(f"{ref.digest.hex()}.{part}")
 
