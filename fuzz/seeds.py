@@ -12,6 +12,8 @@ Input formats of the targets (the first byte selects the mode):
   the rest drives structured mutations of one of ``sample_indexes()`` (see that target).
 - ``fuzz_chunk.py``: even first byte: the rest is a raw frame for ``decode``; odd: the rest
   drives structured mutations of one of ``sample_frames()``.
+- ``fuzz_oci.py``: even first byte: the rest is raw bytes for the three OCI parsers; odd: the
+  rest drives edits of one of ``sample_oci()``'s JSON documents.
 - ``fuzz_export.py``: the first byte's low bit switches the parser's name check off (1) or
   leaves it on (0); the rest drives mutations of an index from ``export_store()``.
 """
@@ -203,6 +205,26 @@ def sample_pagemaps() -> list[bytes]:
                                        PagemapEntry(base + 0x200000, 1 << 20, PE_PRESENT)]))]
 
 
+def sample_oci() -> list[bytes]:
+    """Valid documents the OCI store and the snapshotter parse, each behind a 0x00 mode byte: a
+    catalog manifest, a casfs tag's image index, a reference layer's /.casfs-ref.json."""
+    import json
+
+    d = "sha256:" + "ab" * 32
+    catalog = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+               "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": d, "size": 2},
+               "layers": [{"mediaType": "application/vnd.casfs.object.v1", "digest": d, "size": 10 + k,
+                           "annotations": {"org.casfs.key": f"{kind}/{k:064x}"}}
+                          for k, kind in enumerate(("indexes", "packs", "chunks", "profiles"))]}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d,
+                            "size": 500, "platform": {"os": "unknown", "architecture": "unknown"},
+                            "annotations": {"org.casfs.manifest": "catalog"}}],
+             "annotations": {"org.casfs.tag": "web", "org.casfs.tag-data": "YWJjCg=="}}
+    ref = {"casfs": 1, "image": "cd" * 32, "store": "oci://127.0.0.1:5000/casfs/images"}
+    return [b"\x00" + json.dumps(x).encode() for x in (catalog, index, ref)]
+
+
 def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
     """Write the seed corpora (idempotent: files are named by content)."""
     seeds = {
@@ -213,6 +235,7 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
         + [b"\x01" + bytes([k, 2, 9, 200, 1, 0, 0x40]) for k in range(8)],
         "corpus-criuimg": [b"\x00" + p for p in sample_pagemaps()]
         + [b"\x01" + bytes([k, 5, 3, 1, 0, 9, 200, 7]) for k in range(6)],
+        "corpus-oci": sample_oci() + [b"\x01" + bytes([k, 1, 1, 0, 5, 9, k, 3]) for k in range(8)],
     }
     for sub, items in seeds.items():
         d = os.path.join(base, sub)
@@ -226,4 +249,5 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
 
 if __name__ == "__main__":
     write_corpora()
-    print("fuzz seeds written to fuzz/corpus-index, fuzz/corpus-chunk, fuzz/corpus-export and fuzz/corpus-criuimg")
+    print("fuzz seeds written to fuzz/corpus-index, fuzz/corpus-chunk, fuzz/corpus-export, fuzz/corpus-criuimg "
+          "and fuzz/corpus-oci")

@@ -185,7 +185,7 @@ def test_bytes_after_the_zstd_frame_in_a_payload_are_rejected_on_every_read_path
     assert chunkmod.decode(clean) == data
 
 
-@pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk", "fuzz_export"])
+@pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk", "fuzz_export", "fuzz_oci"])
 def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
     """Runs each target's TestOneInput (its contract checks, without libFuzzer) on the seeds."""
     pytest.importorskip("atheris")

@@ -263,3 +263,23 @@ def test_casfs_push_publishes_a_runnable_image_with_the_config_asked_for(registr
         p = subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", src_dir, "push", *bad],
                            capture_output=True, text=True, env=env, timeout=120)
         assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b"null", b"{" * 100_000, b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"layers": 5}', b'{"layers": [{"digest": "sha256:00", "size": 1}]}',
+                                  b'{"layers": [{"annotations": {"org.casfs.key": "tags/x"}, '
+                                  b'"digest": "sha256:' + b"0" * 64 + b'", "size": 1}]}',
+                                  b'{"layers": [{"annotations": {"org.casfs.key": "chunks/ab"}, '
+                                  b'"digest": "sha256:' + b"0" * 64 + b'", "size": true}]}'])
+def test_hostile_catalogs_tag_indexes_and_references_are_clean_errors(body):
+    from casfs.objects.oci import parse_catalog, parse_tag_index
+    from casfs.oci.publish import parse_reference
+
+    with pytest.raises(StoreError):
+        parse_catalog(body)
+    assert parse_tag_index(body) is None
+    with pytest.raises(ValueError):
+        parse_reference(body)
+    bad_tag = b'{"annotations": {"org.casfs.tag-data": "%%%"}}'
+    with pytest.raises(StoreError):
+        parse_tag_index(bad_tag)

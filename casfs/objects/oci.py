@@ -62,7 +62,8 @@ from ..errors import StoreError
 from ..layout import DATA_KINDS, IMMUTABLE_KINDS, TAGS, check_key, index_key, kind_prefix, split_key
 from ..oci.registry import TAG_RE, Registry, sha256_digest
 
-__all__ = ["CATALOG_TYPE", "OBJECT_TYPE", "OciObjectStore", "catalog_tag", "from_url", "pointer_tag"]
+__all__ = ["CATALOG_TYPE", "OBJECT_TYPE", "OciObjectStore", "catalog_tag", "from_url", "parse_catalog",
+           "parse_tag_index", "pointer_tag"]
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -146,6 +147,56 @@ def _descriptors(doc: dict, what: str) -> dict[str, tuple[str, int]]:
     return found
 
 
+def _json_object(body: bytes, what: str) -> dict:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting
+        raise StoreError(f"{what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise StoreError(f"{what} is not a JSON object")
+    return doc
+
+
+def parse_catalog(body: bytes, what: str = "catalog") -> dict[str, tuple[str, int]]:
+    """The mapping key -> (registry digest, size) of a catalog or pointer manifest's bytes.
+
+    Raises:
+        StoreError: for anything but a manifest whose layers each name a valid casfs key
+            (not a tag), a sha256 digest and a size.
+    """
+    return _descriptors(_json_object(body, what), what)
+
+
+def parse_tag_index(body: bytes, what: str = "tag") -> tuple[bytes, list[str]] | None:
+    """(the tag's bytes, the catalog manifests' digests) of a casfs tag's image index; None
+    for a manifest that is not a casfs tag (another tool's image).
+
+    Raises:
+        StoreError: for a casfs tag whose data or catalog entries are malformed.
+    """
+    try:
+        doc = _json_object(body, what)
+    except StoreError:
+        return None
+    ann = doc.get("annotations")
+    if not isinstance(ann, dict) or A_TAG_DATA not in ann:
+        return None
+    try:
+        data = base64.b64decode(ann[A_TAG_DATA], validate=True)
+    except (ValueError, TypeError):
+        raise StoreError(f"{what} is corrupt (bad {A_TAG_DATA})") from None
+    catalogs = []
+    manifests = doc.get("manifests")
+    for d in manifests if isinstance(manifests, list) else []:
+        if isinstance(d, dict) and isinstance(d.get("annotations"), dict) \
+                and d["annotations"].get(A_ROLE) == "catalog":
+            digest = d.get("digest")
+            if not isinstance(digest, str) or not _DIGEST.match(digest):
+                raise StoreError(f"{what} names a malformed catalog digest")
+            catalogs.append(digest)
+    return data, catalogs
+
+
 class OciObjectStore:
     """casfs objects as blobs of registry repository ``repo`` at ``host``. Thread-safe.
 
@@ -209,7 +260,7 @@ class OciObjectStore:
         m = self.registry.get_manifest(digest, [MANIFEST_TYPE])
         if m is None:
             return
-        self._merge(digest, _descriptors(m.json(), f"catalog {digest[:19]} in {self.url}"))
+        self._merge(digest, parse_catalog(m.body, f"catalog {digest[:19]} in {self.url}"))
 
     def _merge(self, digest: str, found: dict[str, tuple[str, int]]) -> None:
         with self._lock:
@@ -232,14 +283,14 @@ class OciObjectStore:
         if kind == "indexes" and _ID.match(name):
             m = self.registry.get_manifest(catalog_tag(name), [MANIFEST_TYPE])  # one round trip
             if m is not None:
-                self._merge(m.digest, _descriptors(m.json(), f"catalog {m.digest[:19]} in {self.url}"))
+                self._merge(m.digest, parse_catalog(m.body, f"catalog {m.digest[:19]} in {self.url}"))
                 hit = self._lookup(key)
                 if hit is not None:
                     return hit
         m = self.registry.get_manifest(pointer_tag(key), [MANIFEST_TYPE])
         if m is None:
             return None
-        found = _descriptors(m.json(), f"pointer of {key} in {self.url}").get(key)
+        found = parse_catalog(m.body, f"pointer of {key} in {self.url}").get(key)
         if found is None:
             raise StoreError(f"pointer of {key} in {self.url} names another object")
         with self._lock:
@@ -253,22 +304,12 @@ class OciObjectStore:
         m = self.registry.get_manifest(tag, ACCEPT)
         if m is None:
             return None
-        try:
-            doc = json.loads(m.body)
-        except ValueError:
-            return None
-        ann = doc.get("annotations") if isinstance(doc, dict) else None
-        if not isinstance(ann, dict) or A_TAG_DATA not in ann:
+        parsed = parse_tag_index(m.body, f"tag {tag!r} in {self.url}")
+        if parsed is None:
             return None  # another tool's image, not a casfs tag
-        try:
-            data = base64.b64decode(ann[A_TAG_DATA], validate=True)
-        except (ValueError, TypeError):
-            raise StoreError(f"tag {tag!r} in {self.url} is corrupt (bad {A_TAG_DATA})") from None
-        for d in doc.get("manifests") or []:
-            if isinstance(d, dict) and (d.get("annotations") or {}).get(A_ROLE) == "catalog":
-                digest = d.get("digest")
-                if isinstance(digest, str) and _DIGEST.match(digest):
-                    self._merge_catalog(digest)
+        data, catalogs = parsed
+        for digest in catalogs:
+            self._merge_catalog(digest)
         return data
 
     def _tag_name(self, key: str) -> str:

@@ -89,7 +89,7 @@ def parse_reference(data: bytes) -> tuple[str, str]:
     """
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("not a casfs reference (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("casfs") != 1:
         raise ValueError("not a casfs reference")

@@ -74,7 +74,7 @@ class Manifest:
         """The parsed body. Raises StoreError when it is not a JSON object."""
         try:
             doc = json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             doc = None
         if not isinstance(doc, dict):
             raise StoreError(f"manifest {self.digest} is not a JSON object")
@@ -189,7 +189,7 @@ class Registry:
         try:
             errs = json.loads(resp.body).get("errors") or []
             codes = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errs if isinstance(e, dict))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             pass
         if resp.status == 403:
             return StoreError(f"{what}: {self.where} denied access (403){': ' + codes if codes else ''}")
@@ -467,7 +467,7 @@ class Registry:
                 raise self._fail(what, resp)
             try:
                 got = json.loads(resp.body).get("tags") or []
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 raise StoreError(f"{what}: {self.where} sent a malformed tag list") from None
             got = [t for t in got if isinstance(t, str)]
             out.extend(got)
