@@ -256,6 +256,24 @@ def test_prepare_with_a_casfs_layers_labels_answers_already_exists_and_commits_t
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_cleanup_removes_debris_no_snapshot_owns_and_keeps_the_rest(snapshotter, containerd, images):
+    import grpc
+
+    from casfs.containerd.api import load
+
+    pb, pb_grpc, _ = load()
+    containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "casfs", images["bb"][0])
+    base = os.path.join(snapshotter.root, "snapshots")
+    owned = sorted(os.listdir(base))
+    debris = os.path.join(base, "99999", "fs")
+    os.makedirs(debris)
+    with grpc.insecure_channel(f"unix:{snapshotter.socket}") as ch:
+        pb_grpc.SnapshotsStub(ch).Cleanup(pb.CleanupRequest(), timeout=60)
+    assert sorted(os.listdir(base)) == owned and owned
+    p = run(containerd, images["bb"][0], "after-cleanup", "/bin/cat", "/etc/greeting")
+    assert p.returncode == 0 and p.stdout == b"hello from casfs\n"
+
+
 def test_removing_the_image_unmounts_and_frees_its_snapshots(containerd, images, snapshotter):
     ref = images["data"][0]
     containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "casfs", ref)

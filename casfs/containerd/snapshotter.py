@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -290,11 +291,14 @@ class Snapshotter:
 
     def _prepare_remote(self, target: str, parent: str, image: str, labels: dict[str, str]) -> None:
         existing = self.meta.get(target)
-        if existing is not None and existing.kind == COMMITTED:
-            raise AlreadyExists(f"target snapshot {target!r} already exists")
+        if existing is not None:
+            if existing.kind == COMMITTED:
+                raise AlreadyExists(f"target snapshot {target!r} already exists")
+            return  # the name is taken by an active snapshot: let containerd unpack as usual
         try:
             store = self._store_url(labels.get(LABEL_STORE, ""))
-            parse_reference(f'{{"casfs":1,"image":"{image}","store":"x"}}'.encode())
+            if not re.fullmatch(r"[0-9a-f]{64}", image):
+                raise ValueError("not a casfs image id")
         except (SnapshotterError, ValueError) as e:
             log.warning("layer for %s names casfs image %r but cannot use it (%s): pulling it instead",
                         target, image, e)
