@@ -8,8 +8,9 @@ PYTHON=${PYTHON:-python3}
 EXTRAS=${CASFS_EXTRAS:-s3,fuse,dev,weights,containerd}
 
 # gcc: casfs.blocktree (verified sub-chunk reads) compiles its BLAKE3 tree code with it; fio and
-# rsync: benchmarks/bench_random_read.py and bench_cold_start_root.py (no test needs them)
-APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static docker-registry containerd debootstrap gcc fio rsync"
+# rsync: benchmarks/bench_random_read.py and bench_cold_start_root.py (no test needs them); tini:
+# the init of a snapshotted process's PID namespace (signal forwarding, reaping: snapshot.spawning)
+APT_PKGS="fuse3 libfuse3-dev pkg-config erofs-utils nginx-light runc skopeo busybox-static docker-registry containerd debootstrap gcc fio rsync tini"
 . scripts/apt_ensure.sh
 apt_ensure "system packages" $APT_PKGS
 

@@ -3,7 +3,7 @@
 How a replica is snapshotted and restored:
 
 * **create** (``casfs serve IMG --snapshot TAG --create``): the worker is started with
-  ``snapshot.spawn`` (PID 1 of its own PID namespace, setsid, stdio to an append-only
+  ``snapshot.spawn`` (its own PID namespace under tini, setsid, stdio to an append-only
   log). It loads the engine and warms it up, then calls ``snapshot.ready()`` *before* opening
   its listening socket, so the snapshot holds no socket tied to a port. The supervisor dumps it
   with ``snapshot.checkpoint`` (stored as a casfs image tagged TAG; the dump ends the

@@ -7,7 +7,7 @@ The flow::
     live = snapshot.restore("serve-v1", store, lazy=True)     # as many at once as you like
     live.wait()
 
-* ``spawn`` starts a process the way CRIU needs it: PID 1 of its own PID namespace
+* ``spawn`` starts a process the way CRIU needs it: in its own PID namespace under tini
   (``unshare -p -f``, so restores get fresh outer PIDs and many can run at once), a session
   leader without a terminal (``setsid``), stdin from /dev/null and stdout/stderr appended to
   files (``O_APPEND``: CRIU does not check the size of such files) or /dev/null.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,14 +23,27 @@ from typing import Sequence
 from . import criu as criumod, lifecycle
 from .criu import CriuError
 
-__all__ = ["SpawnedProcess", "ready_caller_pid", "spawn"]
+__all__ = ["SpawnedProcess", "init_program", "ready_caller_pid", "spawn"]
+
+log = logging.getLogger("snapshot.spawning")
+TINI_ENV = "CASFS_TINI"
+
+
+def init_program() -> str | None:
+    """The init to run as PID 1 of a spawned namespace: ``$CASFS_TINI``, else ``tini`` or
+    ``tini-static`` on PATH; None when there is none (Debian: apt-get install tini)."""
+    path = os.environ.get(TINI_ENV)
+    if path:
+        return path if os.access(path, os.X_OK) else None
+    return shutil.which("tini") or shutil.which("tini-static")
 
 
 class SpawnedProcess:
-    """A process started by ``spawn``: PID 1 of its own PID namespace, ready to be checkpointed.
+    """A process started by ``spawn`` in its own PID namespace, ready to be checkpointed.
 
     Attributes:
-        pid: the process to dump (outer PID of the namespace's init).
+        pid: the process to dump (outer PID of the namespace's init: tini, whose child is the
+            program; signals sent to it reach the program).
         launcher: the ``unshare`` process (our child) that waits for it.
         ready_path: where ``snapshot.ready()`` writes its report.
     """
@@ -122,7 +136,7 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
             layout and hash seed anyway; this makes separate snapshots share them too.
         ready: tell the process a supervisor waits for its ``snapshot.ready()`` (False: that
             call returns at once, as in a process never snapshotted).
-        pid_namespace: start it as PID 1 of its own PID namespace (the default). False starts
+        pid_namespace: start it in its own PID namespace under tini (the default). False starts
             it in this PID namespace (still a session leader): what a process that uses a GPU
             needs, since CUDA fails to initialise in a PID namespace whose /proc is the host's
             (error 304, "OS call failed"; DESIGN.md). A restore then gets the same PID back,
@@ -143,6 +157,14 @@ def spawn(cmd: Sequence[str], *, stdout: str | None = None, stderr: str | None |
     else:
         penv.pop(lifecycle.ENV_READY, None)
     argv = ["unshare", "-p", "-f", "setsid"] if pid_namespace else []
+    if pid_namespace:  # an init as PID 1, so that signals reach the program (module doc)
+        init = init_program()
+        if init is not None:
+            argv += [init, "-s", "--"]  # -s: a subreaper too, should it ever not be PID 1
+        else:
+            log.warning("tini is not installed: %s runs as PID 1 of its namespace and ignores SIGTERM "
+                        "unless it handles it (apt-get install tini, or set $%s)",
+                        cmd[0] if cmd else "the program", TINI_ENV)
     if deterministic:
         argv += ["setarch", "-R"]
         penv.setdefault("PYTHONHASHSEED", "0")

@@ -156,14 +156,14 @@ def _assert_same_state(rec: dict, before: dict) -> None:
     assert rec["out"] == before["out"]            # identical model output, bit for bit
     assert rec["np_sum"] == before["np_sum"]
     assert rec["hooks"] == 1                       # the after_restore hook ran once
-    assert rec["pid"][1] == 1                      # PID 1 of its own namespace
+    assert rec["pid"][1] == 2                      # its own namespace, under tini (PID 1)
 
 
 def _restore_and_check(snap, **kw) -> None:
     snap["stop"].touch()
     live = cpu.restore("torch-app", snap["store"], cache_dir=snap["cache"], **kw)
     snap["live"].append(live)
-    rec = _wait_record(snap["out"], live.pid)
+    rec = _wait_record(snap["out"], live.ready_pid)  # the program (live.pid is the namespace's init)
     _assert_same_state(rec, snap["before"])
     assert live.wait(60) == 7                      # the tree's own exit status comes back
     assert live.lazy_done(60)
@@ -298,7 +298,7 @@ def test_two_concurrent_restores_of_one_snapshot_both_run(torch_snap):
     assert not errors, errors
     assert len({p.pid for p in got}) == 2
     for p in got:
-        _assert_same_state(_wait_record(snap["out"], p.pid), snap["before"])
+        _assert_same_state(_wait_record(snap["out"], p.ready_pid), snap["before"])
     assert all(p.poll() is None for p in got)      # both still running, side by side
     snap["stop"].touch()
     assert [p.wait(60) for p in got] == [7, 7]
