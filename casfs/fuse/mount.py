@@ -166,6 +166,17 @@ def remove_record(mountpoint: str, pid: int) -> None:
             pass
 
 
+def _dead_mount(path: str) -> bool:
+    """True when the FUSE mount at ``path`` has no daemon any more (ENOTCONN)."""
+    import errno
+
+    try:
+        os.listdir(path)  # a stat may be answered from the kernel's cache; a listing may not
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
 def sweep_stale_mounts() -> list[str]:
     """Remove the records of mounts whose daemon is gone (killed), detaching the dead mount
     ("Transport endpoint is not connected") when it is still there. Returns one line per
@@ -186,7 +197,7 @@ def sweep_stale_mounts() -> list[str]:
         if _alive(rec.pid, rec.pid_start) or runtime_key(rec.mountpoint) != key:
             continue
         m = find_mount(rec.mountpoint)
-        if m is not None and m[2] == "fuse.casfs":
+        if m is not None and m[2] == "fuse.casfs" and _dead_mount(rec.mountpoint):
             detach(rec.mountpoint)
         for suffix in (".json", ".sock"):
             try:
