@@ -135,7 +135,8 @@ class CriuBackend:
             raise SnapshotUnavailable(str(e)) from None
         except snap.CriuError as e:
             raise BootError(f"restoring snapshot {tag} failed: {e}") from None
-        write_instructions(live.pid, {"listen": listen, "seed": seed, "control_token": token})
+        # to the worker (ready_pid), not the tree's root: that is the namespace's init (tini)
+        write_instructions(live.ready_pid, {"listen": listen, "seed": seed, "control_token": token})
         try:
             shm = [i["path"] for i in snap.read_meta(store.open_image(live.image_id)).get("shm") or []]
         except (casfs.CasfsError, ValueError):

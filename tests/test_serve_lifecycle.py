@@ -46,12 +46,12 @@ def env(tmp_path):
             "PYTHONPATH": ROOT, "STORE": str(tmp_path / "store"), "WORK": str(tmp_path / "work")}
 
 
-def _serve(env):
+def _serve(env, *extra):
     listen = f"127.0.0.1:{_free_port()}"
     p = subprocess.Popen([sys.executable, "-m", "casfs.cli.main", "--store", env["STORE"], "serve", "m",
                           "--engine", "echo", "--no-gpu-check", "--materialize", "mount", "--listen", listen,
-                          "--workdir", env["WORK"]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         cwd=ROOT)
+                          "--workdir", env["WORK"], *extra], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 120
     buf = b""
     while time.monotonic() < deadline and b"\n" not in buf:
@@ -65,6 +65,7 @@ def _serve(env):
     if b"\n" not in buf:
         p.kill()
         raise AssertionError(f"casfs serve did not boot: {p.stderr.read().decode()[-2000:]}")
+    p.report = json.loads(buf.split(b"\n")[0])
     d = os.path.join(env["CASFS_RUNTIME_DIR"], "lifelines")
     names = [n for n in os.listdir(d) if n.endswith(".json")]
     assert len(names) == 1
@@ -168,3 +169,32 @@ def test_a_casfs_mount_whose_daemon_was_killed_is_detached_by_the_next_mount(env
                 if any(line.split()[4] == str(mp) for line in f):
                     subprocess.run(["umount", "-l", str(mp)], capture_output=True)
             del os.environ["CASFS_RUNTIME_DIR"]
+
+
+def test_a_replica_restored_from_a_snapshot_serves_and_stops_on_sigterm(env):
+    """Create a snapshot (echo engine: seconds), then boot from it: the restored worker (under
+    its namespace's init) takes its instructions, serves, and SIGTERM stops it and its mount."""
+    import snapshot
+
+    try:
+        snapshot.find_criu()
+    except snapshot.CriuUnavailable as e:
+        pytest.skip(f"no usable CRIU: {e}")
+    env = {**env, "CASFS_SNAPSHOT_CACHE": os.path.join(env["WORK"], "snapshot-cache")}
+    p, _, _ = _serve(env, "--snapshot", "s1", "--create")
+    assert list(p.report["phases"])[-3:] == ["snapshot", "restore", "first_token"], p.report.get("details")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0
+    p, path, rec = _serve(env, "--snapshot", "s1")
+    try:
+        assert p.report["mode"] == "restore", p.report.get("details")
+        root = [i for i in rec["items"] if i["kind"] == "process"][0]
+        t = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+        assert time.monotonic() - t < 10
+        assert not casfs.lifeline.alive(root["pid"], root["start"])
+        assert not os.path.exists(path)
+    finally:
+        if p.poll() is None:
+            p.kill()
