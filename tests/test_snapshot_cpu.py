@@ -201,7 +201,7 @@ def test_a_torch_process_restores_from_the_store_without_unpacking(torch_snap, l
     snap["stop"].touch()
     live = cpu.restore("torch-app", snap["store"], source="store", cache_dir=str(cache), profile=False)
     snap["live"].append(live)
-    _assert_same_state(_wait_record(snap["out"], live.pid), snap["before"])
+    _assert_same_state(_wait_record(snap["out"], live.ready_pid), snap["before"])
     assert live.wait(60) == 7
     assert live.lazy_done(60)
     served = live.pages()
@@ -220,10 +220,11 @@ def test_the_first_restore_from_the_store_records_a_startup_profile_that_later_o
     first.close()                                  # the profile is saved once the pages are all sent
     prof = casfs.load_profile(snap["store"], image.id)
     assert prof is not None and prof.chunk_size == 4096     # pages, in the order they faulted
-    assert 0 < len(prof.items) == first.pages()["faults"] <= first.timings["lazy_pages"]
+    # one item per page touched: a page the program and its init share is faulted by each
+    assert 0 < len(prof.items) <= first.pages()["faults"] <= first.timings["lazy_pages"]
     second = cpu.restore("torch-app", snap["store"], source="store")
     snap["live"].append(second)
-    _assert_same_state(_wait_record(snap["out"], second.pid), snap["before"])
+    _assert_same_state(_wait_record(snap["out"], second.ready_pid), snap["before"])
     assert second.timings["profile_pages"] == len(prof.items)
     assert second.timings["hot_pages"] == len(prof.items)   # restored by CRIU, not faulted in
     assert second.timings["hot_image"]                      # their bytes from one small image
