@@ -81,6 +81,7 @@ class LoadStats:
     bytes: int = 0  # tensor bytes delivered
     chunks: int = 0  # chunk fetches
     chunk_bytes: int = 0
+    pinned_bytes: int = 0  # chunk bytes copied to the GPU from the pinned tier (hit or filled)
     seconds: float = 0.0
     tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> counter deltas
 
@@ -194,6 +195,7 @@ class _Job:
     offset: int  # of the chunk in the file
     length: int  # expected decoded length of the chunk
     copies: list[_Copy]
+    ref: "casfs.ChunkRef"
 
 
 def _plan(image: "casfs.Image", path: str, header: SafetensorsHeader,
@@ -216,7 +218,7 @@ def _plan(image: "casfs.Image", path: str, header: SafetensorsHeader,
         for j in range(s // cs, (e - 1) // cs + 1):
             lo, hi = max(s, j * cs), min(e, (j + 1) * cs)
             per_chunk.setdefault(j, []).append(_Copy(lo - j * cs, hi - lo, dst, lo - s))
-    return [_Job(image, entry, j * cs, min(cs, header.file_size - j * cs), per_chunk[j])
+    return [_Job(image, entry, j * cs, min(cs, header.file_size - j * cs), per_chunk[j], refs[j])
             for j in sorted(per_chunk)]
 
 
@@ -236,8 +238,13 @@ def _tier_counts(images: Iterable["casfs.Image"]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | None) -> None:
+def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | None,
+         pinned: "casfs.PinnedTier | None" = None) -> None:
     """Fetch every job's chunk and perform its copies; returns when all bytes have landed.
+
+    With ``pinned`` (CUDA destinations only), a chunk the tier holds is copied to the device
+    straight from it, and a missing one is read into a buffer of the tier (then kept for the
+    next load); when the tier has no free buffer, the worker's own pinned slots are used.
 
     Raises the first error any worker hit (casfs.ChunkUnavailable, casfs.CorruptIndex, ...).
     """
@@ -248,6 +255,8 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
     if len(cuda_devs) > 1:
         raise ValueError(f"one load targets one GPU; destinations span {sorted(map(str, cuda_devs))}")
     dev = next(iter(cuda_devs)) if cuda_devs else None
+    if dev is None:
+        pinned = None
     workers = max(1, min(concurrency, len(jobs)))
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
     for i in range(len(jobs)):
@@ -255,23 +264,31 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
     errors: list[BaseException] = []
     stop = threading.Event()
     moved = [0] * workers
+    from_pinned = [0] * workers
     stream_list: list[Any] = []
-    slots: list[list[tuple[Any, Any]]] = []
+    slots: list[list[tuple[Any, Any] | None]] = []
     if dev is not None:
         with torch.cuda.device(dev):
             stream_list = [torch.cuda.Stream(dev) for _ in range(max(1, min(streams, workers)))]
-            slot_bytes = max(j.length for j in jobs if any(c.dst.is_cuda for c in j.copies))
-            slots = [[(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
-                      for _ in range(SLOTS_PER_WORKER)] for _ in range(workers)]
+        slot_bytes = max(j.length for j in jobs if any(c.dst.is_cuda for c in j.copies))
+        slots = [[None] * SLOTS_PER_WORKER for _ in range(workers)]  # allocated on first use
 
     hash_threads = 1 if workers > 1 else 0  # many hashers at once: one thread each scales best
     scratch_bytes = max(j.length for j in jobs)
 
-    def read(job: _Job, ptr: int) -> None:
-        got = job.image.read_into(job.entry, job.offset, _memory(ptr, job.length), hash_threads=hash_threads)
+    def read(job: _Job, view: memoryview) -> int:
+        got = job.image.read_into(job.entry, job.offset, view[:job.length], hash_threads=hash_threads)
         if got != job.length:
             raise casfs.CorruptIndex(f"chunk at offset {job.offset} holds {got} bytes where the "
                                      f"file needs {job.length}")
+        return got
+
+    def to_device(job: _Job, src: Any, stream: Any, ev: Any) -> None:
+        with torch.cuda.stream(stream):
+            for c in job.copies:
+                if c.dst.is_cuda:
+                    c.dst[c.dst_off:c.dst_off + c.n].copy_(src[c.src:c.src + c.n], non_blocking=True)
+            ev.record(stream)
 
     def work(w: int) -> None:
         nslot = 0
@@ -286,27 +303,39 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
                 except queue.Empty:
                     break
                 job = jobs[i]
-                gpu = [c for c in job.copies if c.dst.is_cuda]
+                gpu = any(c.dst.is_cuda for c in job.copies)
                 cpu = [c for c in job.copies if not c.dst.is_cuda]
+                held = pinned.fill(job.ref, lambda v, job=job: read(job, v)) if gpu and pinned is not None else None
+                if held is not None:
+                    ev = torch.cuda.Event(blocking=True)
+                    to_device(job, held.tensor, stream, ev)
+                    src = held.ptr
+                    for c in cpu:
+                        ctypes.memmove(c.dst.data_ptr() + c.dst_off, src + c.src, c.n)
+                    held.release(after=ev)
+                    from_pinned[w] += job.length
+                    moved[w] += job.length
+                    continue
                 if gpu:
-                    pinned, ev = slots[w][nslot % SLOTS_PER_WORKER]
+                    k = nslot % SLOTS_PER_WORKER
                     nslot += 1
-                    ev.synchronize()  # the copies that last read this slot are done
-                    read(job, pinned.data_ptr())
-                    src = pinned.data_ptr()
-                    with torch.cuda.stream(stream):
-                        for c in gpu:
-                            c.dst[c.dst_off:c.dst_off + c.n].copy_(pinned[c.src:c.src + c.n], non_blocking=True)
-                        ev.record(stream)
+                    if slots[w][k] is None:
+                        slots[w][k] = (torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True),
+                                       torch.cuda.Event(blocking=True))
+                    slot, ev = slots[w][k]  # type: ignore[misc]
+                    ev.synchronize()  # the copies that last read this slot are done (sleeps, no spin)
+                    read(job, _memory(slot.data_ptr(), job.length))
+                    src = slot.data_ptr()
+                    to_device(job, slot, stream, ev)
                 elif len(cpu) == 1 and cpu[0].src == 0 and cpu[0].n == job.length:
                     c = cpu[0]  # the whole chunk lies in one tensor: read it in place
-                    read(job, c.dst.data_ptr() + c.dst_off)
+                    read(job, _memory(c.dst.data_ptr() + c.dst_off, job.length))
                     cpu = []
                 else:
                     if scratch is None:
                         scratch = bytearray(scratch_bytes)
                     src = _address(scratch)
-                    read(job, src)
+                    read(job, memoryview(scratch))
                 for c in cpu:
                     ctypes.memmove(c.dst.data_ptr() + c.dst_off, src + c.src, c.n)
                 moved[w] += job.length
@@ -330,6 +359,14 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
     if stats is not None:
         stats.chunks += len(jobs)
         stats.chunk_bytes += sum(moved)
+        stats.pinned_bytes += sum(from_pinned)
+
+
+def _pinned_of(targets: list, pinned: "casfs.PinnedTier | None") -> "casfs.PinnedTier | None":
+    """The pinned tier a load uses: the one given, else its first image's store's (or none)."""
+    if pinned is not None or not targets:
+        return pinned
+    return getattr(targets[0][0].store, "pinned", None)
 
 
 def _parse_device(device: Any) -> "torch.device":
@@ -370,7 +407,8 @@ def _targets(source: "casfs.Image | casfs.Store", path: str) -> list[tuple["casf
 
 def load_safetensors(source: "casfs.Image | casfs.Store", path: str, device: Any = "cpu",
                      dtype: "torch.dtype | None" = None, *, concurrency: int = DEFAULT_CONCURRENCY,
-                     streams: int = DEFAULT_STREAMS, stats: LoadStats | None = None) -> dict[str, "torch.Tensor"]:
+                     streams: int = DEFAULT_STREAMS, stats: LoadStats | None = None,
+                     pinned: "casfs.PinnedTier | None" = None) -> dict[str, "torch.Tensor"]:
     """Load every tensor of a safetensors file (or sharded set) in a casfs image onto ``device``.
 
     Args:
@@ -384,6 +422,10 @@ def load_safetensors(source: "casfs.Image | casfs.Store", path: str, device: Any
         concurrency: chunk fetches in flight (worker threads); the read-ahead is bounded by it.
         streams: CUDA streams the host-to-device copies are spread over.
         stats: filled with bytes, chunk fetches, seconds and per-tier counter deltas.
+        pinned: a ``casfs.PinnedTier`` for CUDA loads (default: the store's, when it was
+            opened with one): chunks it holds are copied to the GPU straight from it, and the
+            chunks it lacks are read into it, so the next load of any model sharing them is
+            host-to-device copies alone.
 
     Returns:
         name -> tensor, each tensor its own allocation, bit-identical to the file's bytes.
@@ -408,7 +450,7 @@ def load_safetensors(source: "casfs.Image | casfs.Store", path: str, device: Any
             out[name] = t
             dests[name] = _byte_view(t)
         jobs.extend(_plan(image, fpath, h, dests))
-    _run(jobs, concurrency, streams, stats)
+    _run(jobs, concurrency, streams, stats, _pinned_of(targets, pinned))
     if dtype is not None:
         for name, t in out.items():
             if t.is_floating_point() and t.dtype != dtype:
@@ -431,7 +473,8 @@ def _delta(stats: LoadStats, before: dict[str, dict[str, int]], after: dict[str,
 
 def load_into_module(module: "torch.nn.Module", source: "casfs.Image | casfs.Store", path: str, *,
                      strict: bool = True, concurrency: int = DEFAULT_CONCURRENCY,
-                     streams: int = DEFAULT_STREAMS, stats: LoadStats | None = None) -> tuple[list[str], list[str]]:
+                     streams: int = DEFAULT_STREAMS, stats: LoadStats | None = None,
+                     pinned: "casfs.PinnedTier | None" = None) -> tuple[list[str], list[str]]:
     """Stream a safetensors file (or sharded set) into ``module``'s parameters and buffers in place.
 
     Each state-dict tensor keeps its storage, device and address (CUDA graphs captured over
@@ -483,7 +526,7 @@ def load_into_module(module: "torch.nn.Module", source: "casfs.Image | casfs.Sto
                 post.append((t, tmp))
                 dests[name] = _byte_view(tmp)
         jobs.extend(_plan(image, fpath, h, dests))
-    _run(jobs, concurrency, streams, stats)
+    _run(jobs, concurrency, streams, stats, _pinned_of(targets, pinned))
     with torch.no_grad():
         for t, tmp in post:
             t.copy_(tmp)

@@ -383,3 +383,52 @@ def test_load_into_a_cuda_module_keeps_its_addresses(store, tmp_path):
     load_into_module(dst, image, "m.safetensors", concurrency=4, streams=2)
     assert {k: v.data_ptr() for k, v in dst.state_dict().items()} == ptrs
     assert_same(dst.state_dict(), src.state_dict())
+
+
+def test_a_cpu_load_leaves_the_pinned_tier_alone(tmp_path):
+    """The pinned tier feeds GPU copies only; here over plain memory (no CUDA needed)."""
+    data = st_bytes(sample_tensors(5))
+    root = str(tmp_path / "store")
+    with casfs.open_store(root) as s:
+        build(s, {"w.safetensors": data}, tmp_path, chunk_size=8192)
+    tier = casfs.PinnedTier(8 * MiB, allocator=casfs.plain_memory)
+    with casfs.Store(casfs.open_store(root).objects, memory_bytes=0, pinned=tier) as s:
+        stats = LoadStats()
+        got = load_safetensors(s.open_image("m"), "w.safetensors", stats=stats)
+    assert len(tier) == 0 and stats.pinned_bytes == 0
+    assert_same(got, st.load(data))
+
+
+@needs_cuda
+def test_a_second_cuda_load_copies_from_the_pinned_tier_alone(tmp_path):
+    tensors = sample_tensors(6)
+    data = st_bytes(tensors)
+    root = str(tmp_path / "store")
+    with casfs.open_store(root) as s:
+        build(s, {"w.safetensors": data}, tmp_path, chunk_size=64 << 10)
+    tier = casfs.PinnedTier(64 * MiB)
+    ref = st.load(data)
+    for n in range(2):
+        with casfs.Store(casfs.open_store(root).objects, memory_bytes=0, pinned=tier) as s:
+            stats = LoadStats()
+            got = load_safetensors(s.open_image("m"), "w.safetensors", device="cuda", stats=stats)
+            torch.cuda.synchronize()
+            assert_same(got, ref)
+            assert stats.pinned_bytes == stats.chunk_bytes > 0
+            assert stats.tiers["blob"]["hits"] == (0 if n else stats.chunks)
+            assert stats.tiers["pinned"]["hits"] == (stats.chunks if n else 0)
+
+
+@needs_cuda
+def test_a_pinned_tier_too_small_for_the_model_still_loads_it_bit_exact(tmp_path):
+    data = st_bytes(sample_tensors(7))
+    root = str(tmp_path / "store")
+    with casfs.open_store(root) as s:
+        build(s, {"w.safetensors": data}, tmp_path, chunk_size=64 << 10)
+    tier = casfs.PinnedTier(128 << 10)  # room for two chunks while 8 workers read
+    with casfs.Store(casfs.open_store(root).objects, memory_bytes=0, pinned=tier) as s:
+        stats = LoadStats()
+        got = load_safetensors(s.open_image("m"), "w.safetensors", device="cuda", concurrency=8, stats=stats)
+        torch.cuda.synchronize()
+    assert_same(got, st.load(data))
+    assert 0 < stats.pinned_bytes < stats.chunk_bytes and tier.used <= tier.capacity
