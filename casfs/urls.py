@@ -63,5 +63,6 @@ def open_store(url: str | None = None, *, cache_dir: str | None = None, cache_by
         from .tiers.pinned import PinnedTier
 
         pinned = PinnedTier(pinned_bytes)
+        pinned.close_with_store = True
     return Store(objects, cache_dir=cache_dir or None, cache_bytes=cache_bytes,
                  memory_bytes=memory_bytes, extra_tiers=extra, io_threads=io_threads, pinned=pinned)

@@ -180,7 +180,11 @@ def test_a_store_reads_through_its_pinned_tier_first(tmp_path):
     assert store.blob.stats().hits == blob_before  # every chunk came from the pinned tier
     assert tier.stats().hits >= 4
     store.close()
-    assert len(tier) == 0  # closing the store empties the tier
+    assert len(tier) == 4  # a tier handed to a Store is the caller's: it outlives the store
+    tier.free()
+    assert len(tier) == 0 and tier.used == 0
+    with casfs.open_store(str(tmp_path / "store"), pinned_bytes=1 * MiB) as own:
+        assert own.pinned is not None and own.pinned.close_with_store  # freed with its store
 
 
 def test_the_pinned_allocator_refuses_clearly_without_cuda():
@@ -210,4 +214,4 @@ def test_pinned_chunks_copy_to_the_gpu_bit_exact():
     c.release(after=ev)
     ev.synchronize()
     assert bytes(dst.cpu().numpy()) == data
-    tier.close()
+    tier.free()

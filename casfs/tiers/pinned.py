@@ -22,7 +22,9 @@ Contract:
   tensor over the pinned bytes) is the source of ``copy_(..., non_blocking=True)``;
   ``release(after=event)`` keeps the buffer until the CUDA event has completed.
 
-In the store (``casfs.open_store(pinned_bytes=N)``) it is the first tier of the walk and is
+In the store (``casfs.open_store(pinned_bytes=N)``, freed with the store; or ``Store(pinned=
+tier)``, shared by every store it is given to, freed by ``free()``) it is the first tier of
+the walk and is
 not *writable*: the store does not fill it in the background with every chunk any reader
 touches (each fill would copy and hash a frame on the store's one writeback thread); loaders
 and the warm pool fill it on purpose.
@@ -191,6 +193,7 @@ class PinnedTier(Tier):
         self._limbo: list[_Entry] = []  # dropped while a GPU copy still read them
         self.evictions = 0
         self.full = 0  # fills refused because every buffer was leased or in flight
+        self.close_with_store = False
 
     # -- the lease API ----------------------------------------------------------------------
 
@@ -309,7 +312,15 @@ class PinnedTier(Tier):
                 self._retire(e)
 
     def close(self) -> None:
-        """Drop every chunk not leased and free the buffers."""
+        """Called by the store's close: frees the tier only when the store made it
+        (``close_with_store``, set by ``open_store(pinned_bytes=)``). A tier handed to
+        ``Store(pinned=)`` is the caller's, shared by the stores it was given to (a warm pool):
+        it keeps its chunks until ``free()``."""
+        if self.close_with_store:
+            self.free()
+
+    def free(self) -> None:
+        """Drop every chunk not leased and hand the free buffers back."""
         with self._lock:
             for d in [d for d, e in self._entries.items() if e.leases == 0]:
                 e = self._entries.pop(d)
