@@ -8,7 +8,6 @@ run), by:
 
   casfs               snapshot.weights.load_safetensors (fresh Store, no memory tier; every
                       chunk verified: blake3 of every byte), ``--concurrency`` workers
-  casfs unfused       the same with each chunk read whole then hashed (FUSED_PIECE off)
   casfs ssd           the chunks served by a filled ssd tier (no blob read)
   casfs pinned        the chunks held by a PinnedTier (the warm pool's case): H2D copies only
   load_file(cuda)     safetensors.torch.load_file(path, device="cuda")
@@ -47,7 +46,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import casfs
-from casfs import chunk as chunkmod
 from snapshot.weights import LoadStats, load_safetensors
 
 GiB = 1 << 30
@@ -184,23 +182,17 @@ def main() -> int:
     objects = casfs.open_store(store_dir).objects
     save()
 
-    def ours(c: int, *, cache: str | None = None, pinned=None, fused: bool = True) -> dict:
-        old = chunkmod.FUSED_PIECE
-        if not fused:
-            chunkmod.FUSED_PIECE = 1 << 40
-        try:
-            st = LoadStats()
-            with casfs.Store(objects, cache_dir=cache, memory_bytes=0, pinned=pinned) as s:
-                t = time.perf_counter()
-                out = load_safetensors(s.open_image("bench"), "model.safetensors", device=DEV,
-                                       concurrency=c, stats=st)
-                torch.cuda.synchronize()
-                el = time.perf_counter() - t
-            done(out)
-            return {"s": el, "tiers": {k: v.get("hits", 0) for k, v in st.tiers.items()},
-                    "pinned_bytes": st.pinned_bytes}
-        finally:
-            chunkmod.FUSED_PIECE = old
+    def ours(c: int, *, cache: str | None = None, pinned=None) -> dict:
+        st = LoadStats()
+        with casfs.Store(objects, cache_dir=cache, memory_bytes=0, pinned=pinned) as s:
+            t = time.perf_counter()
+            out = load_safetensors(s.open_image("bench"), "model.safetensors", device=DEV,
+                                   concurrency=c, stats=st)
+            torch.cuda.synchronize()
+            el = time.perf_counter() - t
+        done(out)
+        return {"s": el, "tiers": {k: v.get("hits", 0) for k, v in st.tiers.items()},
+                "pinned_bytes": st.pinned_bytes}
 
     def timed(fn) -> dict:
         t = time.perf_counter()
@@ -226,7 +218,7 @@ def main() -> int:
             os.environ.pop("FASTSAFETENSORS_ODIRECT", None)
         else:
             os.environ["FASTSAFETENSORS_ODIRECT"] = odirect
-        loader = SafeTensorsFileLoader(None, DEV, nogds=nogds)
+        loader = SafeTensorsFileLoader(None, f"{DEV}:0", nogds=nogds)  # it needs the device index
         try:
             loader.add_filenames({0: [plain]})
             fb = loader.copy_files_to_device()
@@ -254,7 +246,6 @@ def main() -> int:
     methods = {
         f"casfs c={conc[0]}": lambda: ours(conc[0]),
         **{f"casfs c={c}": (lambda c=c: ours(c)) for c in conc[1:]},
-        f"casfs unfused c={conc[0]}": lambda: ours(conc[0], fused=False),
         f"casfs ssd c={conc[0]}": lambda: ours(conc[0], cache=cache_dir),
         f"casfs pinned c={conc[0]}": lambda: ours(conc[0], pinned=pinned_tier),
         "load_file(cuda)": lambda: timed(lf),
@@ -293,28 +284,22 @@ def main() -> int:
     save()
 
     # where the time goes: the read path alone, and the copy alone
-    def read_only(threads: int, fused: bool) -> dict:
-        old = chunkmod.FUSED_PIECE
-        if not fused:
-            chunkmod.FUSED_PIECE = 1 << 40
-        try:
-            with casfs.Store(objects, memory_bytes=0) as s:
-                im = s.open_image("bench")
-                local = threading.local()
+    def read_only(threads: int) -> dict:
+        with casfs.Store(objects, memory_bytes=0) as s:
+            im = s.open_image("bench")
+            local = threading.local()
 
-                def one(r) -> int:
-                    buf = getattr(local, "buf", None)
-                    if buf is None:
-                        t = local.t = torch.empty(max(x.raw_len for x in refs), dtype=torch.uint8, pin_memory=True)
-                        buf = local.buf = memoryview((ctypes.c_char * t.numel()).from_address(t.data_ptr())).cast("B")
-                    return s.chunks.get_into(r, buf, im.index.pack_members, hash_threads=1)
+            def one(r) -> int:
+                buf = getattr(local, "buf", None)
+                if buf is None:
+                    t = local.t = torch.empty(max(x.raw_len for x in refs), dtype=torch.uint8, pin_memory=True)
+                    buf = local.buf = memoryview((ctypes.c_char * t.numel()).from_address(t.data_ptr())).cast("B")
+                return s.chunks.get_into(r, buf, im.index.pack_members, hash_threads=1)
 
-                t = time.perf_counter()
-                with ThreadPoolExecutor(threads) as ex:
-                    n = sum(ex.map(one, refs))
-                return {"s": time.perf_counter() - t, "bytes": n}
-        finally:
-            chunkmod.FUSED_PIECE = old
+            t = time.perf_counter()
+            with ThreadPoolExecutor(threads) as ex:
+                n = sum(ex.map(one, refs))
+            return {"s": time.perf_counter() - t, "bytes": n}
 
     host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
@@ -332,8 +317,7 @@ def main() -> int:
         del dst
         return {"s": el}
 
-    methods["casfs read only x16 (fused)"] = lambda: read_only(16, True)
-    methods["casfs read only x16 (unfused)"] = lambda: read_only(16, False)
+    methods["casfs read only x16"] = lambda: read_only(16)
     methods["H2D from pinned, 1 stream"] = lambda: h2d(1)
     methods["H2D from pinned, 4 streams"] = lambda: h2d(4)
 

@@ -749,15 +749,10 @@ def read_frame_into(fd: int, offset: int, buf: object, expect: bytes | None = No
         raise CorruptChunk(f"chunk frame is {frame_len} bytes in its pack, header says {h.frame_len}")
     view = _check_fit(h, out, expect)
     pos = offset + HEADER_SIZE
-    fused = False
     if h.codec == CODEC_RAW:  # whole or blocked: the chunk's bytes are the frame's last raw_len
         if h.block:
             _check_outboard(h, head + os.pread(fd, h.meta_len - HEADER_SIZE, pos))
-        if hash_threads == 1 and h.raw_len >= 2 * FUSED_PIECE:
-            got = _pread_hash(fd, view, offset + h.meta_len, h)  # verified as it lands
-            fused = True
-        else:
-            got = _pread_exact(fd, view, offset + h.meta_len)
+        got = _pread_exact(fd, view, offset + h.meta_len)
         if got != h.raw_len:
             raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… is truncated: {got} of {h.raw_len} bytes")
     else:
@@ -771,35 +766,13 @@ def read_frame_into(fd: int, offset: int, buf: object, expect: bytes | None = No
             _decompress_into(h, payload, view)
     if frame_len is None and os.pread(fd, 1, pos + h.payload_len):
         raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… file has bytes after its {h.frame_len}-byte frame")
-    if not fused:
-        _verify_view(h, view, hash_threads)
+    # One preadv of the whole payload, then one blake3 call over it. Tried and dropped (issue
+    # 13): reading and hashing 512 KiB pieces while they are still in the core's cache. On the
+    # 2-core VM it read 16 MiB chunks 1.6x faster (2 threads); on the H200 machine (16 threads)
+    # it was 0.57x (the weights loader 13.2 against 23.3 GB/s): each piece is two more trips
+    # through the GIL, and 16 threads queue for it.
+    _verify_view(h, view, hash_threads)
     return h
-
-
-# Raw payloads read by one hashing thread go from the file into the buffer in pieces of this
-# size, each hashed right after it lands, while it is still in the core's cache: the bytes
-# cross memory once instead of twice (preadv of the whole chunk, then blake3 of it from DRAM).
-# Measured on the 2-core VM (L2 1 MiB a core), 16 MiB chunks from the page cache, 2 threads:
-# 1.57-1.58 GB/s in 256 KiB or 1 MiB pieces against 0.99 whole (4 MiB pieces: 0.99).
-FUSED_PIECE = 512 << 10
-
-
-def _pread_hash(fd: int, view: memoryview, offset: int, h: FrameHeader) -> int:
-    """``_pread_exact`` that hashes each piece as it lands; raises CorruptChunk when the
-    bytes read do not have ``h.digest``. Returns the bytes read."""
-    hasher = blake3.blake3(max_threads=1)
-    got = 0
-    n = len(view)
-    while got < n:
-        piece = view[got:got + FUSED_PIECE]
-        k = _pread_exact(fd, piece, offset + got)
-        hasher.update(piece[:k])
-        got += k
-        if k < len(piece):
-            break
-    if got == n and hasher.digest() != h.digest:
-        raise CorruptChunk(f"chunk {h.digest.hex()[:16]}… failed digest verification (corrupted bytes)")
-    return got
 
 
 assert HEADER_SIZE == 16 + DIGEST_SIZE

@@ -6,11 +6,13 @@ file order with ``Image.read_into`` (``TieredStore.get_into``: memory -> ssd -> 
 -> blob, every byte checked against its blake3 digest, nothing put into the memory tier). Each
 chunk is read straight into where its bytes go:
 
-* CUDA destinations: into a pinned staging slot (a ring of two slots per worker; a raw chunk
-  from a local file goes from the page cache into the slot with one ``preadv`` and is hashed
-  there), then asynchronous host-to-device copies on one of several CUDA streams; an event per
-  slot says when the slot may be refilled. Pageable memory would cap the copy near 3 GB/s;
-  pinned slots run at PCIe speed.
+* CUDA destinations: from the store's pinned tier (``casfs.PinnedTier``) when it holds the
+  chunk, else into a buffer of that tier (kept for the next load), else into a pinned staging
+  slot (a ring of two slots per worker; a raw chunk from a local file goes from the page cache
+  into the slot with one ``preadv`` and is hashed there); then asynchronous host-to-device
+  copies on one of several CUDA streams; an event per slot (or per pinned chunk, released to
+  the tier with it) says when the memory may be reused. Pageable memory would cap the copy near
+  3 GB/s; pinned memory runs at PCIe speed.
 * CPU destinations: a chunk that lies inside one contiguous tensor is read straight into the
   tensor's memory; a chunk that spans tensors is read into a per-worker buffer and moved with
   ``memmove`` (no GIL).
@@ -25,11 +27,16 @@ can only produce ``InvalidSafetensors``, never an out-of-bounds copy.
 Because chunks are content-addressed, a file (or the chunk-aligned parts of one) that two
 models share is fetched from the blob tier once: the second load is served by the upper tiers.
 
-Speed (H100 machine, docs/benchmarks.md, run 5): with weights stored raw (``casfs.build``'s
-default ``compress="auto"``) and 16 MiB chunks, 16 workers load 12.1 GiB/s warm, 3.1x
-``safetensors.torch.load_file(device="cuda")`` in the same run. With 4 MiB chunks the
-per-chunk work of 16 workers dominates (2.65 GiB/s; 4.75 with 8 workers): ``casfs.build``'s
-default now gives weight files 16 MiB chunks (per-file chunk sizes). zstd chunks decompress at ~0.55 GiB/s a core and stay much slower.
+Speed (H200 machine, 2026-12-04, docs/benchmarks.md "Weights on the H200"): a 4.17 GB file with
+``casfs.build``'s defaults (16 MiB raw chunks for weight files) loads at 23.3 GB/s warm with 16
+workers, every byte verified: 3.9x ``safetensors.torch.load_file(device="cuda")`` in the same
+run and 0.79x an unverified 8-thread pread into pinned memory. The verified read path alone
+tops out at 25.6 GB/s there (blake3, one thread per worker), which bounds this loader. From the
+pinned tier (chunks already in page-locked memory) a load is host-to-device copies alone:
+49.8 GB/s, 94% of the 52.9 GB/s copy ceiling. Cold, the disk is the limit (2.1 GB/s against
+1.6 for ``load_file``). Slot events are blocking (a waiting worker sleeps instead of spinning
+beside the hashing threads); pinned slots are allocated on first use, so a load served by the
+pinned tier allocates none. zstd chunks decompress at ~0.55 GiB/s a core and stay slow.
 On an error, destination tensors hold unspecified bytes.
 """
 

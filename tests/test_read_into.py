@@ -161,35 +161,6 @@ def test_reading_a_frame_file_rejects_truncation_trailing_bytes_and_the_wrong_di
         read(frame, into=bytes(len(data)))
 
 
-@pytest.mark.parametrize("block", [0, chunk.DEFAULT_BLOCK])
-def test_a_raw_frame_read_and_hashed_piece_by_piece_still_catches_every_bad_byte(tmp_path, block):
-    # hash_threads=1 takes the fused path (pieces hashed as they land) for chunks of >= 2 pieces
-    data = os.urandom(3 * chunk.FUSED_PIECE + 12345)
-    digest, frame = chunk.encode(data, compress=False, block=block)
-    p = tmp_path / "f"
-
-    def read(content: bytes) -> bytes:
-        p.write_bytes(content)
-        buf = bytearray(len(data))
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            chunk.read_frame_into(fd, 0, buf, digest, hash_threads=1)
-        finally:
-            os.close(fd)
-        return bytes(buf)
-
-    assert read(frame) == data
-    for at in (len(frame) - len(data), len(frame) - len(data) + chunk.FUSED_PIECE, len(frame) - 1):
-        bad = bytearray(frame)
-        bad[at] ^= 0x40
-        with pytest.raises(CorruptChunk):
-            read(bytes(bad))
-    with pytest.raises(CorruptChunk, match="truncated"):
-        read(frame[:-chunk.FUSED_PIECE])
-    with pytest.raises(CorruptChunk, match="after its"):
-        read(frame + b"x")
-
-
 def test_a_zstd_frame_inside_a_pack_decompresses_into_the_buffer(tmp_path):
     data = b"abc" * 30000
     digest, frame = chunk.encode(data)
