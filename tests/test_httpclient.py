@@ -34,6 +34,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     framed = True
 
     def do_GET(self):  # noqa: N802 - the stdlib's name
+        self.server.requests += 1  # type: ignore[attr-defined]  # before answering: the client may check at once
         body = b"hello"
         self.send_response(200)
         if type(self).framed:
@@ -42,7 +43,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
-        self.server.requests += 1  # type: ignore[attr-defined]
 
     def log_message(self, *a):
         pass
