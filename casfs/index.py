@@ -35,7 +35,8 @@ import struct
 import sys
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Iterator
+from types import MappingProxyType
+from typing import Iterator, Mapping, Sequence
 
 from .digest import DIGEST_SIZE
 from .errors import CorruptIndex, NotAFile, PathNotFound
@@ -130,7 +131,10 @@ class Stat:
 # Building
 
 
-@dataclass
+NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})  # shared by every entry without xattrs
+
+
+@dataclass(slots=True)
 class EntrySpec:
     """One path of an image as the builder describes it.
 
@@ -146,8 +150,8 @@ class EntrySpec:
     size: int = 0
     rdev: int = 0
     symlink: bytes | None = None
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    chunks: list[int] = field(default_factory=list)  # indices into the chunk table
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)  # (shared: no dict each)
+    chunks: Sequence[int] = ()  # indices into the chunk table
     link_group: object | None = None
     chunk_size: int = 0  # regular files: bytes per chunk (0: the image's default)
 
@@ -168,8 +172,11 @@ def serialize(
             exceeded.
     """
     _check_chunk_size(chunk_size)
+    # Memory: this holds a few references per entry (the path dict, one child list slot, the
+    # order list) and one small int per directory; positions of files are implicit in the order.
     by_path: dict[str, EntrySpec] = {}
-    kids: dict[str, list[str]] = {}
+    kids: dict[str, list[EntrySpec]] = {}
+    group_size: dict[object, int] = {}
     for e in entries:
         if e.path in by_path:
             raise ValueError(f"duplicate path in image: {e.path!r}")
@@ -179,7 +186,9 @@ def serialize(
             if (not name or name in (".", "..") or "\0" in name
                     or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME):
                 raise ValueError(f"bad file name in path {e.path!r}")
-            kids.setdefault(parent, []).append(e.path)
+            kids.setdefault(parent, []).append(e)
+        if e.link_group is not None and not statmod.S_ISDIR(e.mode):
+            group_size[e.link_group] = group_size.get(e.link_group, 0) + 1
     if "" not in by_path or not statmod.S_ISDIR(by_path[""].mode):
         raise ValueError("an image needs a root directory entry ('')")
     for parent in kids:
@@ -188,22 +197,31 @@ def serialize(
             raise ValueError(f"parent {parent!r} is missing or not a directory")
     if len(by_path) > MAX_ENTRIES:
         raise ValueError(f"{len(by_path)} entries exceed the {MAX_ENTRIES} limit")
+    del by_path
 
     def enc(s: str) -> bytes:
         return s.encode("utf-8", "surrogateescape")
 
+    def base(e: EntrySpec) -> bytes:
+        return enc(e.path.rpartition("/")[2])
+
     # breadth-first order, children sorted by encoded name
-    order: list[str] = [""]
-    pos = {"": 0}
+    root = next(e for e in entries if e.path == "")
+    order: list[EntrySpec] = [root]
+    dir_pos: dict[str, int] = {"": 0}  # directory path -> its entry number
     first_child: dict[str, int] = {}
     i = 0
     while i < len(order):
         d = order[i]
-        ch = sorted(kids.get(d, ()), key=lambda p: enc(p.rpartition("/")[2]))
-        first_child[d] = len(order)
-        for c in ch:
-            pos[c] = len(order)
-            order.append(c)
+        if statmod.S_ISDIR(d.mode):
+            ch = kids.get(d.path)
+            first_child[d.path] = len(order)
+            if ch:
+                ch.sort(key=base)
+                for c in ch:
+                    if statmod.S_ISDIR(c.mode):
+                        dir_pos[c.path] = len(order)
+                    order.append(c)
         i += 1
 
     n = len(order)
@@ -212,20 +230,16 @@ def serialize(
     links = bytearray()
     xheap = bytearray()
     groups: dict[object, int] = {}
-    group_count: dict[int, int] = {}
-    inos: list[int] = []
-    for p in order:
-        e = by_path[p]
+    largest = chunk_size
+    for idx, e in enumerate(order):
+        p = e.path
         if e.link_group is not None and not statmod.S_ISDIR(e.mode):
             ino = groups.setdefault(e.link_group, len(groups) + n + 1)
+            links_to_inode = group_size[e.link_group]
         else:
-            ino = pos[p] + 1
-        inos.append(ino)
-        group_count[ino] = group_count.get(ino, 0) + 1
-    largest = chunk_size
-    for idx, p in enumerate(order):
-        e = by_path[p]
-        name = enc(p.rpartition("/")[2]) if p else b""
+            ino = idx + 1
+            links_to_inode = 1
+        name = base(e) if p else b""
         names += name
         cols["name_end"].append(len(names))
         cols["mode"].append(e.mode)
@@ -233,15 +247,16 @@ def serialize(
         cols["gid"].append(e.gid)
         cols["mtime_ns"].append(e.mtime_ns)
         cols["rdev"].append(e.rdev)
-        cols["parent"].append(pos[p.rpartition("/")[0]] if p else 0)
-        cols["ino"].append(inos[idx])
+        cols["parent"].append(dir_pos[p.rpartition("/")[0]] if p else 0)
+        cols["ino"].append(ino)
         if not statmod.S_ISREG(e.mode):
             cols["chunk_shift"].append(0)
         if statmod.S_ISDIR(e.mode):
-            sub = sum(1 for c in kids.get(p, ()) if statmod.S_ISDIR(by_path[c].mode))
+            ch = kids.get(p, ())
+            sub = sum(1 for c in ch if statmod.S_ISDIR(c.mode))
             cols["nlink"].append(2 + sub)
             cols["first"].append(first_child[p])
-            cols["count"].append(len(kids.get(p, ())))
+            cols["count"].append(len(ch))
             cols["size"].append(0)
         elif statmod.S_ISREG(e.mode):
             cs = e.chunk_size or chunk_size
@@ -250,7 +265,7 @@ def serialize(
             largest = max(largest, cs)
             shift = cs.bit_length() - 1
             cols["chunk_shift"].append(shift)
-            cols["nlink"].append(group_count[inos[idx]])
+            cols["nlink"].append(links_to_inode)
             cols["first"].append(len(cols["file_chunks"]))
             cols["count"].append(len(e.chunks))
             cols["file_chunks"].extend(e.chunks)
@@ -265,7 +280,7 @@ def serialize(
             cols["size"].append(len(target))
             links += target
         else:
-            cols["nlink"].append(group_count[inos[idx]])
+            cols["nlink"].append(links_to_inode)
             cols["first"].append(0)
             cols["count"].append(0)
             cols["size"].append(0)
@@ -294,21 +309,26 @@ def serialize(
         if len(heap) >= 1 << 32:
             raise ValueError(f"{what} of this image exceed 4 GiB")
 
-    bodies: list[bytes] = []
-    for name, tc, _ in _SECTIONS:
-        if tc is not None:
-            a = cols[name]
-            if _BIG_ENDIAN:
-                a.byteswap()
-            bodies.append(a.tobytes())
-        else:
-            bodies.append(
-                {"chunk_digests": bytes(digests), "pack_digests": pack_digests, "names": bytes(names),
-                 "links": bytes(links), "xattr_heap": bytes(xheap)}[name]
-            )
+    heaps = {"chunk_digests": digests, "pack_digests": pack_digests, "names": names, "links": links,
+             "xattr_heap": xheap}
     header = _HEADER.pack(MAGIC, VERSION, largest, n, len(chunks), len(pack_ids),
                           len(cols["file_chunks"]), len(cols["xattr_key_end"]))
-    return header + _LENGTHS.pack(*(len(b) for b in bodies)) + b"".join(bodies)
+    lengths = [len(cols[name]) * cols[name].itemsize if tc is not None else len(heaps[name])
+               for name, tc, _ in _SECTIONS]
+    # one output buffer, each column appended and dropped in turn (no per-column copies and no
+    # join of them: the index's bytes exist about twice at the peak, not four times)
+    out = bytearray(header)
+    out += _LENGTHS.pack(*lengths)
+    for name, tc, _ in _SECTIONS:
+        if tc is not None:
+            col = cols.pop(name)
+            if _BIG_ENDIAN:
+                col.byteswap()
+            out += col
+            del col
+        else:
+            out += heaps.pop(name)
+    return bytes(out)
 
 
 def _check_chunk_size(cs: int, path: str | None = None) -> None:
@@ -333,8 +353,8 @@ def check_names(names: bytes, ends: "array.array[int]", parent: "array.array[int
     names that directory as its parent), this refuses a name used twice in a directory and keeps
     ``lookup_child``'s binary search exact.
 
-    Cost, measured on the 2-core VM: 8-12 ms for 50,000 entries (the rest of ``parse`` is
-    ~1 ms); names are sliced in blocks of ``_NAME_BLOCK`` entries so a 16M-entry index does not
+    Cost, measured on the 2-core VM (benchmarks/bench_index.py's 50,000-entry tree, same run):
+    +8-10 ms on a ~11 ms ``parse`` (min of 30, at load 13); names are sliced in blocks of ``_NAME_BLOCK`` entries so a 16M-entry index does not
     hold 16M name objects at once.
 
     Raises:
@@ -349,9 +369,11 @@ def check_names(names: bytes, ends: "array.array[int]", parent: "array.array[int
         raise CorruptIndex("index entry name contains '/' or NUL")
     for lo in range(0, n - 1, _NAME_BLOCK):
         # entries lo+1 .. hi-1 (entry i's name starts at ends[i-1]); blocks share one entry,
-        # so the pair that straddles two blocks is compared too
+        # so the pair that straddles two blocks is compared too. Lists, not the arrays: their
+        # items are made once (iterating an array boxes every int again), 2-3x faster here.
         hi = min(n, lo + _NAME_BLOCK + 2)
-        nm = [names[s:e] for s, e in zip(islice(ends, lo, hi - 1), islice(ends, lo + 1, hi))]
+        el = ends[lo:hi].tolist()
+        nm = [names[s:e] for s, e in zip(el, el[1:])]
         lens = list(map(len, nm))
         if min(lens) == 0:  # (also every decreasing name_end: the slice comes out empty)
             raise CorruptIndex(f"index entry {lo + 1 + lens.index(0)} has an empty name or a bad name range")
@@ -360,8 +382,8 @@ def check_names(names: bytes, ends: "array.array[int]", parent: "array.array[int
         if b"." in nm or b".." in nm:
             raise CorruptIndex("index entry is named '.' or '..'")
         # siblings sit next to each other, sorted: a pair with one parent must increase
-        same = map(operator.eq, islice(parent, lo + 1, hi - 1), islice(parent, lo + 2, hi))
-        if any(map(operator.gt, same, map(operator.lt, nm, islice(nm, 1, None)))):
+        pl = parent[lo + 1:hi].tolist()
+        if any(map(operator.gt, map(operator.eq, pl, pl[1:]), map(operator.lt, nm, nm[1:]))):
             raise CorruptIndex("index directory holds a name twice (or its names are not sorted)")
     if ends[n - 1] > len(names):
         raise CorruptIndex("index entry name range is beyond the name heap")

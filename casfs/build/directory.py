@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import stat as statmod
-from typing import Iterator
+from typing import BinaryIO, Iterator, Mapping
 
 from ..errors import BuildError
-from ..index import EntrySpec
+from ..index import NO_XATTRS, EntrySpec
 from .source import MAX_ENTRIES, SourceEntry
 
 
-def _xattrs(path: str) -> dict[bytes, bytes]:
+def _xattrs(path: str) -> Mapping[bytes, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
-        return {}
+        return NO_XATTRS
+    if not names:
+        return NO_XATTRS  # (shared: no dict per entry)
     out = {}
     for n in names:
         try:
@@ -23,6 +25,20 @@ def _xattrs(path: str) -> dict[bytes, bytes]:
         except OSError:
             continue
     return out
+
+
+class _Opener:
+    """Opens one file of the tree for the packer. Slotted, and holding the root and the entry's
+    own relative path (already kept by its EntrySpec) rather than a closure over a new full
+    path string: ~300 fewer bytes a file (#17: build memory per entry)."""
+
+    __slots__ = ("root", "rel")
+
+    def __init__(self, root: str, rel: str) -> None:
+        self.root, self.rel = root, rel
+
+    def __call__(self) -> BinaryIO:
+        return open(os.path.join(self.root, self.rel), "rb")
 
 
 class DirectorySource:
@@ -47,7 +63,7 @@ class DirectorySource:
             if st.st_nlink > 1:
                 spec.link_group = (st.st_dev, st.st_ino)
             if st.st_size:
-                opener = lambda p=full: open(p, "rb")  # noqa: E731
+                opener = _Opener(self.root, rel)
         elif statmod.S_ISLNK(mode):
             spec.symlink = os.fsencode(os.readlink(full))
         elif statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode):

@@ -36,6 +36,7 @@ Every chunk's place in the source (its file's opener, offset, length) is remembe
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -124,6 +125,60 @@ def _skip(f: BinaryIO, n: int) -> None:
         n -= len(got)
 
 
+def _hole_test(f: BinaryIO, size: int) -> Callable[[int, int], bool] | None:
+    """For a sparse source file, a test ``(offset, length) -> the range is all hole``; None
+    when ``f`` is not sparse or cannot tell. Tar members tell through ``data_ranges`` (their
+    sparse map); files on disk through ``SEEK_DATA`` when they hold fewer blocks than bytes.
+    A 2 KiB sparse tar claiming 100 GiB then costs 25,600 cheap chunk placements (~1 s), not
+    the 80 s of reading and hashing 100 GiB of zeros it took before (#17)."""
+    ranges = getattr(f, "data_ranges", None)
+    if ranges is not None:
+        starts = [off for off, _ in ranges]
+        ends = [off + n for off, n in ranges]
+
+        def in_map(off: int, n: int) -> bool:
+            k = bisect.bisect_right(starts, off + n - 1)  # regions starting before the range ends
+            return k == 0 or ends[k - 1] <= off  # ... the last of which ends before it starts
+
+        return in_map
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not hasattr(os, "SEEK_DATA") or st.st_blocks * 512 >= min(st.st_size, size):
+        return None
+
+    def on_disk(off: int, n: int) -> bool:
+        cur = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            nxt = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data at or after off
+            return True
+        finally:
+            os.lseek(fd, cur, os.SEEK_SET)  # (the buffered reader's position stays right)
+        return nxt >= off + n
+
+    return on_disk
+
+
+def _advance(f: BinaryIO, here: int, pos: int) -> None:
+    """Move ``f`` from position ``here`` to ``pos`` (seek where it can, else read and drop:
+    a compressed stream then still costs the hole's decompressed zeros, not their hashing)."""
+    try:
+        if f.seekable():
+            f.seek(pos)
+            return
+    except (AttributeError, OSError):
+        pass
+    n = pos - here
+    while n > 0:
+        got = f.read(min(n, 1 << 20))
+        if not got:
+            return
+        n -= len(got)
+
+
 def _read_small(opener: Callable[[], BinaryIO], size: int, name: str,
                 codec: tuple[bool, float | None], block: int) -> tuple[bytes, bytes, int]:
     with opener() as f:
@@ -181,6 +236,8 @@ class Packer:
         self._window_bytes = 0
         # table slot -> (opener, offset, raw length, codec): where to read the chunk again
         self._origin: list[tuple] = []
+        self._zero_bytes = b""
+        self._zero_frames: dict[tuple, tuple[bytes, bytes, int]] = {}
 
     # -- input --------------------------------------------------------------------------------
 
@@ -211,7 +268,17 @@ class Packer:
             if self.chunk_size is None and needs_sample(name, size):
                 head = _read_full(f, SAMPLE_BYTES)
                 cs = chunk_size_for(name, size, head)
+            hole = _hole_test(f, size)
+            packable = size <= cs or self.pack_file_chunks
             while True:
+                n = min(cs, size - total)
+                if hole is not None and not head and n > 0 and hole(total, n):
+                    # a chunk that lies in a hole of a sparse file is zeros: not read, not hashed
+                    # (not while a sample is pending: the file's position is past it then)
+                    _advance(f, total, total + n)
+                    self._enqueue(self._zero_chunk(n, codec), n, slots, (opener, total, n, codec), packable)
+                    total += n
+                    continue
                 if len(head) >= cs:  # the sample covers this whole chunk
                     data, head = head[:cs], head[cs:]
                 elif head:
@@ -220,8 +287,11 @@ class Packer:
                     data = _read_full(f, cs)
                 if not data:
                     break
-                self._enqueue(self._pool.submit(_hash_and_encode, data, codec, self.block), len(data), slots,
-                              (opener, total, len(data), codec), size <= cs or self.pack_file_chunks)
+                if data == self._zeros(len(data)):  # (memcmp: zeros are not hashed again)
+                    fut = self._zero_chunk(len(data), codec)
+                else:
+                    fut = self._pool.submit(_hash_and_encode, data, codec, self.block)
+                self._enqueue(fut, len(data), slots, (opener, total, len(data), codec), packable)
                 total += len(data)
                 if len(data) < cs:
                     break
@@ -229,6 +299,22 @@ class Packer:
             raise BuildError(f"{name or 'a file'}: size changed during the build ({size} -> {total} bytes); "
                              "build again from a stable tree")
         return slots, cs
+
+    def _zeros(self, n: int) -> bytes:
+        z = self._zero_bytes
+        if len(z) != n:
+            z = self._zero_bytes = bytes(n)
+        return z
+
+    def _zero_chunk(self, n: int, codec: tuple) -> Future:
+        """A finished future of the (digest, frame, n) of ``n`` zero bytes (computed once)."""
+        key = (n, codec)
+        got = self._zero_frames.get(key)
+        if got is None:
+            got = self._zero_frames[key] = _hash_and_encode(bytes(n), codec, self.block)
+        fut: Future = Future()
+        fut.set_result(got)
+        return fut
 
     def _enqueue(self, fut: Future, nbytes: int, slots: list[int], origin: tuple, packable: bool) -> None:
         self._window.append((fut, slots, origin, packable))

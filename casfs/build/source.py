@@ -10,7 +10,7 @@ from ..index import EntrySpec
 MAX_ENTRIES = 5_000_000
 
 
-@dataclass
+@dataclass(slots=True)
 class SourceEntry:
     """One entry of a build source. ``open`` is set for regular files with content."""
 

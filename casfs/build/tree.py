@@ -30,10 +30,10 @@ from __future__ import annotations
 import stat as statmod
 from collections import deque
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping
 
 from ..errors import BuildError
-from ..index import EntrySpec
+from ..index import NO_XATTRS, EntrySpec
 from . import source as _source
 from .source import SourceEntry
 
@@ -76,7 +76,7 @@ def normalize_name(name: str, where: str) -> str:
     return path
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Inode:
     """What a path points at. Hard links are several tree nodes sharing one Inode object.
 
@@ -91,7 +91,7 @@ class Inode:
     size: int = 0
     rdev: int = 0
     symlink: bytes | None = None
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
     opener: Callable[[], BinaryIO] | None = None
     order: tuple[int, int] = (0, 0)
 
@@ -283,7 +283,8 @@ class Tree:
         for path, node in dirs + others:
             ino = node.inode
             spec = EntrySpec(path=path, mode=ino.mode, uid=ino.uid, gid=ino.gid, mtime_ns=ino.mtime_ns,
-                             rdev=ino.rdev, symlink=ino.symlink, xattrs=dict(ino.xattrs))
+                             rdev=ino.rdev, symlink=ino.symlink,
+                             xattrs=dict(ino.xattrs) if ino.xattrs else NO_XATTRS)
             opener = None
             if statmod.S_ISREG(ino.mode):
                 spec.size = ino.size

@@ -8,13 +8,28 @@ from .format import human, parse_size
 from .main import open_store_from_args
 
 
+LIMITS = """\
+limits (measured on the 2-core VM, peak RSS of the whole build, docs/benchmarks.md):
+  entries   at most {max_entries:,} per image; the build holds about 0.6 KiB of memory
+            per empty file or directory and 1.4 KiB per file with content from a
+            directory, 1.2 / 2.2 KiB from a tar (1,000,000 files: ~0.6-2.2 GiB)
+  sparse    holes of sparse files (a tar's sparse members, files on disk with
+            SEEK_HOLE) are neither read nor hashed: a 2 KiB tar claiming 1 TiB
+            builds in about a second; a sparse tar member may claim at most {max_sparse}
+  contents  everything else is read and hashed once: a compressed archive costs
+            its uncompressed size (zero chunks are recognised without hashing)
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build", help="build an image from a directory, tar, docker-save tar or OCI layout",
-        description="Build an image from SRC and tag it. SRC is a directory, a tar archive (plain or "
-                    "`docker save` output, layers applied in order with whiteouts), or an OCI image "
-                    "layout directory (`skopeo copy docker-archive:x.tar oci:DIR`). Chunks already "
-                    "in the store (from any tagged image) are not stored again.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build an image from SRC and tag it. SRC is a directory, a tar archive (plain or\n"
+                    "`docker save` output, layers applied in order with whiteouts), or an OCI image\n"
+                    "layout directory (`skopeo copy docker-archive:x.tar oci:DIR`). Chunks already\n"
+                    "in the store (from any tagged image) are not stored again.",
+        epilog=LIMITS)
     p.add_argument("src", metavar="SRC")
     p.add_argument("--tag", "-t", required=True, metavar="NAME", help="tag for the new image")
     p.add_argument("--chunk-size", default="auto", metavar="SIZE",
@@ -31,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "from 16K to 1M, or 0 for whole frames only (default 64K)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(func=cmd_build)
+    from casfs.build.source import MAX_ENTRIES
+    from casfs.build.tar import MAX_SPARSE_BYTES
+
+    p.epilog = LIMITS.format(max_entries=MAX_ENTRIES, max_sparse=human(MAX_SPARSE_BYTES))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
