@@ -256,6 +256,24 @@ def test_prepare_with_a_casfs_layers_labels_answers_already_exists_and_commits_t
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_an_image_naming_a_casfs_image_the_store_lacks_fails_the_pull_with_the_reason(containerd, registry,
+                                                                                       snapshotter):
+    from casfs.oci.publish import runnable_manifest
+
+    reg = Registry(registry.host, "casfs/missing")
+    desc = runnable_manifest(reg, "0" * 64, f"oci://{registry.host}/casfs/missing")
+    body = reg.get_manifest(desc["digest"], ["application/vnd.oci.image.manifest.v1+json"]).body
+    reg.put_manifest("v1", body, "application/vnd.oci.image.manifest.v1+json")
+    mounted = _casfs_mounts(snapshotter.root)
+    p = containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "casfs",
+                       f"{registry.host}/casfs/missing:v1", check=False)
+    assert p.returncode != 0
+    assert b"cannot mount casfs image 000000000000" in p.stderr and b"no index" in p.stderr, p.stderr
+    assert _casfs_mounts(snapshotter.root) == mounted  # nothing half-mounted
+    left = containerd.ctr("snapshot", "--snapshotter", "casfs", "ls").stdout.decode()
+    assert "extract" not in left  # containerd removed the half-made snapshot
+
+
 def test_cleanup_removes_debris_no_snapshot_owns_and_keeps_the_rest(snapshotter, containerd, images):
     import grpc
 

@@ -103,7 +103,9 @@ def _serve(req_r: int, rep_w: int) -> None:
             try:
                 r = json.loads(line)
                 store = casfs.open_store(r["store"], cache_dir=r["cache_dir"] if r["cache_dir"] is not None else "")
-                image = store.open_image(r["image"])
+                # by id, without Store.resolve's existence check: one round trip less, and the
+                # index load fails just as clearly when the image is not there
+                image = casfs.Image(store, r["image"], store.load_index(r["image"]))
                 casfs.mount(image, r["mountpoint"], casfs.MountOptions(**r["options"]))
                 answer: dict = {"ok": True}
             except Exception as e:  # noqa: BLE001 - every failure goes back as a message
