@@ -114,15 +114,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if rows:
         print(f"\n{'TAG':<24} {'IMAGE ID':<13} {'LOGICAL':>10} {'UNIQUE':>10} {'STORED':>10} "
               f"{'DEDUP':>7} {'COMPRESS':>8}")
+    all_logical = 0
+    counted: set[str] = set()
     for tag, image_id in rows:
         try:
             logical, unique, stored = image_sizes(store.load_index(image_id))
         except Exception as e:  # noqa: BLE001 - one bad image must not hide the others
             print(f"{tag:<24} {image_id[:12]:<13} error: {e}")
             continue
+        if image_id not in counted:
+            counted.add(image_id)
+            all_logical += logical
         print(f"{tag:<24} {image_id[:12]:<13} {human(logical):>10} {human(unique):>10} {human(stored):>10} "
               f"{_ratio(logical, unique):>7} {_ratio(unique, stored):>8}")
     if rows:
+        data = size["packs"] + size["chunks"]
+        print(f"{'all tagged images':<38} {human(all_logical):>10} {'':>10} {human(data):>10} "
+              f"{_ratio(all_logical, data):>7}  (stored: the store's packs and chunks)")
         print("  (LOGICAL: file bytes, hard links once; UNIQUE: its distinct chunks; STORED: those "
               "as stored; DEDUP = LOGICAL/UNIQUE, COMPRESS = UNIQUE/STORED)")
     return 0
