@@ -41,6 +41,7 @@ import tempfile
 import time
 
 from benchmarks._common import describe_machine, human_bytes, machine_info, write_results
+from benchmarks.bench_cold_start import drop_caches, tree_stats
 from tests.support import FaultProxy
 from tests.support.containerd import CTR, containerd_server, snapshotter_process
 from tests.support.registry import registry_server
@@ -55,16 +56,6 @@ def sh(*cmd: str, env: dict | None = None, timeout: float = 1800) -> str:
     return p.stdout
 
 
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def ensure_rootfs(path: str) -> str:
     if not os.path.exists(os.path.join(path, "usr", "bin", "python3")):
         print(f"debootstrap --variant=minbase --include=python3 bookworm {path} (~2 min)...", flush=True)
@@ -72,17 +63,6 @@ def ensure_rootfs(path: str) -> str:
         sh("debootstrap", "--variant=minbase", "--include=python3", "bookworm", path,
            "http://deb.debian.org/debian")
     return path
-
-
-def tree_stats(root: str) -> tuple[int, int]:
-    n = size = 0
-    for dp, _, fs in os.walk(root):
-        for f in fs:
-            p = os.path.join(dp, f)
-            if not os.path.islink(p):
-                n += 1
-                size += os.lstat(p).st_size
-    return n, size
 
 
 def push_plain(registry_host: str, repo: str, tag: str, root: str, work: str) -> int:

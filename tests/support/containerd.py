@@ -124,14 +124,23 @@ def _remove_everything(cd: Containerd) -> None:
         cd.ctr("container", "delete", cid, check=False, timeout=30)
 
 
-def _unmount_under(base: str) -> None:
-    """Lazily unmount anything still mounted below ``base`` (deepest first)."""
+def _unmount_under(base: str, casfs_first: bool = False) -> None:
+    """Unmount everything still mounted below ``base`` (deepest first), lazily; with
+    ``casfs_first`` each mount is first offered to ``casfs.unmount`` (which also stops its
+    daemon)."""
     try:
         with open("/proc/self/mountinfo") as f:
             points = [line.split()[4] for line in f]
     except OSError:
         return
     for mp in sorted((m for m in points if m.startswith(base + "/")), key=len, reverse=True):
+        if casfs_first:
+            try:
+                import casfs
+
+                casfs.unmount(mp)
+            except Exception:  # noqa: BLE001 - best effort, then detach
+                pass
         subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
@@ -204,21 +213,5 @@ def snapshotter_process(extra: Sequence[str] = ()) -> Iterator[SnapshotterProc]:
     finally:
         if sp is not None:
             sp.stop()
-        _unmount_casfs_under(base)
+        _unmount_under(base, casfs_first=True)
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _unmount_casfs_under(base: str) -> None:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
-    except OSError:
-        return
-    for mp in sorted((m for m in points if m.startswith(base + "/")), key=len, reverse=True):
-        try:
-            import casfs
-
-            casfs.unmount(mp)
-        except Exception:  # noqa: BLE001 - best effort, then detach
-            pass
-        subprocess.run(["umount", "-l", mp], capture_output=True)
