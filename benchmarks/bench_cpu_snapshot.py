@@ -12,10 +12,13 @@ Restore: from the call to ``snapshot.restore`` to the record, with the images
   (c) blob   - the same http store behind a delay relay (``--rtt`` ms round trip, split over
                both directions), no ssd tier, an empty memory tier each run;
 
-and the image brought back either by ``export`` (into a fresh per-host cache dir each run; for
-(a) also ``export-cached``: the export of an earlier restore reused) or by ``mount`` (CRIU reads
-a casfs FUSE mount; with lazy pages, pages come from the store as the process touches them).
-Each is run eager and lazy (CRIU lazy-pages, userfaultfd). Also measured: dump and store time
+and the image brought back by ``store`` (lazy: nothing unpacked; CRIU's metadata and the hot
+pages of the startup profile written from the store, every other page served by the page server
+from the store as the process touches it; the profile was recorded by one untimed restore),
+by ``export`` (into a fresh per-host cache dir each run; for (a) also ``export-cached``: the
+export of an earlier restore reused), eager or lazy (CRIU's lazy-pages daemon on the export),
+or by ``mount`` (lazy: CRIU's lazy-pages daemon reads a casfs FUSE mount of a snapshot taken
+in CRIU's own layout, so pages come from the store as the process touches them). Also measured: dump and store time
 of the snapshot, and dedup of a second snapshot of a separate run (``spawn(deterministic=True)``)
 at several chunk sizes.
 
@@ -146,14 +149,19 @@ def main() -> int:
                                  "total": time.time() - t0}
         print(f"checkpoint: pages {ref.meta['pages_bytes'] / 2**20:.1f} MiB, dump "
               f"{ref.timings['dump']:.2f} s, store {ref.timings['store']:.2f} s")
+        # the same program snapshotted in CRIU's own layout, for the FUSE-mount rows (a mount
+        # serves CRIU's pages files as they are; the default window layout needs the page server)
+        proc = cpu.spawn([sys.executable, prog, out], stdout=os.path.join(work, "stdout.log"))
+        cpu.checkpoint(proc, store, "bench-criu", ready_timeout=300, layout="criu")
+        proc.wait(10)
 
         def run_case(tier: str, src: str, lazy: bool, store_fn, cache_for_run) -> None:
             runs = []
             for _ in range(repeats):
                 s = store_fn()
                 try:
-                    runs.append(restore_run(s, "bench", out, lazy=lazy, source=src.split("-")[0],
-                                            cache_dir=cache_for_run()))
+                    runs.append(restore_run(s, "bench-criu" if src == "mount" else "bench", out, lazy=lazy,
+                                            source=src.split("-")[0], cache_dir=cache_for_run()))
                 finally:
                     s.close()
             row = {"tier": tier, "source": src, "mode": "lazy" if lazy else "eager",
@@ -173,19 +181,25 @@ def main() -> int:
 
         cached = os.path.join(work, "export-cache")
         restore_run(store, "bench", out, lazy=False, source="export", cache_dir=cached)  # warm
+        # the first restore from the store records the startup profile (and its hot pages image)
+        restore_run(store, "bench", out, lazy=True, source="store", cache_dir=cached)
         tiers = set(args.tiers.split(","))
+        if "local" in tiers:
+            run_case("local", "store", True, lambda: casfs.open_store(blobdir), fresh_dir)
         for lazy in ((False, True) if "local" in tiers else ()):
             run_case("local", "export", lazy, lambda: casfs.open_store(blobdir), fresh_dir)
             run_case("local", "export-cached", lazy, lambda: casfs.open_store(blobdir), lambda: cached)
-            run_case("local", "mount", lazy, lambda: casfs.open_store(blobdir), fresh_dir)
+        if "local" in tiers:
+            run_case("local", "mount", True, lambda: casfs.open_store(blobdir), fresh_dir)
 
         with nginx_static(blobdir) if tiers & {"ssd", "blob"} else contextlib.nullcontext() as url:
             ssd = os.path.join(work, "ssd")
             if "ssd" in tiers:
                 with casfs.open_store(url, cache_dir=ssd) as s:  # fill the ssd tier
-                    casfs.export(s.open_image("bench"), os.path.join(fresh_dir(), "tree"), progress=False)
-            for lazy in ((False, True) if "ssd" in tiers else ()):
-                for src in ("export", "mount"):
+                    for tag in ("bench", "bench-criu", f"snapshot-hot.{ref.image_id}"):
+                        casfs.export(s.open_image(tag), os.path.join(fresh_dir(), "tree"), progress=False)
+            if "ssd" in tiers:
+                for src, lazy in (("store", True), ("export", False), ("export", True), ("mount", True)):
                     run_case("ssd", src, lazy,
                              lambda: casfs.open_store(url, cache_dir=ssd), fresh_dir)
             port = int(url.rstrip("/").rsplit(":", 1)[1]) if "blob" in tiers else 0
@@ -193,8 +207,8 @@ def main() -> int:
                 if proxy is not None:
                     proxy.set_latency(up=args.rtt / 2000, down=args.rtt / 2000)
                     purl = proxy.url + "/"
-                for lazy in ((False, True) if port else ()):
-                    for src in ("export", "mount"):
+                if port:
+                    for src, lazy in (("store", True), ("export", False), ("export", True), ("mount", True)):
                         run_case("blob", src, lazy,
                                  lambda: casfs.open_store(purl, cache_dir=""), fresh_dir)
 
