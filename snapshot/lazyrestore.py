@@ -31,6 +31,7 @@ knows which request is a fault.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -157,6 +158,7 @@ def _write_with_hot_pages(image: casfs.Image, imgdir: str, name: str, pm: Pagema
     window = wm.window
     per = window // PAGE_SIZE
     hot_windows = {p // per for p in hot}
+    hot_sorted = sorted(hot)
     eager_src = image.lookup(f"{LAZY_DIR}/pages-{pm.pages_id}.img")
     # every chunk this needs, fetched (and verified) on the store's threads first: the reads
     # below then find them in memory, in file order
@@ -190,21 +192,22 @@ def _write_with_hot_pages(image: casfs.Image, imgdir: str, name: str, pm: Pagema
             local.entries.append(e)
             out.eager_pages += e.nr_pages
             continue
-        runs: list[list] = []  # [start, end, hot]
-        a = e.vaddr
-        while a < e.end:
-            b = min(e.end, (a // window + 1) * window)
-            off = wm.locate(a, b - a)
-            if off is None or off // window not in hot_windows:
-                pieces = [(a, b, False)]
-            else:  # a window with hot pages: page by page
-                pieces = [(x, x + PAGE_SIZE, (off + x - a) // PAGE_SIZE in hot) for x in range(a, b, PAGE_SIZE)]
-            for x, y, is_hot in pieces:
-                if runs and runs[-1][2] == is_hot and runs[-1][1] == x:
-                    runs[-1][1] = y
-                else:
-                    runs.append([x, y, is_hot])
-            a = b
+        # the entry's pages lie back to back in the window file (from page p0); its hot pages
+        # (sorted page numbers) cut it into hot and cold runs
+        p0 = wm.locate(e.vaddr, e.nr_pages * PAGE_SIZE) // PAGE_SIZE
+        runs: list[list] = []  # [start address, end address, hot]
+        at = p0
+        for i in range(bisect.bisect_left(hot_sorted, p0), bisect.bisect_left(hot_sorted, p0 + e.nr_pages)):
+            p = hot_sorted[i]
+            if p > at:
+                runs.append([e.vaddr + (at - p0) * PAGE_SIZE, e.vaddr + (p - p0) * PAGE_SIZE, False])
+            if runs and runs[-1][2] and runs[-1][1] == e.vaddr + (p - p0) * PAGE_SIZE:
+                runs[-1][1] += PAGE_SIZE
+            else:
+                runs.append([e.vaddr + (p - p0) * PAGE_SIZE, e.vaddr + (p - p0 + 1) * PAGE_SIZE, True])
+            at = p + 1
+        if at < p0 + e.nr_pages:
+            runs.append([e.vaddr + (at - p0) * PAGE_SIZE, e.end, False])
         for start, end, is_hot in runs:
             nr = (end - start) // PAGE_SIZE
             if not is_hot:
@@ -379,7 +382,10 @@ def save_startup_profile(image: casfs.Image, server: PageServer) -> dict | None:
             f.write(data)
         with open(os.path.join(tmp, HOT_META), "w", encoding="utf-8") as f:
             json.dump({"snapshot": image.id, "pages": server.touched}, f)
-        res = casfs.build(image.store, tmp, tag=hot_tag(image.id), chunk_size=HOT_CHUNK_SIZE, progress=False)
+        # raw: a restore reads all of it before CRIU starts, and zstd decompression (~0.6 GiB/s a
+        # core) was most of that read on the 2-core VM; raw it is a verified copy
+        res = casfs.build(image.store, tmp, tag=hot_tag(image.id), chunk_size=HOT_CHUNK_SIZE,
+                          progress=False, compress="never")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     key = casfs.save_profile(image.store, casfs.Profile(image.id, PAGE_SIZE, items))
