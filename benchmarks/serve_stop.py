@@ -60,16 +60,21 @@ def one(checkout: str, store: str, work: str) -> dict:
     listen = f"127.0.0.1:{_port()}"
     env = dict(os.environ, PYTHONPATH=checkout, CASFS_RUNTIME_DIR=os.path.join(work, "run"),
                CASFS_HOME=os.path.join(work, "home"))
+    os.makedirs(work, exist_ok=True)
+    err = open(os.path.join(work, "serve.err"), "wb")
     p = subprocess.Popen([VLLM_PY, "-m", "casfs.cli.main", "--store", store, "serve", "tiny", "--listen", listen,
                           "--no-gpu-check", "--eager", "--fast-boot", "--workdir", work],
-                         env=env, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                         env=env, cwd=checkout, stdout=subprocess.PIPE, stderr=err)
     buf = b""
     deadline = time.monotonic() + 600
     while b"\n" not in buf and time.monotonic() < deadline:
         if select.select([p.stdout], [], [], 1)[0]:
             got = os.read(p.stdout.fileno(), 65536)
             if not got:
-                raise SystemExit("casfs serve exited before serving")
+                p.wait()
+                with open(os.path.join(work, "serve.err"), "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise SystemExit(f"casfs serve ({checkout}) exited with {p.returncode} before serving:\n{tail}")
             buf += got
     report = json.loads(buf.split(b"\n")[0])
     worker = int(report["details"]["worker"]["pid"])
@@ -106,12 +111,15 @@ def main() -> int:
     model, store = os.path.join(tmp, "model"), os.path.join(tmp, "store")
     subprocess.run([VLLM_PY, os.path.join(ROOT, "scripts", "make_tiny_model.py"), model], check=True,
                    capture_output=True)
-    subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", store, "build", model, "--tag", "tiny"],
-                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    stores = {}
+    for n, co in enumerate([*args.checkout, ROOT]):  # each checkout builds its own (formats change)
+        stores[co] = f"{store}-{n}"
+        subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", stores[co], "build", model, "--tag", "tiny"],
+                       check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=co), cwd=co)
     results: dict[str, list[dict]] = {}
     for i in range(args.repeat):
         for co in [*args.checkout, ROOT]:
-            r = one(co, store, os.path.join(tmp, f"w{i}-{len(results.get(co, []))}-{os.path.basename(co)}"))
+            r = one(co, stores[co], os.path.join(tmp, f"w{i}-{len(results.get(co, []))}-{os.path.basename(co)}"))
             results.setdefault(co, []).append(r)
             print(f"{co}: {r}", flush=True)
     base = results[args.checkout[0]] if args.checkout else None
