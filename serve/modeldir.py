@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import casfs
@@ -11,6 +13,8 @@ from .errors import BootError
 from .preflight import WEIGHT_SUFFIXES
 
 __all__ = ["fuse_usable", "materialize", "materialize_metadata"]
+
+log = logging.getLogger("serve.modeldir")
 
 
 def fuse_usable() -> str | None:
@@ -49,9 +53,17 @@ def materialize(image: Any, how: str, workdir: str) -> tuple[str, str, dict]:
             raise BootError(f"mount phase: {e}") from None
         return mp, "mount", {"reused": False, "daemon_pid": info.pid, "daemon_start": info.pid_start,
                              "log": info.log}
+    import snapshot
+
     dest = os.path.join(workdir, "exports", image.id)
     if os.path.isdir(dest):
-        return dest, "export", {"reused": True, "fuse_unusable": why_not}
+        # a model exported by an earlier boot is checked first, as snapshot exports are (stamps,
+        # and the chunk digests of any file that changed since): nothing unverified is served
+        problems = snapshot.check_export(image, dest)
+        if not problems:
+            return dest, "export", {"reused": True, "fuse_unusable": why_not}
+        log.warning("the exported model %s does not match its image (%s); exporting it again", dest, problems[0])
+        shutil.rmtree(dest, ignore_errors=True)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     try:
         res = casfs.export(image, dest, progress=False)
@@ -59,6 +71,7 @@ def materialize(image: Any, how: str, workdir: str) -> tuple[str, str, dict]:
         return dest, "export", {"reused": True, "fuse_unusable": why_not}
     except casfs.CasfsError as e:
         raise BootError(f"export phase: {e}") from None
+    snapshot.record_export(image, dest)
     return dest, "export", {"reused": False, "bytes": res.bytes, "files": res.files, "fuse_unusable": why_not}
 
 

@@ -38,6 +38,7 @@ _LAZY = {
     "restore_or_start": "start", "Started": "start",
     "SnapshotRef": "meta", "list_snapshots": "meta", "read_meta": "meta",
     "restore_problems": "hostkey", "drop_export": "exports",
+    "check_export": "verify", "record_export": "verify",
     "shm_segments": "shm", "mapped_anywhere": "shm",
     "CriuError": "criu", "CriuUnavailable": "criu", "RuleViolation": "criu", "find_criu": "criu",
     "process_tree": "criu", "tree_rule_problems": "criu",

@@ -19,7 +19,8 @@ concurrent restore that has not recorded them yet) is hashed in full once, then 
 
 On a mismatch the caller (``snapshot.exports.materialize``) drops the export and writes it
 again from the store. Kept in one module so that a restore path that reads the image in
-another way keeps the same check.
+another way keeps the same check; serve checks the model directories it exports (when FUSE is
+unusable) through the same two functions (``snapshot.check_export``, ``snapshot.record_export``).
 """
 
 from __future__ import annotations
@@ -162,3 +163,9 @@ def _check_derived(export_dir: str, rel: str) -> str | None:
     except (OSError, ValueError) as e:
         return f"{local}: {e}"
     return None
+
+
+#: the public names (``snapshot.check_export`` / ``snapshot.record_export``): serve checks the
+#: model directories it exports the same way
+check_export = check
+record_export = record

@@ -104,3 +104,22 @@ def test_an_engine_registers_its_own_preflight_hook(monkeypatch):
 def _has_vllm(python: str) -> bool:
     return subprocess.run([python, "-c", "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
                           capture_output=True).returncode == 0
+
+
+def test_a_model_export_reused_by_a_later_boot_is_checked_and_exported_again_when_changed(images, tmp_path):
+    """Where FUSE is unusable serve exports the model; a later boot reuses that export only if
+    it still matches the image (the same check as snapshot exports: snapshot.verify)."""
+    from serve.modeldir import materialize
+
+    with casfs.open_store(images) as s:
+        image = s.open_image("model")
+        dest, how, detail = materialize(image, "export", str(tmp_path / "w"))
+        assert how == "export" and detail["reused"] is False
+        assert materialize(image, "export", str(tmp_path / "w"))[2]["reused"] is True
+        weights = os.path.join(dest, "model.safetensors")
+        with open(weights, "r+b") as f:
+            f.write(b"\x01")  # a flipped byte in the weights
+        dest2, _, detail = materialize(image, "export", str(tmp_path / "w"))
+        assert dest2 == dest and detail["reused"] is False
+        with open(weights, "rb") as f:
+            assert f.read() == b"\0" * 64
