@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -283,3 +284,23 @@ def test_hostile_catalogs_tag_indexes_and_references_are_clean_errors(body):
     bad_tag = b'{"annotations": {"org.casfs.tag-data": "%%%"}}'
     with pytest.raises(StoreError):
         parse_tag_index(bad_tag)
+
+
+def test_gc_on_a_registry_keeps_tagged_and_young_objects_and_deletes_old_strays(registry, built):
+    from casfs.gc import collect
+
+    url = _url(registry, "casfs/gc")
+    _copy(built, url)
+    objects = OciObjectStore(registry.host, "casfs/gc")
+    stray = "chunks/" + "5e" * 32
+    objects.put(stray, b"an unreferenced object")
+    assert abs(objects.mtime(stray) - time.time()) < 60
+    store = casfs.Store(objects, memory_bytes=0)
+    kept_before = len(store.referenced_objects())
+    r = collect(store, grace_seconds=3600)
+    assert r.deleted == 0 and r.young == 1  # too young to go
+    r = collect(store, grace_seconds=0)
+    assert r.deleted == 1 and not objects.contains(stray)
+    fresh = casfs.Store(OciObjectStore(registry.host, "casfs/gc"), memory_bytes=0)
+    assert len(fresh.referenced_objects()) == kept_before
+    assert fresh.open_image("web").read("pkg/m1.py", 0, 10) == built[2]["pkg/m1.py"][:10]

@@ -35,7 +35,8 @@ this store handle wrote or found (``put``, ``contains``, ``get``) since it was o
 objects (the copy checks each one). Objects a catalog misses are still found through their
 pointers, one GET each.
 
-**Costs.** ``put``: HEAD blob, then (if absent) POST + PUT, then the pointer PUT. ``get``/
+**Costs.** ``put``: HEAD blob, then (if absent) POST + PUT, then the pointer PUT (which
+carries the write time: ``mtime``, so ``casfs gc`` keeps young objects here as elsewhere). ``get``/
 ``get_range`` of a mapped key: one blob GET. ``contains``/``size``: one HEAD (the mapping
 could be stale: blobs can be deleted).
 
@@ -55,6 +56,7 @@ import base64
 import json
 import re
 import threading
+import time
 from typing import Iterator
 from urllib.parse import SplitResult, parse_qs, unquote
 
@@ -80,6 +82,7 @@ A_TAG_DATA = "org.casfs.tag-data"
 A_IMAGE = "org.casfs.image-id"
 A_STORE = "org.casfs.store"
 A_ROLE = "org.casfs.manifest"
+A_CREATED = "org.casfs.created"  # a pointer's write time (seconds since the epoch): mtime, for gc
 MAX_CATALOG = 1_000_000  # descriptors in one catalog we are willing to parse
 INTERNAL = "_casfs."  # prefix of the registry tags casfs keeps for itself
 _ID = re.compile(r"^[0-9a-f]{64}$")
@@ -418,7 +421,7 @@ class OciObjectStore:
             return
         ptag = pointer_tag(key)
         digest = self.registry.push_blob(data)
-        body = self._manifest(POINTER_TYPE, [(key, (digest, len(data)))], {})
+        body = self._manifest(POINTER_TYPE, [(key, (digest, len(data)))], {A_CREATED: f"{time.time():.3f}"})
         self.registry.put_manifest(ptag, body, MANIFEST_TYPE)
         self._remember(key, digest, len(data))
 
@@ -465,6 +468,24 @@ class OciObjectStore:
             return
         head = f"{INTERNAL}{kind}."
         yield from sorted(f"{kind}/{t[len(head):]}" for t in tags if t.startswith(head))
+
+    def mtime(self, key: str) -> float:
+        """When object ``key`` was last written (seconds since the epoch, from its pointer), so
+        that gc honours its grace period here too; 0.0 for a pointer without a time.
+
+        Raises:
+            KeyError: missing (tags have no time here either). StoreError: on failure.
+        """
+        if split_key(key)[0] == TAGS:
+            raise KeyError(key)
+        m = self.registry.get_manifest(pointer_tag(key), [MANIFEST_TYPE])
+        if m is None:
+            raise KeyError(key)
+        ann = _json_object(m.body, f"pointer of {key} in {self.url}").get("annotations")
+        try:
+            return float(ann[A_CREATED]) if isinstance(ann, dict) and A_CREATED in ann else 0.0
+        except (TypeError, ValueError):
+            return 0.0
 
     def size(self, key: str) -> int:
         """Bytes in object ``key``. Raises KeyError if missing, StoreError on failure."""
