@@ -3,7 +3,9 @@
 * ``snapshot.weights``: stream safetensors from casfs chunks into CPU or GPU tensors
   (``load_safetensors``, ``load_into_module``).
 * ``snapshot.gpu``: suspend/resume a process's GPU state with the driver's checkpoint API
-  (``suspend``, ``resume``), transactional, so a failed restore never leaves a stuck process.
+  (``suspend``, ``resume``), transactional, so a failed restore never leaves a stuck process;
+  ``resume(..., device_map={old_uuid: new_uuid})`` restores onto another GPU of the same model
+  (``snapshot.devicemap`` completes the map the driver needs; ``DeviceMapError``).
 * ``snapshot.compat``: the host/GPU compatibility key a snapshot carries.
 * ``snapshot.regions``: memory regions (CUDA virtual memory, or anonymous CPU mappings) whose
   memory can be released and re-mapped at the same addresses (``allocate_region``), so a
@@ -29,7 +31,7 @@ _LAZY = {
     "load_safetensors": "weights", "load_into_module": "weights", "LoadStats": "weights",
     "InvalidSafetensors": "weights", "ModuleMismatch": "weights",
     "suspend": "gpu", "resume": "gpu", "Suspended": "gpu", "CheckpointError": "gpu",
-    "RestoreFailed": "gpu", "GpuUnavailable": "compat",
+    "RestoreFailed": "gpu", "GpuUnavailable": "compat", "DeviceMapError": "devicemap",
     "host_key": "compat", "gpu_key": "compat", "gpu_devices": "compat", "snapshot_key": "compat",
     "compatibility_problems": "compat", "check_compatible": "compat", "IncompatibleHost": "compat",
     "spawn": "spawning", "SpawnedProcess": "spawning",

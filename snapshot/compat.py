@@ -3,8 +3,10 @@
 A process snapshot only restores where the code it ran still runs: the same CPU architecture,
 every CPU feature flag it may have used (a library that picked AVX-512 at start crashes on a CPU
 without it), and for GPU state the same GPU models and the same driver (the driver's
-checkpoint format is its own). The kernel release is recorded but not required to match:
-CRIU restores across kernel versions, and a mismatch is reported as a note only.
+checkpoint format is its own; GPUs of the same model may be other cards, in another order: the
+driver restores onto them through a device map, issue 16). The kernel release is recorded but
+not required to match: CRIU restores across kernel versions, and a mismatch is reported as a
+note only.
 
 Keys are plain JSON-able dicts so they can be stored next to snapshot images.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections import Counter
 from typing import Any
 
 __all__ = [
@@ -134,8 +137,9 @@ def compatibility_problems(recorded: dict[str, Any], current: dict[str, Any]) ->
     """Why a snapshot with key ``recorded`` cannot restore on a host with key ``current``.
 
     An empty list means compatible. Rules: same architecture; every recorded CPU flag present;
-    when the snapshot has GPU state, the same GPU models in the same order (UUIDs may differ),
-    the same driver and CUDA driver versions. The kernel release is not compared.
+    when the snapshot has GPU state, at least as many GPUs of each recorded model (in any order,
+    UUIDs may differ: ``snapshot.gpu.resume`` restores onto them through a device map), the
+    same driver and CUDA driver versions. The kernel release is not compared.
     """
     problems: list[str] = []
     if recorded.get("version") != KEY_VERSION:
@@ -154,9 +158,11 @@ def compatibility_problems(recorded: dict[str, Any], current: dict[str, Any]) ->
             problems.append("the snapshot holds GPU state but this host has no GPU")
         else:
             rn = [g["name"] for g in rg.get("gpus", [])]
-            cn = [g["name"] for g in cg.get("gpus", [])][:len(rn)]
-            if rn != cn:
-                problems.append(f"GPU models {rn} != {cn}")
+            cn = [g["name"] for g in cg.get("gpus", [])]
+            lacking_gpus = Counter(rn) - Counter(cn)
+            if lacking_gpus:  # any GPUs of the same models do: a device map moves the state
+                problems.append(f"GPU models {rn} != {cn[:len(rn)]}: this host lacks "
+                                + ", ".join(f"{n} x{k}" for n, k in sorted(lacking_gpus.items())))
             for field_ in ("driver", "cuda"):
                 if rg.get(field_) != cg.get(field_):
                     problems.append(f"GPU {field_} version {rg.get(field_)} != {cg.get(field_)}")
