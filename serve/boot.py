@@ -104,6 +104,8 @@ class BootConfig:
         create_snapshot: cold boot, then snapshot the ready replica under ``snapshot``.
         gpu_snapshot: snapshots hold GPU state (None: when the engine is transformers and the
             health check found a GPU).
+        restore_gpu: where a GPU snapshot resumes (serve.gpu_placement): None (the GPU it was
+            made on), "auto", "cuda:N" / "N" (NVML index) or a GPU UUID.
         gpu_check: run the GPU health phase.
         boot_timeout: seconds to wait for the replica to answer /health.
         report_path: also write the JSON boot report here.
@@ -127,6 +129,7 @@ class BootConfig:
     snapshot_source: str = "auto"
     create_snapshot: bool = False
     gpu_snapshot: bool | None = None
+    restore_gpu: str | None = None
     gpu_check: bool = True
     boot_timeout: float = 900.0
     report_path: str | None = None
@@ -289,6 +292,7 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         PreflightError: the engine is not installed for ``cfg.python``, the listen port is
             taken, or the image holds no model (``serve.preflight``; nothing was started).
         GpuUnhealthy: the GPU health phase failed (nothing else was started).
+        ValueError: ``cfg.restore_gpu`` names no GPU of this host (nothing was started).
         BootError: any later phase failed (what was started is stopped again).
         ImageNotFound: the model image is not in the store.
     """
@@ -325,6 +329,12 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         # GPU snapshots restore eagerly from the host's export unless asked otherwise: a lazy
         # restore from the store (the CPU default) is not yet measured on a GPU host
         explicit = cfg.snapshot_source != "auto"
+        if cfg.restore_gpu:  # issue 16: resume on another GPU; a target that is not here fails now
+            from .gpu_placement import PlacedGpu
+            from .gpu_snapshots import DriverGpu
+
+            gpu = PlacedGpu(gpu if gpu is not None else DriverGpu(), cfg.restore_gpu)
+            gpu.check()
         backend = GpuCriuBackend(lazy=backend.lazy if explicit else False,
                                  source=backend.source if explicit else "export", gpu=gpu)
         gpu = backend.gpu
@@ -377,6 +387,8 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
                 wait_ready(cfg.listen, cfg.boot_timeout, lambda: exit_reason(proc, log_path))
                 report.phases["restore"] = time.monotonic() - t
                 report.details["restore"] = restored.detail
+                if getattr(gpu, "last", None):  # serve.gpu_placement's choice (issue 16)
+                    report.details["gpu_placement"] = gpu.last
                 _, boot = http_json(cfg.listen, "GET", "/boot")
                 w = boot.get("worker", {}) if isinstance(boot, dict) else {}
                 report.details["worker"] = w

@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "graphs of the eager step on a GPU)")
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="transformers engine: auto (the GPU if any), cpu or cuda[:N]")
+    p.add_argument("--restore-gpu", default=None, metavar="GPU",
+                   help="where a GPU snapshot resumes: auto (its own GPU when it has the memory, else the "
+                        "GPU of the same model with the most free memory), cuda:N or N (nvidia-smi's index), "
+                        "or a GPU UUID (default: the GPU it was made on)")
     p.add_argument("--fast-boot", action="store_true",
                    help="run vLLM's model in its EngineCore process, OpenMP threads unpinned "
                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=nobind)")
@@ -88,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      fast_boot=args.fast_boot,
                      max_model_len=args.max_model_len, materialize=args.materialize, workdir=args.workdir,
                      snapshot=args.snapshot, snapshot_source=args.snapshot_source,
-                     create_snapshot=args.create, gpu_check=not args.no_gpu_check,
+                     create_snapshot=args.create, gpu_check=not args.no_gpu_check, restore_gpu=args.restore_gpu,
                      boot_timeout=args.boot_timeout, report_path=args.report)
     if args.park:
         return _serve_pool(args, cfg)

@@ -53,8 +53,9 @@ class GpuLayer(Protocol):
     def suspend(self, pid: int) -> Any:
         """Move ``pid``'s GPU state into its host memory; returns a state with ``to_dict()``."""
 
-    def resume(self, state: Any) -> Any:
-        """Put it back (pre-checks first); raise on failure, with the process killed."""
+    def resume(self, state: Any, device_map: dict[str, str] | None = None) -> Any:
+        """Put it back (pre-checks first; onto the GPUs ``device_map`` names, issue 16); raise on
+        failure, with the process killed."""
 
     def state_from(self, stored: dict, pid: int) -> Any:
         """The state ``to_dict`` stored, for the restored process ``pid``."""
@@ -74,8 +75,8 @@ class DriverGpu:
     def suspend(self, pid: int) -> Any:
         return self.snapshot.suspend(pid)
 
-    def resume(self, state: Any) -> Any:
-        return self.snapshot.resume(state)
+    def resume(self, state: Any, device_map: dict[str, str] | None = None) -> Any:
+        return self.snapshot.resume(state, device_map=device_map)
 
     def state_from(self, stored: dict, pid: int) -> Any:
         return self.snapshot.Suspended.from_dict(stored, pid, self.snapshot.gpu_devices())
@@ -249,7 +250,7 @@ class GpuCriuBackend(CriuBackend):
         detail = {"timings": {**live.timings, "criu_restore": t_criu, "gpu_resume": t_resume},
                   "lazy": self.lazy, "source": self.source, "image_id": live.image_id,
                   "gpu_memory_before_resume": before,
-                  "gpu_resume": {k: getattr(resumed, k) for k in ("check_s", "restore_s", "unlock_s")
+                  "gpu_resume": {k: getattr(resumed, k) for k in ("check_s", "restore_s", "unlock_s", "device_map")
                                  if hasattr(resumed, k)}}
         if prefetch is not None:
             secs, nbytes = prefetch.join(0)
