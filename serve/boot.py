@@ -32,9 +32,12 @@ Phases, in order (each timed in seconds, exported in /metrics as
                  weights and KV cache released first, GPU state suspended by the driver.
                  If making it fails, the replica boots cold without one.
 
-Engines: ``vllm``, ``transformers`` (serve.hf_engine; weights streamed from casfs, only the
-config and tokenizer are written to disk: ``materialize`` is "metadata"), ``echo``; ``auto``
-picks vllm where the worker's Python can import it, else transformers.
+Engines: ``vllm`` (by default its weights are streamed from casfs through vLLM's ``casfs``
+load format, serve.vllm_loader, and only the config and tokenizer are written to disk:
+``materialize`` is "metadata"; ``--materialize mount|export`` gives vLLM's own loader a
+mounted or exported model directory instead), ``transformers`` (serve.hf_engine; weights
+streamed from casfs, "metadata" too), ``echo``; ``auto`` picks vllm where the worker's Python
+can import it, else transformers.
 
 ``total`` is the wall time from the start of the pipeline to the first token.
 
@@ -94,7 +97,9 @@ class BootConfig:
         fast_boot: vLLM's in-process model runner and unpinned OpenMP threads
             (VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=nobind).
         max_model_len: context length (default: the model's).
-        materialize: "auto" (mount if FUSE works here, else export), "mount" or "export".
+        materialize: "auto" (default: the config and tokenizer written to disk and the weights
+            streamed from casfs by the engine, vLLM through its ``casfs`` load format),
+            "mount" (a lazy FUSE mount of the whole image, vLLM's own loader), or "export".
         workdir: mount points, exports and logs (default ``$CASFS_HOME/serve``).
         python: interpreter for the worker (default: this one).
         snapshot: snapshot tag to restore from (or to create with ``create_snapshot``).
@@ -210,7 +215,7 @@ def _workdir(cfg: BootConfig) -> str:
 
 def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str, *, engine: str | None = None,
                 weights: dict | None = None, gpu_snapshot: bool = False) -> list[str]:
-    """The worker's command line (``weights``: the transformers engine's casfs source)."""
+    """The worker's command line (``weights``: where the engine streams the weights from)."""
     engine = engine or cfg.engine
     argv = [cfg.python, "-m", "serve.worker", "--model-dir", model_dir, "--name", name,
             "--listen", cfg.listen, "--engine", engine, "--log", log_path]
@@ -220,11 +225,11 @@ def worker_argv(cfg: BootConfig, model_dir: str, name: str, log_path: str, *, en
         argv += ["--max-model-len", str(cfg.max_model_len)]
     if engine == "transformers":
         argv += ["--device", cfg.device]
-        if weights:
-            argv += ["--weights-store", weights["store"], "--weights-image", weights["image"],
-                     "--weights-path", weights["path"]]
-            if weights.get("cache_dir"):
-                argv += ["--weights-cache-dir", weights["cache_dir"]]
+    if weights and engine in ("transformers", "vllm"):
+        argv += ["--weights-store", weights["store"], "--weights-image", weights["image"],
+                 "--weights-path", weights["path"]]
+        if weights.get("cache_dir"):
+            argv += ["--weights-cache-dir", weights["cache_dir"]]
     if gpu_snapshot:
         argv.append("--gpu-snapshot")
     return argv
@@ -251,9 +256,16 @@ def resolve_engine(engine: str, python: str) -> str:
                          f"(--engine auto picks one): {ENGINE_CHECKS['vllm'].install}")
 
 
+def has_safetensors(image: Any) -> bool:
+    """Whether the image's top level holds ``model.safetensors`` or its shard index (what the
+    casfs load format streams; other weight formats go to vLLM's own loader on a mount)."""
+    names = set(image.listdir(""))
+    return bool({"model.safetensors", "model.safetensors.index.json"} & names)
+
+
 def weights_source(store: Any, image: Any) -> dict:
-    """Where a transformers worker streams the weights from: the store URL, its ssd tier, the
-    image id and the safetensors file (the shard index when there is one)."""
+    """Where a worker streams the weights from: the store URL, its ssd tier, the image id and
+    the safetensors file (the shard index when there is one)."""
     try:
         image.stat("model.safetensors.index.json")
         path = "model.safetensors.index.json"
@@ -344,13 +356,15 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
         store = casfs.open_store(cfg.store, cache_dir=cfg.cache_dir)
         image = store.open_image(cfg.image)
         check_model(image, engine)
-        if engine == "transformers":
+        streamed = engine == "transformers" or (engine == "vllm" and cfg.materialize == "auto"
+                                                and has_safetensors(image))
+        if streamed:
             model_dir, how, detail = materialize_metadata(image, workdir)
         else:
             model_dir, how, detail = materialize(image, cfg.materialize, workdir)
     report.image_id, report.model_dir, report.materialize = image.id, model_dir, how
     report.details["mount"] = detail
-    weights = weights_source(store, image) if engine == "transformers" else None
+    weights = weights_source(store, image) if streamed else None
     mounted = model_dir if how == "mount" and not detail.get("reused") else None
     # from here on, whatever kills this process, its guard stops the worker and unmounts
     life = casfs.Lifeline(f"casfs serve {cfg.image} on {cfg.listen}")

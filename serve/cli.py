@@ -63,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=nobind)")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N", help="context length")
     p.add_argument("--materialize", choices=("auto", "mount", "export"), default="auto",
-                   help="how the model image is made readable (default auto: mount if FUSE works)")
+                   help="how the engine gets the model (default auto: config and tokenizer on disk, "
+                        "weights streamed from casfs, vLLM through its casfs load format; mount: a "
+                        "lazy FUSE mount of the image and vLLM's own loader; export: a full copy)")
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="mounts, exports and logs (default $CASFS_HOME/serve)")
     p.add_argument("--no-gpu-check", action="store_true", help="skip the GPU health phase")

@@ -191,8 +191,13 @@ class VllmEngine:
         import vllm.v1.engine.async_llm  # noqa: F401
 
     @classmethod
-    def start(cls, model_dir: str, model_name: str, options: VllmOptions | None = None) -> "VllmEngine":
+    def start(cls, model_dir: str, model_name: str, options: VllmOptions | None = None,
+              weights: dict | None = None) -> "VllmEngine":
         """Load ``model_dir`` (a Hugging Face style directory) into a new vLLM engine.
+
+        With ``weights`` (``{"store", "image", "path", "cache_dir"}``), ``model_dir`` needs the
+        config and tokenizer only: the weights are streamed from that casfs image through the
+        ``casfs`` load format (serve.vllm_loader), registered here first.
 
         Blocks for the whole engine start (seconds to minutes: imports, weights, KV cache,
         torch.compile unless eager).
@@ -206,9 +211,16 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        extra = dict(opts.extra)
+        if weights is not None:
+            from .vllm_loader import LOAD_FORMAT, register
+
+            register()
+            extra.setdefault("load_format", LOAD_FORMAT)
+            extra.setdefault("model_loader_extra_config", dict(weights))
         args = AsyncEngineArgs(model=model_dir, served_model_name=model_name, enforce_eager=opts.enforce_eager,
                                max_model_len=opts.max_model_len, dtype=opts.dtype, seed=opts.seed,
-                               disable_log_stats=True, **opts.extra)
+                               disable_log_stats=True, **extra)
         try:
             llm = AsyncLLM.from_engine_args(args)
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; the message is what matters

@@ -93,8 +93,12 @@ def start_engine(args: argparse.Namespace, timings: dict[str, float]) -> Engine:
     t = time.monotonic()
     VllmEngine.preload()
     timings["import"] = time.monotonic() - t
+    weights = None
+    if args.weights_store and args.weights_image:
+        weights = {"store": args.weights_store, "image": args.weights_image,
+                   "path": args.weights_path or "", "cache_dir": args.weights_cache_dir or ""}
     return VllmEngine.start(args.model_dir, args.name,
-                            VllmOptions(enforce_eager=args.eager, max_model_len=args.max_model_len))
+                            VllmOptions(enforce_eager=args.eager, max_model_len=args.max_model_len), weights=weights)
 
 
 async def warm_up(engine: Engine) -> int:

@@ -1,8 +1,10 @@
 """`casfs serve` with the real vLLM engine (CPU build, .venv-vllm) on a tiny random Llama.
 
 The model is built by scripts/make_tiny_model.py (no hub access), stored as a casfs image, and
-served by a `casfs serve` subprocess running .venv-vllm's python, which mounts the image lazily
-(FUSE) and boots vLLM eagerly with the fast-boot flags; the replica boots once per module.
+served by a `casfs serve` subprocess running .venv-vllm's python, which writes the model's config
+and tokenizer to disk and boots vLLM eagerly with the fast-boot flags, its weights streamed from
+the store through the `casfs` load format (serve/vllm_loader.py); the replica boots once per
+module. One more boot mounts the image lazily (FUSE) for vLLM's own loader.
 Requests go through the official openai client and raw sockets.
 
 These tests need .venv-vllm (scripts/setup_vllm.sh, run by `make test`'s setup). Without it
@@ -124,8 +126,6 @@ def replica(tiny_store):
     s = ServeProc(str(tiny_store / "store"), str(tiny_store / "work"), "--eager", "--fast-boot")
     yield s
     assert s.stop() == 0
-    mounts = open("/proc/self/mounts").read()
-    assert str(tiny_store / "work") not in mounts, "casfs serve left its model mount behind"
 
 
 def _metric(text: str, name: str) -> float:
@@ -138,12 +138,16 @@ def _metric(text: str, name: str) -> float:
 # -- boot ------------------------------------------------------------------------------------------
 
 
-def test_the_replica_boots_through_every_phase_from_a_lazily_mounted_image(replica):
+def test_the_replica_boots_through_every_phase_streaming_its_weights_from_casfs(replica):
     r = replica.report
     assert r["mode"] == "cold" and r["engine"] == "vllm" and r["eager"] is True
     assert list(r["phases"]) == ["gpu_health", "mount", "init", "weights", "warmup", "first_token"]
     assert all(v >= 0 for v in r["phases"].values())
-    assert r["materialize"] == "mount" and r["details"]["mount"]["reused"] is False
+    # config and tokenizer on disk, no weights: vLLM loaded them through the casfs load format
+    assert r["materialize"] == "metadata" and r["details"]["mount"]["reused"] is False
+    assert not os.path.exists(os.path.join(r["model_dir"], "model.safetensors"))
+    log = open(r["details"]["worker"]["log"]).read()
+    assert "load_format=casfs" in log and "casfs: loaded" in log
     assert r["model_dir"].startswith(replica.workdir)
     assert r["total"] >= sum(r["phases"].values()) * 0.99
     assert r["first_token_text"]
@@ -261,6 +265,19 @@ PROMPT = "The cache tier is"
 def _greedy(proc: ServeProc) -> tuple[str, list[float]]:
     r = proc.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, logprobs=2)
     return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+
+
+def test_a_lazily_mounted_image_with_vllms_own_loader_answers_the_same(tiny_store, replica):
+    s = ServeProc(str(tiny_store / "store"), str(tiny_store / "work"), "--eager", "--fast-boot",
+                  "--materialize", "mount")
+    try:
+        r = s.report
+        assert r["materialize"] == "mount" and os.path.exists(os.path.join(r["model_dir"], "model.safetensors"))
+        assert _greedy(s) == _greedy(replica)
+    finally:
+        assert s.stop() == 0
+    mounts = open("/proc/self/mounts").read()
+    assert str(tiny_store / "work") not in mounts, "casfs serve left its model mount behind"
 
 
 def _require_snapshots() -> None:
