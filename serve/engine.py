@@ -216,6 +216,7 @@ class VllmEngine:
             from .vllm_loader import LOAD_FORMAT, register
 
             register()
+            os.environ["CASFS_VLLM_LOAD_FORMAT"] = "1"  # the EngineCore child registers it too (serve.worker)
             extra.setdefault("load_format", LOAD_FORMAT)
             extra.setdefault("model_loader_extra_config", dict(weights))
         args = AsyncEngineArgs(model=model_dir, served_model_name=model_name, enforce_eager=opts.enforce_eager,

@@ -10,11 +10,13 @@ most tensors with a model already in the ssd tier fetches only the chunks that c
 
 Registration (``register()``, idempotent) goes through vLLM's plugin API,
 ``vllm.model_executor.model_loader.register_model_loader``. It must run in the process that
-loads the weights: ``serve.worker`` calls it before building the engine (with
-``VLLM_ENABLE_V1_MULTIPROCESSING=0`` that is the engine's process too), and the
-``vllm.general_plugins`` entry point ``casfs = serve.vllm_loader:register`` in pyproject.toml
-registers it in vLLM's own EngineCore and worker processes (entry points come from installed
-metadata: the venv's editable install must be redone after the entry point is added).
+loads the weights: ``serve.engine.VllmEngine.start`` calls it before building the engine (for
+``vllm.LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` that is the loading process), and sets
+``CASFS_VLLM_LOAD_FORMAT=1`` so that vLLM's spawned EngineCore, which re-imports
+``serve.worker`` as its main module, registers it there too. The ``vllm.general_plugins``
+entry point ``casfs = serve.vllm_loader:register`` in pyproject.toml does the same for any vLLM
+program (entry points come from installed metadata: the venv's editable install must be redone
+after the entry point is added).
 
 ``model_loader_extra_config`` (``--model-loader-extra-config`` on vLLM's command line):
 
@@ -40,7 +42,9 @@ from typing import Any, Iterator
 
 LOAD_FORMAT = "casfs"
 _KEYS = {"store", "image", "path", "cache_dir", "concurrency", "device"}
-log = logging.getLogger("serve.vllm_loader")
+# under "vllm.": vLLM's handler prints it in every vLLM process (its EngineCore configures no
+# other logging), and serve.engine.parse_vllm_timings finds the "Loading weights took" line
+log = logging.getLogger("vllm.casfs_loader")
 _registered: type | None = None
 
 
@@ -141,6 +145,8 @@ def _loader_class() -> type:
             finally:
                 store.close()
             type(self).last_stats = stats
+            # vLLM's own loaders log this line; serve.engine.parse_vllm_timings reads it
+            log.info("Loading weights took %.2f seconds", time.perf_counter() - t0)
             log.info("casfs: loaded %.1f MB of weights from image %s in %.2f s (%d chunk reads; tiers %s)",
                      stats.bytes / 1e6, image.id[:12], time.perf_counter() - t0, stats.chunks,
                      {k: v.get("hits", 0) for k, v in stats.tiers.items()})

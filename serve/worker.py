@@ -60,6 +60,15 @@ from .engine import Engine, EngineError, SamplingSettings, parse_vllm_timings  #
 from .http import HttpServer, Request, Response  # noqa: E402
 from .instructions import outer_pid, wait_instructions  # noqa: E402
 
+if os.environ.get("CASFS_VLLM_LOAD_FORMAT") == "1" and __name__ != "__main__":
+    # vLLM's EngineCore is a spawned child, which re-imports this (its parent's main) module as
+    # __mp_main__ before it builds the model: register the casfs load format there too (the
+    # worker sets the variable in VllmEngine.start; the vllm.general_plugins entry point does
+    # the same where the package's metadata is installed)
+    from serve.vllm_loader import register as _register_casfs_load_format  # noqa: E402
+
+    _register_casfs_load_format()
+
 log = logging.getLogger("serve.worker")
 
 CONTROL_PREFIX = "/_casfs/"
