@@ -305,7 +305,9 @@ def test_creating_a_snapshot_boots_cold_then_serves_from_the_snapshot(snapshotte
                                  "first_token"]
     created = r["snapshot_create"]
     assert created["tag"] == SNAP and created["pages_bytes"] > 100 << 20
-    assert created["link_remap"] >= 1  # vLLM's EngineCore maps an unlinked glibc semaphore
+    # (no link_remap count asserted: with vLLM's own loader the EngineCore maps an unlinked glibc
+    # semaphore, tqdm's multiprocessing lock, which CRIU link-remaps; the casfs load format shows
+    # no progress bar, so this default boot has none)
     worker = r["details"]["worker"]
     assert worker["restores"] == 1 and "reseed" in worker["after_restore"]
 
