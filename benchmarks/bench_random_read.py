@@ -104,6 +104,7 @@ def main() -> int:
     os.makedirs(mnt)
     os.makedirs(emnt)
     rows: list[dict] = []
+    chunk_size = 0
     try:
         make_source(os.path.join(src, fname), size)
         blocks = [int(b) for b in args.blocks.split(",")]
@@ -114,6 +115,7 @@ def main() -> int:
             t0 = time.perf_counter()
             casfs.build(store, src, tag="bench", progress=False, block=block)
             image = store.open_image("bench")
+            chunk_size = image.index.file_chunk_size(image.lookup(fname))
             for ref in image.file_chunks():  # fill the ssd tier with every whole frame
                 store.ssd.put(ref, store.blob.get(ref))
             store.close()
@@ -179,11 +181,13 @@ def main() -> int:
                 subprocess.run(["umount", "-l", m], check=False)
         shutil.rmtree(work, ignore_errors=True)
     cols = ["fs", "IOPS (runs)", "x erofs (same round)", "p50 us", "p99 us", "ssd bytes / served", "blob bytes"]
-    print(f"random 4 KiB reads (fio psync QD1, {args.seconds} s a run) of a {args.size_mib} MiB file; "
+    print(f"random 4 KiB reads (fio psync QD1, {args.seconds} s a run) of a {args.size_mib} MiB file "
+          f"in {chunk_size >> 20} MiB chunks; "
           f"load at round starts {loads}")
     print(table(rows, cols))
     path = write_results("bench_random_read", {"size_mib": args.size_mib, "seconds": args.seconds,
-                                               "repeats": args.repeats, "load_at_rounds": loads},
+                                               "repeats": args.repeats, "load_at_rounds": loads,
+                                               "chunk_size": chunk_size},
                          rows, started=started, out=args.out, machine=machine)
     print(f"results: {path}")
     return 0

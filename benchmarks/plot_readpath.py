@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 import matplotlib
@@ -48,8 +49,8 @@ def cold_start_root() -> None:
     for k, label in (("b", "(b) cold"), ("c", "(c) profile"), ("f", "(f) cat /etc/os-release")):
         if det.get(k):
             labels.append(label)
-            touched.append(sorted(x["touched"] for x in det[k])[len(det[k]) // 2] / 1e6)
-            fetched.append(sorted(x["fetched"] for x in det[k])[len(det[k]) // 2] / 1e6)
+            touched.append(statistics.median(x["touched"] for x in det[k]) / 1e6)
+            fetched.append(statistics.median(x["fetched"] for x in det[k]) / 1e6)
     ys = range(len(labels))
     bx.barh([y - 0.2 for y in ys], touched, height=0.4, label="touched (read through FUSE)", color="#48c")
     bx.barh([y + 0.2 for y in ys], fetched, height=0.4, label="fetched (blob tier)", color="#c84")
@@ -73,7 +74,7 @@ def random_read() -> None:
     fig, ax = plt.subplots(figsize=(7, 3))
     for i, row in enumerate(rows):
         runs = [float(x) for x in row["IOPS (runs)"].split(", ")]
-        ax.barh(i, sorted(runs)[len(runs) // 2], color="#555" if row["fs"].startswith("erofs") else "#4a7")
+        ax.barh(i, statistics.median(runs), color="#555" if row["fs"].startswith("erofs") else "#4a7")
         for x in runs:
             ax.plot(x, i, "k|", markersize=12)
     ax.set_yticks(range(len(rows)))
