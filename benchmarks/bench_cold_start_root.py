@@ -50,6 +50,7 @@ import tempfile
 import time
 
 from benchmarks._common import describe_machine, machine_info, write_results
+from benchmarks.bench_cold_start import drop_caches, tree_stats
 
 from tests.support import FaultProxy, nginx_static
 
@@ -75,12 +76,6 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def casfs(*args: str) -> str:
     return sh(CASFS + list(args)).stdout
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def mirror() -> str:
@@ -117,17 +112,6 @@ def make_root(root: str) -> None:
     sh(["rsync", "-a", "--exclude", "__pycache__/*.pyc.*", VENV + "/", root + VENV + "/"], timeout=3600)
     open(os.path.join(root, ".casfs-bench-ready"), "w").close()
     print(f"root ready in {time.perf_counter() - t0:.0f} s", flush=True)
-
-
-def tree_bytes(root: str) -> tuple[int, int]:
-    n = size = 0
-    for dp, _, fs in os.walk(root):
-        for f in fs:
-            p = os.path.join(dp, f)
-            if not os.path.islink(p):
-                n += 1
-                size += os.lstat(p).st_size
-    return n, size
 
 
 def chroot_run(root: str, cmd: list[str]) -> float:
@@ -173,7 +157,7 @@ def main() -> int:
     print(describe_machine(machine), flush=True)
     cmd = WORKLOADS[args.workload]
     make_root(args.root)
-    nfiles, nbytes = tree_bytes(args.root)
+    nfiles, nbytes = tree_stats(args.root)
     work = args.work or tempfile.mkdtemp(prefix="casfs-rootstart-", dir="/var/tmp")
     local = os.path.join(work, "store")
     t0 = time.perf_counter()
