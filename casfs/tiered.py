@@ -29,8 +29,9 @@ Sub-chunk reads: ``read(ref, offset, length)`` returns a verified slice of a chu
 chunk is not in memory, the read is small against the chunk (at most a quarter of it) and the
 chunk's frame is blocked (``casfs.chunk`` version 2), only the blocks that cover the slice are
 fetched: the frame's meta (header, block ends, outboard: ~2.3 KiB for 4 MiB) once per chunk,
-verified against the chunk's name and kept in a bounded dict, then the blocks as one ranged
-read per run of adjacent blocks, each block verified alone against its CV
+verified against the chunk's name and kept in a bounded dict (a read in the chunk's first two
+blocks, as file headers are, gets its blocks in the same ranged read: one round trip), then
+the blocks as one ranged read per run of adjacent blocks, each block verified alone against its CV
 (``casfs.blocktree``). Verified blocks are kept in a memory cache of their own
 (``block_cache_bytes``) and written to the ssd tier as parts (``SsdTier.put_part``) by the
 background writer, so a warm start reads locally what a cold one fetched. A block that fails
@@ -205,7 +206,11 @@ class TieredStore:
             return b""
         data = self.peek(ref)
         if data is None and self.wants_blocks(ref, end - offset):
-            meta = self._meta(ref)
+            # a read near the chunk's start (file headers: the commonest small read) asks for
+            # its blocks with the block table in one ranged read: one round trip, not two
+            first_block = offset // chunkmod.DEFAULT_BLOCK
+            extra = (end - 1) // chunkmod.DEFAULT_BLOCK + 1 if first_block < 2 else 0
+            meta = self._meta(ref, extra * chunkmod.DEFAULT_BLOCK)
             if meta is not None:
                 return self._read_blocks(ref, meta, offset, end)
         if data is None:
@@ -612,7 +617,7 @@ class TieredStore:
             while len(self._metas) > META_ENTRIES:
                 self._metas.popitem(last=False)
 
-    def _meta(self, ref: ChunkRef) -> chunkmod.FrameMeta | None:
+    def _meta(self, ref: ChunkRef, extra: int = 0) -> chunkmod.FrameMeta | None:
         """The verified meta of ``ref``'s blocked frame; None when its frame is whole or no
         tier can read ranges (the caller then reads the chunk whole).
 
@@ -626,15 +631,17 @@ class TieredStore:
         if not owner:
             return fut.result()
         try:
-            meta = self._walk_meta(ref)
+            meta = self._walk_meta(ref, extra)
         except BaseException as e:
             self._land(key, fut, error=e)
             raise
         self._land(key, fut, result=meta)  # type: ignore[arg-type]
         return meta
 
-    def _walk_meta(self, ref: ChunkRef) -> chunkmod.FrameMeta | None:
-        probe = chunkmod.meta_probe_len(ref.raw_len)
+    def _walk_meta(self, ref: ChunkRef, extra: int = 0) -> chunkmod.FrameMeta | None:
+        """Find and verify the block table; with ``extra``, the ranged read asks for that many
+        more bytes, and the blocks that arrive whole with the table are verified and kept."""
+        probe = chunkmod.meta_probe_len(ref.raw_len) + extra
         errors: list[str] = []
         for i, tier in enumerate(self.tiers):
             from_part = False
@@ -670,10 +677,31 @@ class TieredStore:
             self._remember_meta(ref.digest, meta)
             if not from_part:
                 self._queue_part_fill(ref, "m", bytes(buf[:meta.header.meta_len]), i)
+                if extra and not tier.writable and self.blocks is not None:  # (remote: a round trip saved)
+                    self._keep_leading_blocks(ref, meta, buf, tier, i)
             return meta
         if errors:  # every tier failed or missed: one walk per read, no second (whole) walk
             raise ChunkUnavailable(f"chunk {ref.digest.hex()} unavailable: {'; '.join(errors)}")
         return None
+
+    def _keep_leading_blocks(self, ref: ChunkRef, meta: chunkmod.FrameMeta, buf: bytes, tier: Tier,
+                             level: int) -> None:
+        """Verify and keep the blocks that arrived whole with a block table (a bad one is
+        dropped here and fetched again by the read that wants it)."""
+        for i in range(meta.n_blocks):
+            off, n = meta.block_range(i)
+            if off + n > len(buf):
+                break
+            stored = buf[off:off + n]
+            try:
+                data = chunkmod.decode_block(meta, i, stored)
+            except CorruptChunk as e:
+                self._corrupt(ref, tier, e, [])
+                return
+            self.counters["blocks_fetched"] += 1
+            self.counters["block_bytes_fetched"] += n
+            self.blocks.put(_BlockKey(ref.digest, i), data)  # type: ignore[union-attr,arg-type]
+            self._queue_part_fill(ref, str(i), stored, level)
 
     def _read_blocks(self, ref: ChunkRef, meta: chunkmod.FrameMeta, offset: int, end: int) -> bytes:
         block = meta.block

@@ -90,10 +90,12 @@ class _SlowCountingObjects(LocalObjectStore):
         return super().get_range(key, offset, length)
 
 
-@pytest.mark.parametrize("size, requests", [(1 << 20, 1), (100, 2)], ids=["whole-chunk", "one-block"])
-def test_concurrent_readers_of_one_chunk_trigger_one_fetch(tmp_path, size, requests):
+@pytest.mark.parametrize("offset, size, requests", [(1000, 1 << 20, 1), (1000, 100, 1), (1 << 20, 100, 2)],
+                         ids=["whole-chunk", "first-block", "one-block"])
+def test_concurrent_readers_of_one_chunk_trigger_one_fetch(tmp_path, offset, size, requests):
     """A read of a quarter of the chunk or more fetches the whole frame once; a small read
-    fetches the block table and one block once (two ranged reads), however many readers."""
+    near the chunk's start fetches the block table with its block in one ranged read, one
+    further in two (table, then block); once, however many readers."""
     write_tree(tmp_path / "src", {"big": os.urandom(2 << 20)})
     with casfs.open_store(str(tmp_path / "store")) as s:
         casfs.build(s, str(tmp_path / "src"), tag="t", chunk_size=2 << 20, progress=False)
@@ -106,7 +108,7 @@ def test_concurrent_readers_of_one_chunk_trigger_one_fetch(tmp_path, size, reque
 
     def reader():
         barrier.wait()
-        results.append(image.read("big", 1000, size))
+        results.append(image.read("big", offset, size))
 
     ts = [threading.Thread(target=reader) for _ in range(8)]
     [t.start() for t in ts]
