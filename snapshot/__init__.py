@@ -6,6 +6,9 @@
   (``suspend``, ``resume``), transactional, so a failed restore never leaves a stuck process;
   ``resume(..., device_map={old_uuid: new_uuid})`` restores onto another GPU of the same model
   (``snapshot.devicemap`` completes the map the driver needs; ``DeviceMapError``).
+* ``snapshot.gpugroup``: the ranks of a tensor-parallel replica suspended and resumed together
+  (``suspend_group``: lock every rank before checkpointing any; ``resume_group``: restore every
+  rank before unlocking any; rollback or kill, never a partial group).
 * ``snapshot.compat``: the host/GPU compatibility key a snapshot carries.
 * ``snapshot.regions``: memory regions (CUDA virtual memory, or anonymous CPU mappings) whose
   memory can be released and re-mapped at the same addresses (``allocate_region``), so a
@@ -32,6 +35,8 @@ _LAZY = {
     "InvalidSafetensors": "weights", "ModuleMismatch": "weights",
     "suspend": "gpu", "resume": "gpu", "Suspended": "gpu", "CheckpointError": "gpu",
     "RestoreFailed": "gpu", "GpuUnavailable": "compat", "DeviceMapError": "devicemap",
+    "suspend_group": "gpugroup", "resume_group": "gpugroup", "SuspendedGroup": "gpugroup",
+    "GroupFailed": "gpugroup", "GroupResumed": "gpugroup",
     "host_key": "compat", "gpu_key": "compat", "gpu_devices": "compat", "snapshot_key": "compat",
     "compatibility_problems": "compat", "check_compatible": "compat", "IncompatibleHost": "compat",
     "spawn": "spawning", "SpawnedProcess": "spawning",

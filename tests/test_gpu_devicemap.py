@@ -180,6 +180,11 @@ def host(monkeypatch):
     p = _sleeper()
     drv.add(p.pid, [G[0]], 8 << 30)
     yield drv, p
+    _end(p)
+
+
+def _end(p: subprocess.Popen) -> None:
+    """Continue (a fake checkpoint stopped it) and kill a test's process."""
     try:
         os.kill(p.pid, signal.SIGCONT)
     except ProcessLookupError:
