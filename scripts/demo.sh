@@ -73,11 +73,17 @@ serve() {  # casfs serve in the background until its boot report (one JSON line)
     sleep 0.2
   done
 }
-ask() {  # one greedy completion; prints the answer
+ask() {  # one greedy completion; prints the answer (or what came back instead)
   curl -s "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
     -d '{"model": "tiny", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}' \
-    | "$PY" -c 'import json, sys; print(repr(json.load(sys.stdin)["choices"][0]["text"]))'
+    | "$PY" -c 'import json, sys
+raw = sys.stdin.read()
+try:
+    print(repr(json.loads(raw)["choices"][0]["text"]))
+except (ValueError, KeyError, IndexError):
+    sys.exit(f"the replica answered {raw[:300]!r}")'
 }
+mode() { "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(r["mode"], "yes" if r.get("snapshot_create") else "no")' "$1"; }
 stop() { kill -TERM "$SERVE_PID"; wait "$SERVE_PID" || true; SERVE_PID=; }
 say "python scripts/make_tiny_model.py $WORK/model && casfs build $WORK/model --tag tiny"
 "$VPY" scripts/make_tiny_model.py "$WORK/model" >/dev/null 2>&1
@@ -85,6 +91,9 @@ say "python scripts/make_tiny_model.py $WORK/model && casfs build $WORK/model --
 say "casfs serve tiny --eager --fast-boot --snapshot tiny-replica --create   # cold boot, snapshot, serve"
 serve --eager --fast-boot --snapshot tiny-replica --create
 cp "$WORK/report.json" "$WORK/cold.json"
+if [ "$(mode "$WORK/cold.json")" != "cold yes" ]; then
+  echo "the snapshot could not be made:"; grep -i "snapshot" "$WORK/serve.log" | tail -3; exit 1
+fi
 say "curl .../v1/completions   # answered by the replica that booted cold"
 ask | tee "$WORK/cold.answer"
 say "kill -TERM <casfs serve>   # the replica stops"
@@ -92,6 +101,9 @@ stop
 say "casfs serve tiny --snapshot tiny-replica   # restored from the snapshot in the store"
 serve --snapshot tiny-replica
 cp "$WORK/report.json" "$WORK/restored.json"
+if [ "$(mode "$WORK/restored.json")" != "restore no" ]; then
+  echo "the replica did not restore from its snapshot:"; tail -3 "$WORK/serve.log"; exit 1
+fi
 say "curl .../v1/completions   # answered by the restored replica"
 ask | tee "$WORK/restored.answer"
 stop

@@ -363,9 +363,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         if problems:
             raise IncompatibleHost(problems)
     t_open = time.perf_counter() - t0
-    # a restore from the store stages CRIU's eager pages (the working set) in RAM, not on disk
-    shm = "/dev/shm" if source == "store" and os.path.isdir("/dev/shm") else None
-    work = tempfile.mkdtemp(prefix="casfs-restore-", dir=shm)
+    work = tempfile.mkdtemp(prefix="casfs-restore-")
+    staged = None  # a restore from the store stages CRIU's images and eager pages in RAM
     mountpoint = None
     lazy_proc = None
     server = None
@@ -379,7 +378,9 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
             hot_data = None
             if profile:
                 record, hot, hot_data = lazyrestore.startup_profile(image)
-            prep = lazyrestore.prepare_images(image, os.path.join(work, "images"), meta, hot, hot_data)
+            staged = tempfile.mkdtemp(prefix="casfs-restore-images-",
+                                      dir="/dev/shm" if os.path.isdir("/dev/shm") else work)
+            prep = lazyrestore.prepare_images(image, staged, meta, hot, hot_data)
             imgdir = prep.imgdir
             _prepare_host(meta, None, image)
         elif source == "mount":
@@ -445,7 +446,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         if server is not None and server.error:  # it failed before the pid was known
             _kill_restore(victim, server.error)
             proc.wait()
-            raise CriuError(f"restoring {image.name} from the store failed: {server.error}")
+            raise CriuError(f"restoring {image.name} from the store failed: {server.error}",
+                            log=os.path.join(work, "restore.log"))
         t_criu = time.perf_counter() - t2
     except BaseException:
         if lazy_proc is not None and lazy_proc.poll() is None:
@@ -456,6 +458,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         if mountpoint is not None:
             with contextlib.suppress(casfs.CasfsError, OSError):
                 casfs.unmount(mountpoint)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
         # keep the logs of a failed restore for the user (the message names them)
         raise
     ready_pid = ready_caller_pid(pid, meta.get("ready"))
@@ -470,10 +474,7 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         timings["profile_pages"] = len(hot)
         timings["hot_image"] = hot_data is not None
         timings["hot_pages"] = prep.hot_pages
-        for name in os.listdir(imgdir):  # CRIU has read the eager pages: free their memory
-            if name.startswith("pages-"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(imgdir, name))
+        shutil.rmtree(staged, ignore_errors=True)  # CRIU has read them (the daemon holds what it opened)
     return RestoredProcess(proc, pid, ready_pid, work, lazy_proc, mountpoint, image.id, timings,
                            page_server=server, after_lazy=after_lazy)
 
