@@ -68,7 +68,7 @@ serve() {  # casfs serve in the background until its boot report (one JSON line)
   "$VPY" -m casfs.cli.main --store "$STORE" serve tiny --listen "127.0.0.1:$PORT" --workdir "$WORK/serve" \
     --no-gpu-check "$@" >"$WORK/report.json" 2>"$WORK/serve.log" &
   SERVE_PID=$!
-  while [ ! -s "$WORK/report.json" ]; do
+  while [ "$(wc -l <"$WORK/report.json")" -lt 1 ]; do  # the whole first line: the boot report
     kill -0 "$SERVE_PID" 2>/dev/null || { echo "casfs serve failed:"; tail -20 "$WORK/serve.log"; exit 1; }
     sleep 0.2
   done
