@@ -87,7 +87,8 @@ mode() { "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(r["
 stop() { kill -TERM "$SERVE_PID"; wait "$SERVE_PID" || true; SERVE_PID=; }
 say "python scripts/make_tiny_model.py $WORK/model && casfs build $WORK/model --tag tiny"
 "$VPY" scripts/make_tiny_model.py "$WORK/model" >/dev/null 2>&1
-"$CASFS" --store "$STORE" build "$WORK/model" --tag tiny --no-progress | head -1
+"$CASFS" --store "$STORE" build "$WORK/model" --tag tiny --no-progress >"$WORK/build.txt"
+head -1 "$WORK/build.txt"
 say "casfs serve tiny --eager --fast-boot --snapshot tiny-replica --create   # cold boot, snapshot, serve"
 serve --eager --fast-boot --snapshot tiny-replica --create
 cp "$WORK/report.json" "$WORK/cold.json"
