@@ -42,8 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "PID and return at once).")
     r.add_argument("tag", metavar="TAG")
     r.add_argument("--lazy", action="store_true", help="lazy pages (userfaultfd): run before all pages arrive")
-    r.add_argument("--source", choices=("export", "mount"), default="export",
-                   help="read the images from a per-host export (default) or a casfs FUSE mount")
+    r.add_argument("--source", choices=("store", "export", "mount"), default="export",
+                   help="where CRIU's images come from: a per-host export (default), the store "
+                        "itself (lazily, nothing unpacked: pages served as the process touches "
+                        "them), or a casfs FUSE mount (snapshots taken with CRIU's own layout)")
     r.add_argument("--detach", "-d", action="store_true", help="print the PID and return at once")
     r.add_argument("--force", action="store_true", help="skip the host compatibility check")
     r.set_defaults(func=cmd_restore)
@@ -93,7 +95,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     store = args.open_store()
     try:
-        live = snapshot.restore(args.tag, store, lazy=args.lazy, source=args.source,
+        live = snapshot.restore(args.tag, store, lazy=True if args.lazy else None, source=args.source,
                                 check=not args.force)
     except (snapshot.CriuError, snapshot.IncompatibleHost) as e:
         return _fail(e)
