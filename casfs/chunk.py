@@ -250,6 +250,12 @@ def zstd_bound(raw_len: int) -> int:
     return raw_len + (raw_len >> 7) + 512
 
 
+# The longest frame ``parse_header`` accepts (a blocked zstd frame of MAX_RAW_LEN bytes in the
+# smallest blocks): what a reader of a frame of unknown length may have to hold, and no more.
+MAX_FRAME_LEN = (zstd_bound(MAX_RAW_LEN) + HEADER_SIZE
+                 + (MAX_RAW_LEN >> MIN_FRAME_BLOCK_LOG2) * (CV_SIZE + 4))
+
+
 def check_length(h: FrameHeader, length: int | None) -> None:
     """Refuse a frame whose chunk length is not ``length`` (the index's, when known),
     before anything is allocated for it: a small hostile frame must not make a reader

@@ -15,6 +15,21 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol, runtime_checkable
 
+from ..chunk import MAX_FRAME_LEN
+from ..layout import LEASES, TAGS
+
+SMALL_OBJECT_MAX = 64 << 10  # a tag (an image id) or a lease (a few lines of JSON)
+
+
+def max_object_len(key: str) -> int:
+    """The most bytes object ``key`` can hold, by its kind: a reader of a network store (HTTP,
+    S3, a cache server's fill) refuses a longer answer instead of buffering it. Chunks, packs,
+    indexes and profiles are chunk frames or frames back to back (packs close at 4 MiB), so the
+    longest frame ``casfs.chunk`` accepts bounds them; tags and leases are a few lines.
+    """
+    kind = key.partition("/")[0]
+    return SMALL_OBJECT_MAX if kind in (TAGS, LEASES) else MAX_FRAME_LEN
+
 
 @runtime_checkable
 class ObjectStore(Protocol):

@@ -23,6 +23,9 @@ Behaviour:
 - connections are HTTP/1.1 keep-alive, from a small thread-safe pool; pool, resend on a stale
   connection, Content-Range and backoff are ``casfs.httpclient`` (stdlib ``http.client``: no
   dependency beyond Python).
+- answers are bounded (``casfs.httpclient``): a whole object by the largest its kind can be
+  (``max_object_len``), a range by its length, a listing by ``MAX_LISTING``; a server that
+  sends or declares more is refused with a ``StoreError`` (``TooLarge``), not retried.
 - ``put``/``delete`` raise ``StoreError`` (read-only).
 - ``list`` needs a JSON directory index (nginx ``autoindex_format json``); without one it
   raises ``StoreError``. Opening an image by tag or full id never lists: tags are fetched as
@@ -37,8 +40,12 @@ from typing import Iterator
 from urllib.parse import SplitResult, quote, urlsplit
 
 from ..errors import StoreError
-from ..httpclient import NET_ERRORS, RETRY_STATUS, Answer, Backoff, ConnectionPool, exchange, parse_content_range
+from ..httpclient import (DEFAULT_LIMIT, NET_ERRORS, RETRY_STATUS, Answer, Backoff, ConnectionPool, exchange,
+                          parse_content_range)
 from ..layout import FANOUT, check_key, relpath
+from .base import max_object_len
+
+MAX_LISTING = 64 << 20  # bytes of one JSON directory listing (~500k entries)
 
 
 def from_url(url: str, parts: SplitResult) -> "HttpObjectStore":
@@ -97,21 +104,23 @@ class HttpObjectStore:
         return self.base_path + quote(relpath(key, FANOUT), safe="/")
 
     def _request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                 what: str = "") -> Answer:
+                 what: str = "", limit: int = DEFAULT_LIMIT) -> Answer:
         """One request with retries. Returns any non-retryable answer (2xx, 3xx, 4xx).
 
         A 2xx GET must be framed (Content-Length or chunked): a connection cut inside the
-        headers otherwise looks like a complete response with an empty body.
+        headers otherwise looks like a complete response with an empty body. ``limit`` bounds a
+        2xx body of a request without ``Range`` (``casfs.httpclient.exchange``).
 
         Raises:
-            StoreError: when every attempt failed (5xx/429, timeouts, broken connections).
+            StoreError: when every attempt failed (5xx/429, timeouts, broken connections);
+                ``TooLarge`` (at once) for a body over the bound.
         """
         hdrs = {**self._headers, **(headers or {})}
         last = ""
         for attempt in range(1, self.attempts + 1):
             retry_after = None
             try:
-                resp = exchange(self._pool, method, path, hdrs, framed=True)
+                resp = exchange(self._pool, method, path, hdrs, framed=True, limit=limit)
             except NET_ERRORS as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             else:
@@ -134,7 +143,7 @@ class HttpObjectStore:
 
     def get(self, key: str) -> bytes:
         """The whole object. Raises KeyError if missing (404), StoreError on failure."""
-        resp = self._request("GET", self._path(key), what=f"get {key}")
+        resp = self._request("GET", self._path(key), what=f"get {key}", limit=max_object_len(key))
         if resp.status == 200:
             return resp.body
         if resp.status == 404:
@@ -199,8 +208,11 @@ class HttpObjectStore:
                 return cr.total
             raise StoreError(f"{what}: {self.url} sent no usable Content-Range "
                              f"({resp.headers.get('Content-Range')!r})")
-        if resp.status == 200:  # ranges ignored: the whole object came
-            return len(resp.body)
+        if resp.status == 200:  # ranges ignored: the object's head came (the rest was not read)
+            declared = resp.headers.get("Content-Length", "")
+            if declared.isdigit() and resp.body:
+                return int(declared)  # a body byte arrived: the headers are whole
+            return len(self.get(key))  # chunked: read it (bounded by its kind)
         if resp.status == 416:  # nothing at offset 0: an empty object
             return 0
         if resp.status == 404:
@@ -218,7 +230,7 @@ class HttpObjectStore:
 
     def _index(self, path: str, what: str) -> list[dict] | None:
         """A JSON autoindex of directory ``path``; None for 404; StoreError when there is none."""
-        resp = self._request("GET", path, {"Accept": "application/json"}, what=what)
+        resp = self._request("GET", path, {"Accept": "application/json"}, what=what, limit=MAX_LISTING)
         if resp.status == 404:
             return None
         entries = None

@@ -84,6 +84,7 @@ A_STORE = "org.casfs.store"
 A_ROLE = "org.casfs.manifest"
 A_CREATED = "org.casfs.created"  # a pointer's write time (seconds since the epoch): mtime, for gc
 MAX_CATALOG = 1_000_000  # descriptors in one catalog we are willing to parse
+MAX_CATALOG_BYTES = MAX_CATALOG * 256  # a catalog's manifest: descriptors of ~170-256 bytes each
 INTERNAL = "_casfs."  # prefix of the registry tags casfs keeps for itself
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -260,7 +261,7 @@ class OciObjectStore:
         with self._lock:
             if digest in self._catalogs:
                 return
-        m = self.registry.get_manifest(digest, [MANIFEST_TYPE])
+        m = self.registry.get_manifest(digest, [MANIFEST_TYPE], MAX_CATALOG_BYTES)
         if m is None:
             return
         self._merge(digest, parse_catalog(m.body, f"catalog {digest[:19]} in {self.url}"))
@@ -284,7 +285,7 @@ class OciObjectStore:
         if hit is not None:
             return hit
         if kind == "indexes" and _ID.match(name):
-            m = self.registry.get_manifest(catalog_tag(name), [MANIFEST_TYPE])  # one round trip
+            m = self.registry.get_manifest(catalog_tag(name), [MANIFEST_TYPE], MAX_CATALOG_BYTES)  # one round trip
             if m is not None:
                 self._merge(m.digest, parse_catalog(m.body, f"catalog {m.digest[:19]} in {self.url}"))
                 hit = self._lookup(key)
@@ -381,7 +382,7 @@ class OciObjectStore:
         hit = self._locate(key)
         if hit is None:
             raise KeyError(key)
-        data = self.registry.get_blob(hit[0])
+        data = self.registry.get_blob(hit[0], hit[1])
         self._touch(key)
         return data
 

@@ -16,6 +16,9 @@ Behaviour:
 - one client with ``max_pool_connections`` keep-alive connections (default 32: above casfs's
   16 I/O threads plus the build's upload workers).
 - ranged GETs (``Range: bytes=a-b``) for reads inside packs.
+- bodies are bounded before they are read: a range by its length, a whole object by the
+  largest its kind can be (``casfs.objects.base.max_object_len``); an answer that declares
+  more is a ``StoreError`` (``casfs.httpclient.TooLarge``), not retried.
 - objects of ``multipart_threshold`` bytes (64 MiB) or more are uploaded as parallel multipart
   uploads.
 - request checksums only "when required": the new default trailing checksums of boto3 >= 1.36
@@ -33,8 +36,9 @@ from typing import Iterator
 from urllib.parse import SplitResult, parse_qs, quote, urlencode
 
 from ..errors import StoreError
-from ..httpclient import Backoff, parse_content_range
+from ..httpclient import Backoff, TooLarge, parse_content_range
 from ..layout import FLAT, relpath
+from .base import max_object_len
 
 try:
     import boto3
@@ -69,26 +73,41 @@ _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureD
            "ExpiredToken", "InvalidToken"}
 
 
-def _read_body(resp: dict, offset: int, length: int | None) -> tuple[bytes, int | None]:
+def _read_body(resp: dict, offset: int, length: int | None, cap: int,
+               where: str) -> tuple[bytes, int | None]:
     """The body of a get_object response, checked against its Content-Length/Content-Range,
-    and the object's total size (None when the server did not say).
+    and the object's total size (None when the server did not say). Bounded before anything is
+    read: a whole object by ``cap``, a range by its length; a 200 to a ranged request (the
+    server ignored the range) is read only up to the range's end.
 
     Raises:
+        TooLarge: the answer declares more bytes than the request can have (not retried).
         _Truncated or a body read error: for a response to retry.
     """
     body = resp["Body"]
     try:
-        data = body.read()
+        expect = resp.get("ContentLength")
+        if expect is None:
+            raise _Truncated("no Content-Length")
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        ignored = length is not None and status == 200 and "ContentRange" not in resp
+        if ignored:
+            want = min(expect, offset + length)  # the object's head will do
+        else:
+            most = cap if length is None else length
+            if expect > most:
+                raise TooLarge(f"{where} declared {expect} bytes where at most {most} can come; "
+                               "refused (a broken or hostile server?)")
+            want = expect
+        data = body.read(want) if want else b""
     finally:
-        body.close()
-    expect = resp.get("ContentLength")
-    if expect is None or len(data) != expect:
+        body.close()  # a body not read to its end is dropped with its connection
+    if len(data) != want:
         raise _Truncated(f"got {len(data)} bytes, Content-Length {expect}")
     if length is None:
         return data, len(data)
-    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if status == 200 and "ContentRange" not in resp:  # the server ignored Range: slice
-        return data[offset:offset + length], len(data)
+    if ignored:  # slice the head of the whole object
+        return data[offset:offset + length], expect
     cr = parse_content_range(resp.get("ContentRange"))
     if cr is None or cr.first != offset or cr.length != len(data) or len(data) > length:
         raise _Truncated(f"asked for bytes {offset}-{offset + length - 1}, "
@@ -265,7 +284,7 @@ class S3ObjectStore:
             except (bexc.BotoCoreError, ConnectionError) as e:  # botocore's retries are spent
                 raise self._error(op, key, e) from None
             try:
-                return _read_body(resp, offset, length)
+                return _read_body(resp, offset, length, max_object_len(key), f"{op} {key} from {self._where()}")
             except _BODY_ERRORS as e:
                 err = e
         raise self._error(op, key, err or RuntimeError("no attempt made"))

@@ -25,6 +25,11 @@ Transport: ``http`` for ``127.0.0.1``/``localhost``/``::1`` or when ``insecure``
 Errors: 404 is ``None``/``KeyError`` where the caller asks "is it there"; 5xx, 429, timeouts
 and broken connections are retried with jittered backoff; everything else is a
 ``casfs.errors.StoreError`` with the registry's own error code in the message.
+
+Bounds: no answer is buffered beyond what its request can have (``casfs.httpclient``): a blob
+by its descriptor's size (``MAX_BLOB`` when unknown), a range by its length, a manifest by
+``max_bytes`` (``MAX_MANIFEST`` unless the caller expects more), other JSON by 16 MiB; more is
+a ``StoreError`` (``TooLarge``) at once, not retried.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit
 
 from ..errors import StoreError
-from ..httpclient import NET_ERRORS, RETRY_STATUS, Answer, Backoff, ConnectionPool, exchange, parse_content_range
+from ..httpclient import (DEFAULT_LIMIT, NET_ERRORS, RETRY_STATUS, Answer, Backoff, ConnectionPool, exchange,
+                          parse_content_range)
 
 __all__ = ["LOCAL_HOSTS", "REPO_RE", "Registry", "TAG_RE", "sha256_digest"]
 
@@ -49,6 +55,8 @@ REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK_THRESHOLD = 64 << 20  # blobs this large or larger upload in PATCH parts of this size
+MAX_MANIFEST = 4 << 20  # bytes of a manifest by default (the distribution spec's suggested limit)
+MAX_BLOB = 512 << 20  # bytes of a whole blob fetched without a known size (held in memory)
 
 
 def sha256_digest(data: bytes | memoryview) -> str:
@@ -153,14 +161,15 @@ class Registry:
 
     def _send(self, method: str, path: str, headers: dict[str, str] | None = None, *,
               body: bytes | memoryview | None = None, what: str = "",
-              pool: ConnectionPool | None = None, auth: bool = True) -> Answer:
-        """One request with retries; returns any answer that is not worth retrying."""
+              pool: ConnectionPool | None = None, auth: bool = True, limit: int = DEFAULT_LIMIT) -> Answer:
+        """One request with retries; returns any answer that is not worth retrying. ``limit``
+        bounds a 2xx body (``casfs.httpclient.exchange``; TooLarge is not retried)."""
         hdrs = {**(self._headers if auth else {"User-Agent": "casfs"}), **(headers or {})}
         last = ""
         for attempt in range(1, self.attempts + 1):
             retry_after = None
             try:
-                resp = exchange(pool or self._pool, method, path, hdrs, framed=True, body=body)
+                resp = exchange(pool or self._pool, method, path, hdrs, framed=True, body=body, limit=limit)
             except NET_ERRORS as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             else:
@@ -242,11 +251,12 @@ class Registry:
         raise StoreError(f"{what}: {self.where} failed after {self.attempts} attempts (answers without "
                          "Content-Length); check that the server is up and reachable")
 
-    def _get_blob(self, digest: str, headers: dict[str, str], what: str) -> Answer | None:
+    def _get_blob(self, digest: str, headers: dict[str, str], what: str,
+                  limit: int = MAX_BLOB) -> Answer | None:
         """GET a blob (following up to 3 redirects); None for 404."""
         pool, path, same = self._pool, self._blob_path(digest), True
         for _ in range(4):
-            resp = self._send("GET", path, headers, what=what, pool=pool, auth=same)
+            resp = self._send("GET", path, headers, what=what, pool=pool, auth=same, limit=limit)
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 pool, path, same = self._pool_for(resp.headers["Location"])
                 continue
@@ -255,16 +265,21 @@ class Registry:
             return resp
         raise StoreError(f"{what}: {self.where} redirected too many times")
 
-    def get_blob(self, digest: str) -> bytes:
+    def get_blob(self, digest: str, size: int | None = None) -> bytes:
         """The whole blob, checked against its digest.
+
+        Args:
+            size: the blob's size when known (from a descriptor): a longer answer is refused
+                before it is read; unknown: at most ``MAX_BLOB`` bytes.
 
         Raises:
             KeyError: the repository has no such blob.
-            StoreError: on failure, or bytes that do not match the digest.
+            StoreError: on failure, a longer answer than ``size``, or bytes that do not match
+                the digest.
         """
         what = f"GET blob {digest[:19]}"
         for attempt in range(1, self.attempts + 1):
-            resp = self._get_blob(digest, {}, what)
+            resp = self._get_blob(digest, {}, what, MAX_BLOB if size is None else size)
             if resp is None:
                 raise KeyError(digest)
             if resp.status != 200:
@@ -383,15 +398,20 @@ class Registry:
             raise ValueError(f"invalid manifest reference {ref!r}")
         return f"{self.base}/manifests/{quote(ref, safe=':')}"
 
-    def get_manifest(self, ref: str, accept: list[str]) -> Manifest | None:
+    def get_manifest(self, ref: str, accept: list[str], max_bytes: int = MAX_MANIFEST) -> Manifest | None:
         """Manifest ``ref`` (a tag or ``sha256:`` digest); None when absent. A manifest asked
         for by digest is checked against it.
 
+        Args:
+            max_bytes: the longest manifest accepted (a longer answer is refused unread).
+
         Raises:
-            StoreError: on failure, or a body that does not match the digest asked for.
+            StoreError: on failure, a manifest over ``max_bytes``, or a body that does not
+                match the digest asked for.
         """
         what = f"GET manifest {ref[:30]}"
-        resp = self._send("GET", self._manifest_path(ref), {"Accept": ", ".join(accept)}, what=what)
+        resp = self._send("GET", self._manifest_path(ref), {"Accept": ", ".join(accept)}, what=what,
+                          limit=max_bytes)
         if resp.status == 404:
             return None
         if resp.status != 200:

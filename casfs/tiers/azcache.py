@@ -33,7 +33,9 @@ Behaviour:
 - **Health**: a node that fails to connect, times out or breaks a transfer is skipped for a
   backoff (1 s doubling to 30 s), then tried again; one that loses ``slow_strikes`` hedges in a
   row is skipped as slow; one that returns wrong bytes (caught here by length and frame-header
-  checks, or by the store's digest check through ``rejected``) is skipped for ``bad_seconds``.
+  checks, or by the store's digest check through ``rejected``) is skipped for ``bad_seconds``;
+  so is one that sends or declares a longer body than asked (a loose frame's stored length, a
+  range's length: ``casfs.httpclient`` refuses it before buffering it).
   When no node is available ``get`` returns None and the store reads the blob tier.
 - Read-only for the store (``writable = False``): servers fill themselves from the blob store
   (one fetch per object per zone, single flight on the server); a host pushing what it read
@@ -55,9 +57,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from .. import chunk as chunkmod
 from ..errors import CorruptChunk, StoreError
-from ..httpclient import NET_ERRORS, ConnectionPool, exchange, parse_content_range
+from ..httpclient import NET_ERRORS, ConnectionPool, TooLarge, exchange, parse_content_range
 from ..index import ChunkRef
 from ..layout import FANOUT, FLAT, object_key, pack_key, relpath
+from ..objects.base import max_object_len
 from .base import Tier
 
 log = logging.getLogger("casfs.azcache")
@@ -335,7 +338,7 @@ class AzCacheTier(Tier):
                     check) -> _Outcome | None:
         last = None
         for node in ranked[:3]:
-            last = self._request(node, key, headers, rng, check)
+            last = self._request(node, key, headers, rng, check, nbytes)
             if last.kind == "ok":
                 self._sample(nbytes, last)
             if last.kind in ("ok", "miss"):
@@ -358,7 +361,7 @@ class AzCacheTier(Tier):
 
         def launch(node: _Node, only_cached: bool = False) -> None:
             hdrs = cached_only if only_cached else headers
-            fut = self._pool.submit(self._request, node, key, hdrs, rng, check)  # type: ignore[union-attr]
+            fut = self._pool.submit(self._request, node, key, hdrs, rng, check, nbytes)  # type: ignore[union-attr]
             pending[fut] = (node, time.monotonic() + self.timeout, only_cached)
 
         def failover() -> None:
@@ -435,14 +438,18 @@ class AzCacheTier(Tier):
             if strikes >= self.slow_strikes:
                 self._fail(node, "slow", f"lost {strikes} hedged requests in a row")
 
-    def _request(self, node: _Node, key: str, headers: dict, rng, check) -> _Outcome:
-        """One GET to one node (runs on a worker thread or the caller's)."""
+    def _request(self, node: _Node, key: str, headers: dict, rng, check, nbytes: int = 0) -> _Outcome:
+        """One GET to one node (runs on a worker thread or the caller's). A whole object may
+        be ``nbytes`` long (its frame's stored length; 0: unknown, the longest its kind can be);
+        a range bounds itself."""
         with node.lock:
             node.stats.requests += 1
         path = node.path(key)
         t0 = time.perf_counter()
-        try:
-            resp = exchange(node.pool, "GET", path, headers)  # resends once on a stale connection
+        try:  # resends once on a stale connection
+            resp = exchange(node.pool, "GET", path, headers, limit=nbytes or max_object_len(key))
+        except TooLarge as e:
+            return self._mark_bad(node, str(e))
         except TimeoutError as e:
             return self._fail(node, "timeout", f"timed out ({e or 'socket timeout'})")
         except NET_ERRORS as e:

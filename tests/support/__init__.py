@@ -28,6 +28,10 @@ Everything here starts real processes or real sockets (no in-process mocking):
     direction (and per new connection), a bandwidth cap, a connection cut after N bytes, canned
     HTTP error replies to the next N requests, and a hang. See its docstring.
 
+``LyingServer`` (``tests.support.liar``)
+    a hostile HTTP server that declares a 1 TiB body, or streams chunked or unframed bodies
+    that never end, for the tests that prove casfs's clients bound what they read.
+
 ``registry_server()``
     context manager: Debian's ``docker-registry`` (distribution 2.8, the OCI distribution API)
     on a free port with filesystem storage in a temp dir; yields a ``Registry`` (host, port,
