@@ -167,8 +167,8 @@ def _mounted_under(path: str) -> bool:
 
 
 def _stop(pid: int, start: str, group: bool, grace: float) -> None:
-    if not alive(pid, start):
-        return
+    if pid <= 0 or not start or not alive(pid, start):
+        return  # gone, or never known for sure (a pid alone may have been reused since)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if group:
