@@ -3,8 +3,8 @@ without a GPU (CI; issue 16).
 
 What is real: the processes (real pids the tests start), the argument structures handed to the
 driver (``cuda.bindings.driver``'s own ``CUcheckpointRestoreArgs`` / ``CUcheckpointGpuPair``,
-read back from their raw memory exactly as libcuda would read them), and the caller's code
-paths. What is fake: the checkpoint state machine (``FakeDriver``), which moves no memory
+read back from their raw memory exactly as libcuda would read them; without cuda-bindings only
+restores onto the same GPUs work), and the caller's code paths. What is fake: the checkpoint state machine (``FakeDriver``), which moves no memory
 anywhere, and the GPUs (``FakeNvml``), which are dicts.
 
 The fake driver follows the documented contract of ``cuCheckpointProcess*`` (CUDA 13 driver
@@ -29,9 +29,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cuda.bindings import driver as _real
+try:
+    from cuda.bindings import driver as _real
 
-CUresult = _real.CUresult
+    CUresult = _real.CUresult
+except ImportError:  # no cuda-bindings (e.g. .venv-vllm): the states work, GPU pairs cannot be built
+    import enum
+
+    _real = None
+    CUresult = enum.IntEnum("CUresult", {"CUDA_SUCCESS": 0, "CUDA_ERROR_INVALID_VALUE": 1, "CUDA_ERROR_OUT_OF_MEMORY": 2,
+                                         "CUDA_ERROR_INVALID_DEVICE": 101, "CUDA_ERROR_OPERATING_SYSTEM": 304,
+                                         "CUDA_ERROR_ILLEGAL_STATE": 401, "CUDA_ERROR_TIMEOUT": 909,
+                                         "CUDA_ERROR_UNKNOWN": 999})
 
 
 def uuid_str(raw: bytes) -> str:
@@ -131,10 +140,14 @@ class FakeDriver:
 
     # the real argument types: what the code under test builds is what libcuda would get
     CUresult = CUresult
-    CUcheckpointLockArgs = _real.CUcheckpointLockArgs
-    CUcheckpointRestoreArgs = _real.CUcheckpointRestoreArgs
-    CUcheckpointGpuPair = _real.CUcheckpointGpuPair
-    CUuuid = _real.CUuuid
+    if _real is not None:
+        CUcheckpointLockArgs = _real.CUcheckpointLockArgs
+        CUcheckpointRestoreArgs = _real.CUcheckpointRestoreArgs
+        CUcheckpointGpuPair = _real.CUcheckpointGpuPair
+        CUuuid = _real.CUuuid
+    else:
+        class CUcheckpointLockArgs:  # noqa: D106 - stands in where cuda-bindings is absent
+            timeoutMs = 0
 
     def add(self, pid: int, gpus: list[str], nbytes: int = 1 << 30, seen: list[str] | None = None) -> FakeProc:
         p = FakeProc(pid, list(gpus), list(seen if seen is not None else [d.uuid for d in self.devices]), nbytes)
