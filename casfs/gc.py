@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import CasfsError, StoreError
-from .layout import INDEXES, PROFILES, TAGS, index_key, kind_prefix, name_of, object_key
+from .layout import INDEXES, PROFILES, index_key, kind_prefix, name_of, object_key
 from .leases import SKEW, hold_gc, live_writers, read_leases
 from .store import Store
 
@@ -63,13 +63,13 @@ def collect(store: Store, *, dry_run: bool = False, grace_seconds: float = 3600.
 
 def _collect(store: Store, dry_run: bool, grace_seconds: float, own_key: str) -> GcResult:
     objects = store.objects
-    tag_keys = list(objects.list(kind_prefix(TAGS)))
-    readable = store.tags()
-    unreadable = [k for k in tag_keys if name_of(k) not in readable]
+    unreadable = store.unreadable_tags()
     if unreadable:
         # an unreadable tag still protects its image: refuse rather than sweep its chunks
-        raise StoreError(f"gc refused: tag(s) {', '.join(unreadable[:5])} in {store.url} are unreadable; "
-                         "repair them (casfs tag IMAGE NAME) or remove them (casfs rm NAME) first")
+        shown = "; ".join(f"'{name}': {why}" for name, why in unreadable[:3])
+        more = f" (and {len(unreadable) - 3} more: casfs images lists them)" if len(unreadable) > 3 else ""
+        raise StoreError(f"gc refused: {len(unreadable)} unreadable tag(s) in {store.url} (the objects of "
+                         f"the image each names cannot be kept); fix or remove them first: {shown}{more}")
     keep = store.referenced_objects()
     res = GcResult(dry_run=dry_run)
     now = time.time()

@@ -118,10 +118,14 @@ class Store:
             except KeyError:  # removed meanwhile
                 continue
             try:
-                good[name] = raw.decode().strip()
+                image_id = raw.decode().strip()
             except UnicodeDecodeError:
+                image_id = ""
+            if _HEX.match(image_id):
+                good[name] = image_id
+            else:
                 bad.append((shown, "its tag file is not an image id (corrupt): "
-                                   "set it again with casfs tag IMAGE NAME"))
+                                   f"set it again with casfs tag IMAGE {name}, or casfs rm {name}"))
         return good, bad
 
     def tag(self, name: str, image_id: str) -> None:
@@ -255,11 +259,23 @@ class Store:
         return known
 
     def referenced_objects(self) -> set[str]:
-        """Object keys reachable from every tag (for gc)."""
+        """Object keys reachable from every tag (for gc).
+
+        Raises:
+            ImageNotFound: a tag names an image whose index is missing (naming the tag).
+            CorruptIndex: a tagged image's index is unreadable.
+        """
         keep: set[str] = set()
-        for image_id in set(self.tags().values()):
+        tags = self.tags()
+        for image_id in set(tags.values()):
             keep.add(index_key(image_id))
-            ix = self.load_index(image_id)
+            try:
+                ix = self.load_index(image_id)
+            except ImageNotFound:
+                names = ", ".join(sorted(t for t, i in tags.items() if i == image_id)[:5])
+                raise ImageNotFound(f"tag {names} names image {image_id[:12]}, whose index is missing from "
+                                    f"{self.url}: copy the image back, or remove the tag (casfs rm "
+                                    f"{names.split(', ')[0]})") from None
             for ref in ix.all_chunks():
                 keep.add(object_key(ref))
         return keep

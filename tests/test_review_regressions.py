@@ -114,3 +114,62 @@ def test_gc_refuses_to_run_while_a_tag_is_unreadable(tmp_path):
         collect(store, grace_seconds=0)
     assert list(store.objects.list("packs/"))  # nothing swept
     store.close()
+
+
+def _gc_cli(store_dir: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", store_dir, "gc", "--grace", "0"],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("content", [b"bad id\n", b"deadbeef\n", b"../../etc\n", b"\xff\xfe\n"])
+def test_gc_refuses_in_one_line_naming_the_tag_when_a_tag_file_is_not_an_image_id(tmp_path, content):
+    """A tag file holding anything but an image id (a corrupt or hand-edited tag) used to end
+    gc with "invalid object key 'indexes/bad id'"; now gc names the tag and what to do, and
+    sweeps nothing."""
+    src = tmp_path / "src"
+    write_tree(src, {"f": os.urandom(5000)})
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        casfs.build(store, str(src), tag="t", progress=False)
+        store.objects.put("tags/gone", content)
+        before = sorted(store.iter_objects())
+    r = _gc_cli(str(tmp_path / "store"))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "invalid object key" not in r.stderr
+    assert "unreadable tag" in r.stderr and "'gone': its tag file is not an image id" in r.stderr
+    assert "casfs rm gone" in r.stderr
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        assert sorted(store.iter_objects()) == before
+
+
+def test_gc_refuses_naming_the_tag_whose_image_lost_its_index(tmp_path):
+    src = tmp_path / "src"
+    write_tree(src, {"f": os.urandom(5000)})
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        casfs.build(store, str(src), tag="t", progress=False)
+        store.objects.put("tags/orphan", b"ab" * 32 + b"\n")
+        before = sorted(store.iter_objects())
+    r = _gc_cli(str(tmp_path / "store"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "tag orphan names image abababababab, whose index is missing" in r.stderr
+    assert "casfs rm orphan" in r.stderr
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        assert sorted(store.iter_objects()) == before
+
+
+def test_gc_shows_a_tag_name_that_is_not_utf8_escaped_and_sweeps_nothing(tmp_path):
+    src = tmp_path / "src"
+    write_tree(src, {"f": os.urandom(5000)})
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        image_id = casfs.build(store, str(src), progress=False).image_id  # tagged by the bad tag only
+        before = sorted(store.iter_objects())
+    (tmp_path / "store" / "tags" / "ba").mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(os.fsencode(tmp_path / "store" / "tags" / "ba"), b"bad\xff"), "w") as f:
+        f.write(image_id + "\n")
+    r = _gc_cli(str(tmp_path / "store"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "'bad\\xff': not a valid tag name" in r.stderr and "\\udc" not in r.stderr
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        assert sorted(store.iter_objects()) == before
