@@ -56,14 +56,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Sequence
 
 from . import blocktree
 from . import chunk as chunkmod
 from .errors import ChunkUnavailable, CorruptChunk
 from .index import ChunkRef
-from .tiers.base import Tier, TierStats
+from .tiers.base import Tier, TierStats, WorkerPool
 from .tiers.memory import MemoryCache
 
 log = logging.getLogger("casfs.store")
@@ -148,8 +148,8 @@ class TieredStore:
         self._inflight: dict[bytes, _Flight] = {}
         self._span_inflight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
-        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="casfs-io")
-        self._wb = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casfs-writeback")
+        self._io = WorkerPool(max_workers=io_threads, thread_name_prefix="casfs-io")
+        self._wb = WorkerPool(max_workers=1, thread_name_prefix="casfs-writeback")
         self._wb_pending = 0
         self._wb_limit = writeback_bytes
         self._staged = _Staged(staging_bytes)
@@ -356,6 +356,12 @@ class TieredStore:
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until background cache fills queued so far are written."""
         self._wb.submit(lambda: None).result(timeout=timeout)
+
+    def threads_started(self) -> bool:
+        """Whether this store (its fetch or write-back pool, or a tier) has started worker
+        threads: a process that forks after that must not use the store in the child, where
+        those threads do not exist (``casfs.fuse.daemon.forkable``)."""
+        return self._io.used or self._wb.used or any(t.threads_started() for t in self.tiers)
 
     def close(self) -> None:
         """Stop the worker threads (queued cache fills are written first) and close the tiers."""

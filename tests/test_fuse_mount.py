@@ -173,6 +173,25 @@ def _walk(root: str) -> dict[str, os.stat_result]:
     return out
 
 
+def test_a_mount_forks_its_daemon_only_while_the_store_has_started_no_worker_threads(tmp_path):
+    """``casfs.mount`` forks the daemon (fast) unless the store has started worker threads,
+    which a forked child would lack; it asks the store (``TieredStore.threads_started``), not
+    the store's private pools."""
+    from casfs.fuse.daemon import forkable
+
+    write_tree = __import__("conftest").write_tree
+    write_tree(tmp_path / "src", {f"f{i}": os.urandom(3000) for i in range(4)})
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", progress=False)
+    with casfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache")) as s:
+        image = s.open_image("t")
+        assert not s.chunks.threads_started()
+        assert forkable(image) == (threading.active_count() == 1)
+        assert image.read("f1")  # a miss filled into the ssd tier: the write-back thread starts
+        s.chunks.flush()
+        assert s.chunks.threads_started() and not forkable(image)
+
+
 def test_a_mounted_image_matches_its_source_tree(tree_image, mounts, tmp_path):
     store, image, src, files, has_x = tree_image
     mnt = str(tmp_path / "mnt")

@@ -340,13 +340,7 @@ def daemon_body(image: "Image", mountpoint: str, opts: MountOptions, ready_fd: i
 
 def forkable(image: "Image") -> bool:
     """Forking is safe only while this process has no other threads (the store's pools included)."""
-    if threading.active_count() > 1:
-        return False
-    chunks = image.store.chunks
-    for pool in (getattr(chunks, "_io", None), getattr(chunks, "_wb", None)):
-        if pool is not None and getattr(pool, "_threads", None):
-            return False
-    return True
+    return threading.active_count() == 1 and not image.store.chunks.threads_started()
 
 
 def fork(image: "Image", mountpoint: str, opts: MountOptions, r: int, w: int, log_path: str) -> None:

@@ -51,7 +51,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -61,7 +61,7 @@ from ..httpclient import NET_ERRORS, ConnectionPool, TooLarge, exchange, parse_c
 from ..index import ChunkRef
 from ..layout import FANOUT, FLAT, object_key, pack_key, relpath
 from ..objects.base import max_object_len
-from .base import Tier
+from .base import Tier, WorkerPool
 
 log = logging.getLogger("casfs.azcache")
 
@@ -211,7 +211,7 @@ class AzCacheTier(Tier):
         self._since_p95 = [0] * (_FILL + 1)
         self._hedge_tokens = 2.0
         self._served: OrderedDict[str, _Node] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casfs-azcache") \
+        self._pool = WorkerPool(max_workers=workers, thread_name_prefix="casfs-azcache") \
             if len(self.nodes) > 1 else None
 
     def __repr__(self) -> str:
@@ -297,6 +297,10 @@ class AzCacheTier(Tier):
             p95 = self._p95[_FILL]
         d = self.fill_hedge_default if p95 is None else 1.5 * p95
         return min(max(d, self.hedge_min), self.timeout / 2)
+
+    def threads_started(self) -> bool:
+        """Whether hedged requests have started this tier's request threads."""
+        return self._pool is not None and self._pool.used
 
     def close(self) -> None:
         """Close idle connections and stop the request threads."""

@@ -27,6 +27,9 @@ store never probes for undeclared methods:
 - ``holds(ref, blocks)`` (False): a local cache says, without I/O, that it has those blocks.
 - ``contains`` (default: a ``get``), ``put`` and ``delete`` (default: PermissionError, the tier
   is read-only), ``close`` (default: nothing), ``stats``.
+- ``threads_started()`` (False): the tier has started worker threads of its own (a
+  ``WorkerPool`` that was given work); a process that forks after that must not use it in
+  the child, where those threads do not exist.
 
 Retries are not a tier's job unless its source is remote: the tier walk makes one pass and
 fails over to the next tier; a remote object store retries what its protocol says is
@@ -39,12 +42,24 @@ test suite, ``tests/test_tiers.py``, and run against each of them.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import chunk as chunkmod
 from ..index import ChunkRef
 
 N_BUCKETS = 24  # latency buckets: [0,1us), [1,2us), [2,4us) ... up to ~4 s and beyond
+
+
+class WorkerPool(ThreadPoolExecutor):
+    """A ThreadPoolExecutor that says whether it was ever given work (``used``): its threads
+    start on the first ``submit``, so until then a process may still fork safely."""
+
+    used = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        self.used = True
+        return super().submit(fn, *args, **kwargs)
 
 
 @dataclass
@@ -197,6 +212,10 @@ class Tier:
 
     def close(self) -> None:
         """Release connections and threads. Default: nothing to release."""
+
+    def threads_started(self) -> bool:
+        """Whether this tier has started worker threads of its own. Default: it has none."""
+        return False
 
     def stats(self) -> TierStats:
         return self._stats
