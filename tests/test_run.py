@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -31,35 +32,42 @@ def _busybox_root(root):
     (root / "etc" / "motd").write_text("hello from a lazily mounted image\n")
 
 
-def _casfs_mounts():
-    with open("/proc/mounts") as f:
-        return [line for line in f if "casfs" in line or "overlay" in line.split()[2:3]]
+def _mounts_under(root) -> list[str]:
+    """Mount points at or below ``root`` (this test's own paths: other processes on the machine
+    may mount and unmount elsewhere meanwhile)."""
+    root = os.path.realpath(root)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f]
+    return sorted(p for p in points if p == root or p.startswith(root + "/"))
 
 
 def test_a_container_runs_from_a_lazy_mount_and_passes_its_exit_code(tmp_path, monkeypatch):
-    import tempfile
-
     _busybox_root(tmp_path / "root")
     store = casfs.open_store(str(tmp_path / "store"))
     casfs.build(store, str(tmp_path / "root"), tag="bb", progress=False)
     image = store.open_image("bb")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run's work dir: here, its mounts ours
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the run's work dir: ours
+    assert _mounts_under(tmp_path) == []
     from casfs.run import run_container
 
+    during: list[str] = []
     out = tmp_path / "out.txt"
     with open(out, "wb") as f:
         rc = run_container(image, ["sh", "-c", "cat /etc/motd; echo pid=$$; echo scratch > /etc/new; "
                                               "cat /etc/new; ls /proc/self >/dev/null && exit 3"],
-                           stdout=f, stderr=subprocess.STDOUT, timeout=120)
+                           stdout=f, stderr=subprocess.STDOUT, timeout=120,
+                           stats=lambda _: during.extend(_mounts_under(tmp_path)))
     text = out.read_text()
     assert rc == 3, text
     assert "hello from a lazily mounted image" in text
     assert "pid=1" in text  # its own PID namespace
     assert "scratch" in text  # the overlay takes writes
     assert not store.open_image("bb").exists("etc/new")  # the image itself is untouched
-    # everything unmounted (only this run's mounts: other tests on the host mount too)
-    assert [m for m in _casfs_mounts() if str(tmp_path) in m] == []
-    assert not [d for d in os.listdir(tmp_path) if d.startswith("casfs-run-")]
+    # the image's mount (the last thing undone) lived under our paths, and nothing is left there
+    assert [os.path.basename(p) for p in during] == ["lower"]
+    assert _mounts_under(tmp_path) == []
+    assert os.listdir(tmp_path / "tmp") == []  # and its work dir removed
 
 
 def test_the_cli_runs_a_command_and_returns_its_status(tmp_path):
