@@ -24,11 +24,13 @@ def pagemaps(draw) -> Pagemap:
     return Pagemap(draw(st.integers(0, (1 << 32) - 1)), entries)
 
 
+@settings(deadline=None)
 @given(pagemaps())
 def test_a_pagemap_survives_encoding_and_parsing(pm):
     assert parse_pagemap(encode_pagemap(pm)) == pm
 
 
+@settings(deadline=None)
 @given(pagemaps())
 def test_file_offsets_count_only_present_pages(pm):
     offs = pm.file_offsets()
@@ -39,7 +41,7 @@ def test_file_offsets_count_only_present_pages(pm):
     assert total == pm.present_pages * PAGE_SIZE
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(pagemaps(), st.data())
 def test_damaged_pagemaps_raise_only_corrupt_image(pm, data):
     raw = bytearray(encode_pagemap(pm))
