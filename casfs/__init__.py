@@ -39,6 +39,7 @@ from .sizes import format_size
 from .stats import TierStats, tier_stats
 from .store import Store
 from .tiers.pinned import PinnedChunk, PinnedTier, cuda_pinned, plain_memory
+from .tiers.shared import SharedChunks
 from .urls import default_store_url, home_dir, open_store
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "ProfileItem",
     "PinnedChunk",
     "PinnedTier",
+    "SharedChunks",
     "SAFETENSORS_DTYPES",
     "SafetensorsHeader",
     "Stat",

@@ -53,6 +53,10 @@ PRESETS: dict[str, dict] = {
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                  rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="float32",
                  init_std=0.25),
+    # CPU measurements that need weights large enough to see in host memory (~230 MB, float32)
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=512,
+                  rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="float32"),
     "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, dtype="bfloat16"),

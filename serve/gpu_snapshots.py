@@ -34,6 +34,7 @@ checkpoint API via ``snapshot``). The CPU tests use a fake GPU layer named as su
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from typing import Any, Protocol
@@ -45,6 +46,8 @@ from .instructions import write_instructions
 from .snapshots import CriuBackend, Restored, SnapshotUnavailable
 
 __all__ = ["DriverGpu", "GpuCriuBackend", "GpuLayer", "WeightsPrefetch"]
+
+log = logging.getLogger("serve.gpu_snapshots")
 
 
 class GpuLayer(Protocol):
@@ -85,6 +88,22 @@ class DriverGpu:
         devs = self.snapshot.gpu_devices()
         return {"used": sum(d["memory_total"] - d["memory_free"] for d in devs),
                 "free": sum(d["memory_free"] for d in devs)}
+
+    def host_register_read_only(self) -> bool:
+        """Whether GPU 0 can page-lock read-only host memory (``cudaHostRegisterReadOnly``: the
+        device attribute READ_ONLY_HOST_REGISTER_SUPPORTED); False when it cannot tell."""
+        try:
+            from cuda.bindings import driver as d
+
+            d.cuInit(0)
+            err, dev = d.cuDeviceGet(0)
+            if err != d.CUresult.CUDA_SUCCESS:
+                return False
+            attr = getattr(d.CUdevice_attribute, "CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED", None)
+            err, v = d.cuDeviceGetAttribute(attr if attr is not None else d.CUdevice_attribute(113), dev)
+            return err == d.CUresult.CUDA_SUCCESS and bool(v)
+        except Exception:  # noqa: BLE001 - no bindings or driver: unknown, so no
+            return False
 
     def process_memory(self, pid: int) -> int | None:
         """GPU memory NVML lists for ``pid`` (bytes; 0 when it holds none; None when NVML cannot
@@ -206,20 +225,39 @@ class GpuCriuBackend(CriuBackend):
         """Restore ``tag`` (CRIU), resume its GPU state, and hand the worker its instructions
         (``weights``: where to stream the weights from on this host).
 
+        With ``source="store"`` (lazily, pages fed from verified casfs reads, no export) a
+        failure of CRIU or of the GPU resume is retried once from the host's export (eager),
+        with the reason in the detail's ``store_failed``; only a second failure raises.
+
         Raises:
             SnapshotUnavailable: missing or incompatible snapshot (nothing was started).
             BootError: CRIU or the GPU resume failed (the restored process was killed).
         """
-        snap = self.snapshot
         prefetch = None
         if weights and weights.get("image"):
             try:
                 prefetch = WeightsPrefetch(store, weights["image"], weight_files(store.open_image(weights["image"])))
             except casfs.CasfsError:
                 prefetch = None
+        args = dict(listen=listen, seed=seed, token=token, weights=weights, prefetch=prefetch)
+        if self.source != "store":
+            return self._restore(store, tag, self.lazy, self.source, **args)
         t0 = time.perf_counter()
         try:
-            live = snap.restore(tag, store, lazy=self.lazy, source=self.source)
+            return self._restore(store, tag, True, "store", **args)
+        except BootError as e:  # the restored process (if any) was killed: try the export once
+            log.warning("restoring GPU snapshot %s from the store failed (%s); restoring from its export", tag, e)
+            reason, failed_s = str(e), time.perf_counter() - t0
+        restored = self._restore(store, tag, False, "export", **args)
+        restored.detail.update(store_failed=reason, store_failed_s=failed_s)
+        return restored
+
+    def _restore(self, store: Any, tag: str, lazy: bool, source: str, *, listen: str, seed: int, token: str,
+                 weights: dict | None, prefetch: WeightsPrefetch | None) -> Restored:
+        snap = self.snapshot
+        t0 = time.perf_counter()
+        try:
+            live = snap.restore(tag, store, lazy=lazy, source=source)
         except snap.IncompatibleHost as e:
             raise SnapshotUnavailable(f"snapshot {tag} does not fit this host: {e}") from None
         except casfs.ImageNotFound:
@@ -248,7 +286,7 @@ class GpuCriuBackend(CriuBackend):
             live.kill()
             raise
         detail = {"timings": {**live.timings, "criu_restore": t_criu, "gpu_resume": t_resume},
-                  "lazy": self.lazy, "source": self.source, "image_id": live.image_id,
+                  "lazy": lazy, "source": source, "image_id": live.image_id,
                   "gpu_memory_before_resume": before,
                   "gpu_resume": {k: getattr(resumed, k) for k in ("check_s", "restore_s", "unlock_s", "device_map")
                                  if hasattr(resumed, k)}}

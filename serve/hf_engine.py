@@ -80,6 +80,7 @@ class TransformersEngine:
         self.timings: dict[str, float] = {}
         self.device: Any = None
         self._closed = False
+        self._shared: Any = None  # serve.shared_weights.AttachedWeights while a shared copy is attached
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -298,7 +299,8 @@ class TransformersEngine:
 
     def release_device(self, timeout: float = 60.0) -> dict[str, Any]:
         """Finish the running batch, hold new ones, and free the weights and the KV cache while
-        keeping their addresses. Returns bytes freed and seconds.
+        keeping their addresses (and unregister a shared host copy of the weights, unless its
+        pin mode keeps it registered). Returns bytes freed and seconds.
 
         Raises:
             EngineError: a batch was still running after ``timeout`` seconds.
@@ -322,11 +324,52 @@ class TransformersEngine:
             freed.update(torch_allocated_bytes=torch.cuda.memory_allocated(self.device),
                          torch_reserved_bytes=torch.cuda.memory_reserved(self.device),
                          device_free_bytes=free, device_total_bytes=total)
+        shared = getattr(self, "_shared", None)
+        if shared is not None:
+            try:
+                freed["shared_weights"] = shared.unpin(parking=True)
+            except Exception as e:  # noqa: BLE001 - CasfsError: dropped, the next unpark re-reads
+                log.warning("unpinning the shared weights failed (%s): dropping them", e)
+                self._drop_shared()
         return {**freed, "seconds": time.perf_counter() - t0}
 
-    def restore_device(self, weights: WeightsSource | None = None) -> dict[str, Any]:
+    def _drop_shared(self) -> None:
+        shared, self._shared = getattr(self, "_shared", None), None
+        if shared is not None:
+            try:
+                shared.close()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
+    def _attach_shared(self, spec: dict | None) -> tuple[Any, dict[str, Any]]:
+        """The pinned tier lending the supervisor's shared weights (attached once), pinned for
+        this load; (None, reason) when there is none or it cannot be used (the load then reads
+        from casfs)."""
+        if not spec:
+            self._drop_shared()
+            return None, {}
+        from .shared_weights import AttachedWeights
+
+        info: dict[str, Any] = {}
+        try:
+            cur = getattr(self, "_shared", None)
+            if cur is None or not cur.matches(spec):
+                self._drop_shared()
+                cur = self._shared = AttachedWeights(spec, self.device)
+                info["attach_s"] = cur.attach_s
+            cur.pin_mode = spec.get("pin", "unpark")
+            info.update(cur.pin())
+            return cur.tier, info
+        except Exception as e:  # noqa: BLE001 - CasfsError, CUDA refusals: fall back to casfs reads
+            self._drop_shared()
+            log.warning("the shared weights cannot be used (%s): reading them from casfs", e)
+            return None, {"error": f"{type(e).__name__}: {e}"}
+
+    def restore_device(self, weights: WeightsSource | None = None, shared: dict | None = None) -> dict[str, Any]:
         """Memory back at the same addresses, the weights streamed in again (from ``weights``,
-        default the source they were first loaded from), the KV cache zeroed; batches resume.
+        default the source they were first loaded from; chunks the supervisor's shared host copy
+        holds, ``shared`` = ``HostWeights.spec()``, are copied from it at pinned speed instead),
+        the KV cache zeroed; batches resume.
 
         Raises:
             EngineError: the weights could not be loaded (the engine stays paused).
@@ -336,12 +379,14 @@ class TransformersEngine:
         self._kv.remap()
         t1 = time.perf_counter()
         self._weights.remap()
+        pinned, shared_info = self._attach_shared(shared)
+        t_shared = time.perf_counter() - t1
         try:
             if src is not None:
                 # fewer loader threads than a cold load: each holds pinned staging slots, which
                 # are allocated again after a release (measured on the H200: 16 threads reloaded
                 # 1.19 GB at 2.5 GiB/s after a restore)
-                stats = self._weights.load(src, concurrency=RELOAD_CONCURRENCY)
+                stats = self._weights.load(src, concurrency=RELOAD_CONCURRENCY, pinned=pinned)
             else:
                 raise EngineError("no casfs weights source to reload the weights from")
         except EngineError:
@@ -350,5 +395,10 @@ class TransformersEngine:
             raise EngineError(f"reloading the weights failed: {type(e).__name__}: {e}") from e
         t2 = time.perf_counter()
         self._scheduler.resume()
-        return {"kv_cache": t1 - t0, "weights": t2 - t1, "weights_bytes": stats.bytes,
-                "weights_gib_s": stats.gib_per_s, "weights_tiers": stats.tiers}
+        out = {"kv_cache": t1 - t0, "weights": t2 - t1, "weights_bytes": stats.bytes,
+               "weights_gib_s": stats.gib_per_s, "weights_tiers": stats.tiers}
+        if shared:
+            out["shared_weights"] = {**shared_info, "setup_s": t_shared, "pinned_bytes": stats.pinned_bytes,
+                                     "copy_s": stats.seconds,
+                                     "copy_gib_s": stats.bytes / (1 << 30) / stats.seconds if stats.seconds else 0.0}
+        return out

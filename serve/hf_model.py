@@ -130,8 +130,11 @@ class ModelWeights:
                     new = cls(config=cfg, device=self.device)
             _set(self.model, mname, new.to(self.device))
 
-    def load(self, source: WeightsSource, *, concurrency: int | None = None) -> "snapshot.LoadStats":
+    def load(self, source: WeightsSource, *, concurrency: int | None = None,
+             pinned: Any = None) -> "snapshot.LoadStats":
         """Stream the weights from casfs into the parameters (in place). Returns the load stats.
+        ``pinned``: a ``casfs.PinnedTier`` whose chunks are copied from instead of read (a
+        parked replica's shared host copy, serve.shared_weights).
 
         Raises:
             snapshot.ModuleMismatch: the file's tensors do not match the model's parameters.
@@ -141,7 +144,9 @@ class ModelWeights:
 
         stats = snapshot.LoadStats()
         t0 = time.perf_counter()
-        kw = {"concurrency": concurrency} if concurrency else {}
+        kw: dict[str, Any] = {"concurrency": concurrency} if concurrency else {}
+        if pinned is not None:
+            kw["pinned"] = pinned
         with casfs.open_store(source.store, cache_dir=source.cache_dir) as store:
             image = store.open_image(source.image)
             t1 = time.perf_counter()

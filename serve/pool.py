@@ -15,10 +15,14 @@ recorded (``failed``); the pool then unparks or boots another.
 Every park and unpark returns a report (phases in seconds, bytes freed / copied back, GPU
 memory before and after) and updates the pool's Prometheus metrics (``render_metrics``).
 
-Weights while parked: each parked replica's weights are re-read from casfs on unpark (the
-page cache or the store's tiers). One pinned host copy shared by all parked replicas of a model
-(issue 12 item 2) waits for casfs's pinned host-memory tier (issue 13); the loader is the only
-dependency here.
+Weights while parked: one host copy for all the parked replicas of a model
+(serve.shared_weights: a sealed shared-memory file of the weights' verified chunks, made once by
+the pool, mapped and page-locked by each worker, lent to its ``casfs.PinnedTier``): an unpark
+copies the weights from it at the pinned host-to-device speed instead of re-reading them from
+casfs. Without it (``shared=False``, or when a worker cannot use it: the reason is in its
+report) the weights are re-read from casfs (the page cache or the store's tiers). Every park
+report carries the worker's host memory (``host_memory``: RSS and PSS, where the shared copy
+counts 1/N in each of N replicas).
 
 The GPU calls go through serve.gpu_snapshots' GpuLayer (the driver); the CPU tests pass a fake
 one, named as such.
@@ -35,8 +39,10 @@ import casfs
 
 from .client import CONTROL_HEADER, first_token, http_json
 from .errors import BootError
+from .shared_weights import HostWeights, host_memory
 
-__all__ = ["NoCapacity", "ParkedReplica", "Reservations", "WarmPool", "park", "park_cycles", "unpark"]
+__all__ = ["NoCapacity", "ParkedReplica", "Reservations", "WarmPool", "park", "park_cycles", "shared_weights",
+           "unpark"]
 
 DEFAULT_HEADROOM = 256 << 20
 
@@ -84,6 +90,7 @@ class ParkedReplica:
     state: Any = None
     released: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    shared: dict | None = None  # serve.shared_weights.HostWeights.spec(): the host copy to copy from
 
     @property
     def parked(self) -> bool:
@@ -121,7 +128,7 @@ def park(p: ParkedReplica, gpu: Any) -> dict:
         p.state = gpu.suspend(p.replica.pid)
     except Exception as e:  # noqa: BLE001 - CheckpointError, GpuUnavailable
         try:
-            _control(p.replica, "/_casfs/unpark", {"weights": p.weights})
+            _control(p.replica, "/_casfs/unpark", {"weights": p.weights, "shared": p.shared})
         except BootError:
             pass
         raise BootError(f"suspending replica pid {p.replica.pid} failed: {type(e).__name__}: {e}") from None
@@ -129,7 +136,7 @@ def park(p: ParkedReplica, gpu: Any) -> dict:
     after = gpu.memory()
     held = gpu.process_memory(p.replica.pid) if hasattr(gpu, "process_memory") else None
     return {"op": "park", "process_gpu_bytes_while_parked": held, "pid": p.replica.pid, "phases": {"release": t1 - t0, "suspend": t2 - t1},
-            "total": t2 - t0, "released": p.released,
+            "total": t2 - t0, "released": p.released, "host_memory_while_parked": host_memory(p.replica.pid),
             "device_state_bytes": sum((getattr(p.state, "device_bytes", None) or {}).values()),
             "gpu_memory_before": before, "gpu_memory_after": after}
 
@@ -157,13 +164,14 @@ def unpark(p: ParkedReplica, gpu: Any, reservations: Reservations, *, model: str
             raise BootError(f"resuming replica pid {p.replica.pid} failed: {type(e).__name__}: {e}") from None
         p.state = None
         t2 = time.perf_counter()
-        back = _control(p.replica, "/_casfs/unpark", {"weights": p.weights})
+        back = _control(p.replica, "/_casfs/unpark", {"weights": p.weights, "shared": p.shared})
         t3 = time.perf_counter()
     finally:
         reservations.release(ticket)
     report: dict = {"op": "unpark", "pid": p.replica.pid,
                     "phases": {"reserve": t1 - t0, "resume": t2 - t1, "weights_and_kv": t3 - t2},
                     "worker": back, "weights_bytes_copied": back.get("weights_bytes", 0),
+                    "shared_weights": back.get("shared_weights"),
                     "gpu_memory_before": before}
     if probe:
         secs, text = first_token(p.replica.listen, model or p.replica.cfg.name or p.replica.cfg.image)
@@ -185,13 +193,26 @@ def _weights_of(rep: Any) -> dict:
         return weights_source(store, store.open_image(rep.report.image_id or cfg.image))
 
 
+def shared_weights(weights: dict, gpu: Any, pin: str = "unpark") -> HostWeights:
+    """The host copy of a model's weights for its parked replicas (sealed against writes unless
+    the GPU cannot register read-only memory: ``gpu.host_register_read_only()``).
+
+    Raises:
+        casfs.CasfsError: the weights cannot be read and verified, or no sealed memfd here.
+    """
+    probe = getattr(gpu, "host_register_read_only", None)
+    return HostWeights(weights, seal_writes=bool(probe()) if probe is not None else True, pin=pin)
+
+
 class WarmPool:
     """N replicas of one model, parked, unparked on demand (``acquire``) and parked again
     (``release``). ``boot`` is how a replica is started (serve.boot.boot_replica with a
-    per-replica listen address); ``gpu`` the GPU layer. ``events``: every report, in order;
-    ``failed``: replicas whose unpark failed (killed), with the reason."""
+    per-replica listen address); ``gpu`` the GPU layer. ``shared``: keep one host copy of the
+    weights for all of them (serve.shared_weights; ``host_weights`` then holds it, or None with
+    the reason in ``shared_error`` when it could not be made). ``events``: every report, in
+    order; ``failed``: replicas whose unpark failed (killed), with the reason."""
 
-    def __init__(self, boot: Callable[[int], Any], n: int, gpu: Any) -> None:
+    def __init__(self, boot: Callable[[int], Any], n: int, gpu: Any, *, shared: bool = True) -> None:
         self.gpu = gpu
         self.reservations = Reservations(gpu)
         self.events: list[dict] = []
@@ -199,14 +220,24 @@ class WarmPool:
         self._lock = threading.Lock()
         self._boot = boot
         self.replicas: list[ParkedReplica] = []
+        self.host_weights: HostWeights | None = None
+        self.shared_error: str | None = None
         for i in range(n):
             self._add(i)
+        if shared and self.replicas:
+            try:
+                self.host_weights = shared_weights(self.replicas[0].weights, gpu)
+            except (casfs.CasfsError, OSError, ValueError) as e:
+                self.shared_error = f"{type(e).__name__}: {e}"
+            for p in self.replicas:
+                p.shared = self.host_weights.spec() if self.host_weights is not None else None
         self.counters = {"parks": 0, "unparks": 0, "failed_unparks": 0, "no_capacity": 0}
         self.seconds: dict[str, list[float]] = {"park": [], "unpark": []}
 
     def _add(self, i: int) -> ParkedReplica:
         rep = self._boot(i)
-        p = ParkedReplica(rep, weights=_weights_of(rep))
+        p = ParkedReplica(rep, weights=_weights_of(rep),
+                          shared=self.host_weights.spec() if self.host_weights is not None else None)
         self.replicas.append(p)
         return p
 
@@ -278,16 +309,24 @@ class WarmPool:
                 except ProcessLookupError:
                     pass
             p.replica.stop(timeout=30)
+        if self.host_weights is not None:
+            self.host_weights.close()
 
 
-def park_cycles(rep: Any, n: int, *, probe: Callable[[], dict], reference: dict | None, gpu: Any = None) -> dict:
+def park_cycles(rep: Any, n: int, *, probe: Callable[[], dict], reference: dict | None, gpu: Any = None,
+                shared: HostWeights | None = None, pin: str | None = None) -> dict:
     """(benchmarks) ``n`` park/unpark cycles of one serving replica; after each unpark, the time to
-    first token and ``probe()``'s output compared with ``reference`` (tokens and log-probabilities)."""
+    first token and ``probe()``'s output compared with ``reference`` (tokens and log-probabilities).
+    ``shared``: unpark from this host copy of the weights (else from casfs), with its pin mode
+    or ``pin`` ("unpark": registered at each unpark; "always": kept registered while parked)."""
     if gpu is None:
         from .gpu_snapshots import DriverGpu
 
         gpu = DriverGpu()
-    p = ParkedReplica(rep, weights=_weights_of(rep))
+    spec = shared.spec() if shared is not None else None
+    if spec is not None and pin:
+        spec["pin"] = pin
+    p = ParkedReplica(rep, weights=_weights_of(rep), shared=spec)
     res = Reservations(gpu)
     cycles = []
     for _ in range(n):

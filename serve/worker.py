@@ -215,7 +215,8 @@ class Worker:
                 w = body.get("weights") or {}
                 src = (WeightsSource(w["store"], w["image"], w.get("path") or "model.safetensors",
                                      w.get("cache_dir") or None) if w.get("store") and w.get("image") else None)
-                out = await asyncio.to_thread(engine.restore_device, src)
+                shared = body.get("shared") if isinstance(body.get("shared"), dict) else None
+                out = await asyncio.to_thread(engine.restore_device, src, shared)
         except EngineError as e:
             return error_response(500, str(e), code="engine_error")
         return Response(200, json.dumps(out, default=str).encode())

@@ -249,9 +249,10 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
          pinned: "casfs.PinnedTier | None" = None) -> None:
     """Fetch every job's chunk and perform its copies; returns when all bytes have landed.
 
-    With ``pinned`` (CUDA destinations only), a chunk the tier holds is copied to the device
-    straight from it, and a missing one is read into a buffer of the tier (then kept for the
-    next load); when the tier has no free buffer, the worker's own pinned slots are used.
+    With ``pinned``, a chunk the tier holds is copied to the device straight from it (CPU
+    destinations: moved from it), and for CUDA destinations a missing one is read into a buffer
+    of the tier (then kept for the next load); when the tier has no free buffer, the worker's
+    own pinned slots are used.
 
     Raises the first error any worker hit (casfs.ChunkUnavailable, casfs.CorruptIndex, ...).
     """
@@ -262,8 +263,6 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
     if len(cuda_devs) > 1:
         raise ValueError(f"one load targets one GPU; destinations span {sorted(map(str, cuda_devs))}")
     dev = next(iter(cuda_devs)) if cuda_devs else None
-    if dev is None:
-        pinned = None
     workers = max(1, min(concurrency, len(jobs)))
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
     for i in range(len(jobs)):
@@ -312,10 +311,14 @@ def _run(jobs: list[_Job], concurrency: int, streams: int, stats: LoadStats | No
                 job = jobs[i]
                 gpu = any(c.dst.is_cuda for c in job.copies)
                 cpu = [c for c in job.copies if not c.dst.is_cuda]
-                held = pinned.fill(job.ref, lambda v, job=job: read(job, v)) if gpu and pinned is not None else None
+                held = None
+                if pinned is not None:  # GPU: read misses into the tier; CPU: copy hits only
+                    held = pinned.fill(job.ref, lambda v, job=job: read(job, v)) if gpu else pinned.acquire(job.ref)
                 if held is not None:
-                    ev = torch.cuda.Event(blocking=True)
-                    to_device(job, held.tensor, stream, ev)
+                    ev = None
+                    if gpu:
+                        ev = torch.cuda.Event(blocking=True)
+                        to_device(job, held.tensor, stream, ev)
                     src = held.ptr
                     for c in cpu:
                         ctypes.memmove(c.dst.data_ptr() + c.dst_off, src + c.src, c.n)
@@ -429,10 +432,11 @@ def load_safetensors(source: "casfs.Image | casfs.Store", path: str, device: Any
         concurrency: chunk fetches in flight (worker threads); the read-ahead is bounded by it.
         streams: CUDA streams the host-to-device copies are spread over.
         stats: filled with bytes, chunk fetches, seconds and per-tier counter deltas.
-        pinned: a ``casfs.PinnedTier`` for CUDA loads (default: the store's, when it was
-            opened with one): chunks it holds are copied to the GPU straight from it, and the
-            chunks it lacks are read into it, so the next load of any model sharing them is
-            host-to-device copies alone.
+        pinned: a ``casfs.PinnedTier`` (default: the store's, when it was opened with one):
+            chunks it holds are copied straight from it (to the GPU: host-to-device copies; to
+            the CPU: memmove), and for CUDA loads the chunks it lacks are read into it, so the
+            next load of any model sharing them is copies alone. Its chunks may be lent by a
+            ``casfs.SharedChunks`` segment that several processes map (issue 12).
 
     Returns:
         name -> tensor, each tensor its own allocation, bit-identical to the file's bytes.

@@ -163,20 +163,54 @@ def test_a_gpu_snapshot_made_and_restored_with_the_driver_serves_identical_token
 def test_a_parked_replica_holds_no_gpu_memory_and_unparks_with_identical_output(tiny):
     from serve.boot import BootConfig, boot_replica
     from serve.gpu_snapshots import DriverGpu
-    from serve.pool import ParkedReplica, Reservations, _weights_of, park, unpark
+    from serve.pool import ParkedReplica, Reservations, _weights_of, park, shared_weights, unpark
 
     gpu = DriverGpu()
     rep = boot_replica(BootConfig(image="qwen3-tiny", listen=_listen(), store=str(tiny / "store"), engine="transformers",
                                   eager=True, workdir=str(tiny / "work"), max_model_len=128))
+    hw = shared_weights(_weights_of(rep), gpu)
     try:
         want = _complete(rep.listen)
         p = ParkedReplica(rep, weights=_weights_of(rep))
-        for _ in range(2):
+        for shared, pin in ((None, None), (hw, "unpark"), (hw, "unpark"), (hw, "always"), (hw, "always")):
+            p.shared = {**shared.spec(), "pin": pin} if shared is not None else None
             pr = park(p, gpu)
             assert pr["process_gpu_bytes_while_parked"] in (0, None), pr
             assert pr["gpu_memory_after"]["free"] > pr["gpu_memory_before"]["free"]
             ur = unpark(p, gpu, Reservations(gpu), model="qwen3-tiny")
             assert ur["phases"]["first_token"] > 0
+            if shared is not None:  # every weight byte came from the shared pinned copy
+                sw = ur["shared_weights"]
+                assert "error" not in sw and sw["pinned_bytes"] >= ur["weights_bytes_copied"] > 0, sw
             assert _complete(rep.listen) == want
     finally:
         rep.stop()
+        hw.close()
+
+
+def test_shared_chunks_registered_read_only_feed_a_gpu_load_bit_exact(tmp_path):
+    from safetensors.torch import save_file
+
+    from serve.gpu_snapshots import DriverGpu
+
+    src = tmp_path / "m"
+    src.mkdir()
+    g = torch.Generator().manual_seed(3)
+    want = {"a": torch.randn(4096, 4096, generator=g).to(torch.bfloat16), "b": torch.randn(1000, generator=g)}
+    save_file(want, str(src / "model.safetensors"))
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        casfs.build(store, str(src), tag="m", progress=False)
+        image = store.open_image("m")
+        sealed = DriverGpu().host_register_read_only()
+        with casfs.SharedChunks.create(image, ["model.safetensors"], seal_writes=sealed) as owner, \
+                casfs.SharedChunks.attach(owner.spec()) as mine:
+            assert mine.register() >= 0 and mine.registered
+            tier = casfs.PinnedTier(64 << 10, allocator=casfs.plain_memory)
+            mine.lend_to(tier)
+            stats = snapshot.LoadStats()
+            got = snapshot.load_safetensors(image, "model.safetensors", device="cuda", pinned=tier, stats=stats)
+            assert all(torch.equal(got[k].cpu(), want[k]) for k in want)
+            assert stats.pinned_bytes == stats.chunk_bytes > 0
+            del got
+            tier.free()
+            mine.unregister()

@@ -5,7 +5,7 @@ import casfs
 EXPECTED = {
     "BuildError", "BuildResult", "CasfsError", "ChunkRef", "ChunkUnavailable", "CorruptChunk",
     "CorruptIndex", "DEFAULT_CHUNK_SIZE", "CODE_CHUNK_SIZE", "WEIGHT_CHUNK_SIZE", "chunk_size_for",
-    "PinnedChunk", "PinnedTier", "cuda_pinned", "plain_memory", "Image", "ImageNotFound", "NotAFile", "PathNotFound",
+    "PinnedChunk", "PinnedTier", "SharedChunks", "cuda_pinned", "plain_memory", "Image", "ImageNotFound", "NotAFile", "PathNotFound",
     "Stat", "Store", "StoreError", "atomic_directory", "atomic_open", "atomic_write", "build", "default_store_url", "fsync_dir", "mount", "open_source", "open_store",
     "unmount",
     # the face snapshot/ and serve/ use (issue 11)

@@ -83,17 +83,40 @@ def test_a_gpu_snapshot_suspends_before_the_dump_and_resumes_the_restored_proces
         rep.stop()
 
 
-def test_a_failed_gpu_resume_kills_the_restored_process_and_the_replica_boots_cold(echo_image):
+def test_gpu_snapshots_restore_from_the_store_and_a_failed_one_is_retried_from_the_export(echo_image):
     rep = _boot(echo_image, FakeGpu(), create_snapshot=True)
     rep.stop()
-    gpu = FakeGpu(fail_resume=1)
+    rep = _boot(echo_image, FakeGpu())
+    try:
+        d = rep.report.details["restore"]
+        assert (d["source"], d["lazy"]) == ("store", True) and "store_failed" not in d  # no export
+        assert _answer(rep) == "cba"
+    finally:
+        rep.stop()
+    gpu = FakeGpu(fail_resume=1)  # the store restore's resume fails (its process is killed)
+    rep = _boot(echo_image, gpu)
+    try:
+        r = rep.report
+        assert r.mode == "restore" and "snapshot_failed" not in r.details
+        d = r.details["restore"]
+        assert (d["source"], d["lazy"]) == ("export", False) and "not enough free memory" in d["store_failed"]
+        assert [c[:2] for c in gpu.calls] == [("resume", rep.pid)] * 2  # the snapshot's PID both times
+        assert _answer(rep) == "cba"
+    finally:
+        rep.stop()
+
+
+def test_a_gpu_resume_that_fails_from_the_store_and_the_export_boots_cold(echo_image):
+    rep = _boot(echo_image, FakeGpu(), create_snapshot=True)
+    rep.stop()
+    gpu = FakeGpu(fail_resume=2)
     rep = _boot(echo_image, gpu)
     try:
         r = rep.report
         assert r.mode == "cold" and "restore" not in r.phases and "init" in r.phases
         assert "resuming the GPU state" in r.details["snapshot_failed"]
         assert "not enough free memory" in r.details["snapshot_failed"]
-        restored_pid = gpu.calls[0][1]
+        restored_pid = gpu.calls[-1][1]
         assert rep.pid != restored_pid and not os.path.exists(f"/proc/{restored_pid}/status")
         assert _answer(rep) == "cba"
     finally:

@@ -16,7 +16,18 @@ and the worker's resident memory after it, and one greedy completion with log-pr
 compared with the first cold boot's (tokens and log-probabilities must be identical). Results
 are written to ``--out`` after every boot, so a timeout keeps what was measured.
 
-Park/unpark cycles (issue 12) run last when ``--park N`` is given (serve.pool).
+Park/unpark cycles (issue 12) run on the snapshot-creating replica when ``--park N`` is given
+(serve.pool): ``--park-base K`` cycles re-reading the weights from casfs (the first shift's
+path, the same-run baseline), ``--park N`` cycles copying them from the host's one shared pinned
+copy (serve.shared_weights), ``--park-n M``: M replicas parked at once (M-1 more booted cold,
+eager) and every parked worker's host memory (PSS: the shared copy counts 1/M in each), and
+``--park-keep K`` cycles with the shared copy kept registered while parked.
+
+``--source`` picks where ON restores read the snapshot (auto: the store, lazily, where the
+kernel has userfaultfd; export: the eager export path); ``--export-baseline`` adds one host and
+one blob restore through the export path after the others. ``--deadline S`` (seconds from the
+start) skips steps that would not fit, recording them as skipped, so a device call's time
+limit never cuts a step in half.
 
 Run on the GPU machine (see docs/benchmarks.md for the exact command)::
 
@@ -27,6 +38,7 @@ Run on the GPU machine (see docs/benchmarks.md for the exact command)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -49,7 +61,12 @@ def listen() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
+KEEP_PAGE_CACHE = False  # --keep-page-cache (dry runs on a shared CPU box)
+
+
 def drop_page_cache() -> str:
+    if KEEP_PAGE_CACHE:
+        return "kept (--keep-page-cache)"
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -68,6 +85,12 @@ def probe(addr: str, model: str) -> dict:
         c = json.load(r)["choices"][0]
     return {"text": c["text"], "tokens": c["logprobs"]["tokens"], "token_logprobs": c["logprobs"]["token_logprobs"],
             "top_logprobs": c["logprobs"]["top_logprobs"], "seconds": time.perf_counter() - t}
+
+
+def _weights(rep) -> dict:
+    from serve.pool import _weights_of
+
+    return _weights_of(rep)
 
 
 def build_model(preset: str, work: str, res: dict) -> str:
@@ -95,6 +118,29 @@ def build_model(preset: str, work: str, res: dict) -> str:
     return tag
 
 
+T0 = time.monotonic()
+
+
+class NoGpu:
+    """--no-gpu (a dry run of this script on a CPU host): CPU replicas have no GPU state, so
+    suspend and resume do nothing and no GPU memory is reported. Never used for H200 figures."""
+
+    def suspend(self, pid: int) -> object:
+        return type("NoState", (), {"device_bytes": {}, "to_dict": lambda self: {}})()
+
+    def resume(self, state: object) -> object:
+        return object()
+
+    def memory(self) -> dict:
+        return {"used": 0, "free": 1 << 40}
+
+    def host_register_read_only(self) -> bool:
+        return True
+
+# rough seconds a step takes on the H200 (0.6B), for --deadline
+COST = {"on_host": 8, "on_blob": 14, "park_cycle": 2.5, "park_n_boot": 35}
+
+
 class Bench:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
@@ -104,6 +150,18 @@ class Bench:
                           "args": vars(a)}
         self.ref: dict | None = None
 
+    def left(self) -> float:
+        """Seconds left before --deadline (inf without one)."""
+        return float("inf") if not self.a.deadline else self.a.deadline - (time.monotonic() - T0)
+
+    def fits(self, what: str, need: float) -> bool:
+        if self.left() >= need:
+            return True
+        self.res.setdefault("skipped", []).append(f"{what}: {self.left():.0f} s left, needs ~{need:.0f} s")
+        self.save()
+        print(f"[skip] {what} ({self.left():.0f} s left)", flush=True)
+        return False
+
     def save(self) -> None:
         tmp = self.a.out + ".tmp"
         with open(tmp, "w") as f:
@@ -111,7 +169,7 @@ class Bench:
         os.replace(tmp, self.a.out)
 
     def boot(self, kind: str, tag: str, *, inductor: str, snapshot: str | None = None, create: bool = False,
-             prep: str = "") -> dict:
+             prep: str = "", source: str | None = None) -> dict:
         from serve.boot import BootConfig, boot_replica
 
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(self.work, inductor, "inductor"),
@@ -120,8 +178,9 @@ class Bench:
         cfg = BootConfig(image=tag, listen=listen(), store=os.path.join(self.work, "blob"),
                          cache_dir=os.path.join(self.work, "ssd"), engine="transformers", eager=self.a.eager,
                          max_model_len=self.a.max_model_len, workdir=os.path.join(self.work, "serve"),
-                         snapshot=snapshot, create_snapshot=create, boot_timeout=900, env=env)
-        entry: dict = {"kind": kind, "prep": prep}
+                         snapshot=snapshot, create_snapshot=create, boot_timeout=900, env=env,
+                         snapshot_source=source or self.a.source)
+        entry: dict = {"kind": kind, "prep": prep, "source": source or self.a.source}
         t = time.perf_counter()
         try:
             rep = boot_replica(cfg)
@@ -141,14 +200,15 @@ class Bench:
                                  ("phases", "engine_timings", "engine_config", "device_release", "after_restore")})
             out = probe(cfg.listen, tag)
             entry["probe"] = out
-            if self.ref is None and kind.startswith("off"):
-                self.ref = out
+            if self.ref is None and (kind.startswith("off") or kind == "on_create"):
+                self.ref = out  # without an OFF boot: the snapshot-creating boot's first answer
+                self.res["reference"] = kind
             if self.ref is not None:
                 entry["identical_to_cold"] = {
                     "tokens": out["tokens"] == self.ref["tokens"],
                     "logprobs": out["token_logprobs"] == self.ref["token_logprobs"]
                     and out["top_logprobs"] == self.ref["top_logprobs"]}
-            if self.a.park and kind == "on_create":
+            if (self.a.park or self.a.park_base) and kind == "on_create":
                 entry["park"] = self.park_cycles(rep)
         finally:
             rep.stop()
@@ -161,11 +221,103 @@ class Bench:
         return entry
 
     def park_cycles(self, rep) -> dict:
+        from serve.gpu_snapshots import DriverGpu
+        from serve.pool import park_cycles, shared_weights
+
+        a, gpu, out = self.a, (NoGpu() if self.a.no_gpu else DriverGpu()), {}
+        self.res["park"] = out
+
+        def cycles(name: str, n: int, **kw) -> None:
+            if n and self.fits(f"park {name} x{n}", n * COST["park_cycle"]):
+                try:
+                    out[name] = park_cycles(rep, n, probe=lambda: probe(rep.listen, rep.report.image),
+                                            reference=self.ref, gpu=gpu, **kw)
+                except BaseException as e:  # noqa: BLE001 - recorded; the benchmark goes on
+                    out[name] = {"error": f"{type(e).__name__}: {e}"}
+                self.save()
+                summary(name, out[name])
+
+        def summary(name: str, r: dict) -> None:
+            cs = r.get("cycles") or []
+            un = [c["unpark"]["total"] for c in cs]
+            print(f"[park {name}] {len(cs)} cycles unpark {min(un, default=0):.3f}-{max(un, default=0):.3f}s "
+                  f"identical={[c['identical'] for c in cs]} {r.get('error', '')}", flush=True)
+
         try:
-            from serve.pool import park_cycles
-        except ImportError as e:
-            return {"error": f"no serve.pool: {e}"}
-        return park_cycles(rep, self.a.park, probe=lambda: probe(rep.listen, rep.report.image), reference=self.ref)
+            hw = shared_weights(_weights(rep), gpu, pin="unpark")
+            out["shared_setup"] = {**hw.report(), "read_only_register": gpu.host_register_read_only()}
+        except BaseException as e:  # noqa: BLE001
+            hw = None
+            out["shared_setup"] = {"error": f"{type(e).__name__}: {e}"}
+        self.save()
+        print(f"[park] shared copy: {out['shared_setup']}", flush=True)
+        if hw is not None:
+            cycles("shared", a.park, shared=hw)
+        cycles("base", a.park_base)
+        if hw is not None and a.park_n > 1 and self.fits(f"park-n {a.park_n}", COST["park_n_boot"] * (a.park_n - 1)):
+            out["n_replicas"] = self.park_n(rep, hw, gpu)
+            self.save()
+        if hw is not None:
+            cycles("keep", a.park_keep, shared=hw, pin="always")
+        if hw is not None:
+            hw.close()
+        return out
+
+    def park_n(self, rep, hw, gpu) -> dict:
+        """park_n replicas at once (rep + cold eager extras), each attached to the shared copy:
+        every parked worker's host memory, the supervisor's too."""
+        from serve.boot import BootConfig, boot_replica
+        from serve.pool import ParkedReplica, Reservations, _weights_of, park, unpark
+        from serve.shared_weights import host_memory
+
+        res: dict = {"n": self.a.park_n, "shared_bytes": hw.nbytes}
+        extras, parked = [], []
+        spec = hw.spec()
+        try:
+            for i in range(self.a.park_n - 1):
+                t = time.perf_counter()
+                cfg = BootConfig(image=rep.report.image, listen=listen(), store=os.path.join(self.work, "blob"),
+                                 cache_dir=os.path.join(self.work, "ssd"), engine="transformers", eager=True,
+                                 max_model_len=self.a.max_model_len, workdir=os.path.join(self.work, "serve"),
+                                 boot_timeout=300, env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+                extras.append(boot_replica(cfg))
+                res.setdefault("extra_boot_s", []).append(time.perf_counter() - t)
+            ps = [ParkedReplica(r, weights=_weights_of(r), shared=spec) for r in [rep, *extras]]
+            resv = Reservations(gpu)
+            for p in ps[1:]:  # attach: one unpark from the shared copy, then park
+                park(p, gpu)
+                res.setdefault("extra_unpark", []).append(unpark(p, gpu, resv, probe=False).get("shared_weights"))
+            reports = []
+            for p in ps:
+                reports.append(park(p, gpu))
+                parked.append(p)
+            time.sleep(0.2)
+            res["parked"] = [{"pid": p.replica.pid, "host_memory": host_memory(p.replica.pid),
+                              "gpu_bytes": r.get("process_gpu_bytes_while_parked"),
+                              "device_state_bytes": r.get("device_state_bytes")} for p, r in zip(ps, reports)]
+            res["supervisor"] = host_memory(os.getpid())
+            for p in list(parked):
+                unpark(p, gpu, resv, probe=False)
+                parked.remove(p)
+        except BaseException as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            import signal
+
+            for p in parked:  # still parked: the extras are killed (GPU state in host memory),
+                if p.replica is rep:  # the benchmark's replica is unparked for what follows
+                    with contextlib.suppress(BaseException):
+                        unpark(p, gpu, Reservations(gpu), probe=False)
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.replica.pid, signal.SIGKILL)
+            for r in extras:
+                r.stop(timeout=30)
+        pm = [x["host_memory"] for x in res.get("parked", [])]
+        print(f"[park-n] {len(pm)} parked: pss {[round(m.get('pss', 0) / 2**30, 2) for m in pm]} GiB, "
+              f"pss_shmem {[round(m.get('pss_shmem', 0) / 2**30, 2) for m in pm]} GiB, rss "
+              f"{[round(m.get('rss', 0) / 2**30, 2) for m in pm]} GiB {res.get('error', '')}", flush=True)
+        return res
 
     def run(self) -> None:
         a = self.a
@@ -191,18 +343,29 @@ class Bench:
 
         with casfs.open_store(os.path.join(self.work, "blob")) as s:
             snap_id = s.open_image(snap).id
-        for tier in a.tiers.replace("+", ",").split(","):
-            for _ in range(a.on):
-                if tier == "host":
-                    prep = "export and weights in the page cache"
-                elif tier == "ssd":
-                    snapshot.drop_export(snap_id)
-                    prep = "export dropped, page cache " + drop_page_cache() + "; chunks in the ssd tier"
-                else:
-                    snapshot.drop_export(snap_id)
-                    shutil.rmtree(os.path.join(self.work, "ssd"), ignore_errors=True)
-                    prep = "export and ssd tier dropped, page cache " + drop_page_cache() + "; blob only"
-                self.boot(f"on_{tier}", tag, inductor="ind-warm", snapshot=snap, prep=prep)
+        plan = [(tier, None) for tier in a.tiers.replace("+", ",").split(",") for _ in range(a.on)]
+        if a.export_baseline:
+            plan += [("host", "export"), ("blob", "export")]
+        for tier, source in plan:
+            if not self.fits(f"on_{tier} ({source or a.source})", COST.get(f"on_{tier}", 14)):
+                continue
+            if tier == "host":
+                prep = "snapshot chunks (and export, if any) and weights in the page cache"
+            elif tier == "ssd":
+                snapshot.drop_export(snap_id)
+                prep = "export dropped, page cache " + drop_page_cache() + "; chunks in the ssd tier"
+            else:
+                snapshot.drop_export(snap_id)
+                shutil.rmtree(os.path.join(self.work, "ssd"), ignore_errors=True)
+                prep = "export and ssd tier dropped, page cache " + drop_page_cache() + "; blob only"
+            if source == "export" and tier == "host":  # export it first, outside the timed boot
+                from snapshot.exports import materialize
+
+                with casfs.open_store(os.path.join(self.work, "blob")) as s:
+                    materialize(s.open_image(snap_id), None)
+                prep = "export made before the boot; export and weights in the page cache"
+            self.boot(f"on_{tier}" + ("_export" if source else ""), tag, inductor="ind-warm", snapshot=snap,
+                      prep=prep, source=source)
 
 
 def main() -> int:
@@ -214,10 +377,21 @@ def main() -> int:
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--on", type=int, default=3)
     ap.add_argument("--tiers", default="host,ssd,blob")
-    ap.add_argument("--park", type=int, default=0, help="park/unpark cycles after the snapshot boot (issue 12)")
+    ap.add_argument("--park", type=int, default=0,
+                    help="park/unpark cycles from the shared pinned weights after the snapshot boot (issue 12)")
+    ap.add_argument("--park-base", type=int, default=0, help="cycles re-reading the weights from casfs (baseline)")
+    ap.add_argument("--park-n", type=int, default=0, help="replicas parked at once for the host-memory measurement")
+    ap.add_argument("--park-keep", type=int, default=0, help="cycles keeping the shared weights registered while parked")
+    ap.add_argument("--source", default="auto", choices=("auto", "store", "export"), help="where ON restores read the snapshot")
+    ap.add_argument("--export-baseline", action="store_true", help="one host and one blob restore through the export too")
+    ap.add_argument("--no-gpu", action="store_true", help="dry run on a CPU host (park cycles without a GPU layer)")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds from the start after which no step starts")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--eager", action="store_true", help="no torch.compile (graphs of the eager step)")
+    ap.add_argument("--keep-page-cache", action="store_true", help="never drop the page cache (dry runs)")
     a = ap.parse_args()
+    global KEEP_PAGE_CACHE
+    KEEP_PAGE_CACHE = a.keep_page_cache
     os.environ.setdefault("CASFS_SNAPSHOT_CACHE", os.path.join(os.path.abspath(a.work), "snapcache"))
     b = Bench(a)
     try:

@@ -22,6 +22,11 @@ Contract:
   tensor over the pinned bytes) is the source of ``copy_(..., non_blocking=True)``;
   ``release(after=event)`` keeps the buffer until the CUDA event has completed.
 
+- **Lent chunks** (``adopt``): bytes that already lie in memory someone else verified and
+  owns, a sealed shared segment (``casfs.SharedChunks``) that every parked replica of a model
+  maps, so a host holds one copy of the weights however many processes use them (issue 12).
+  The tier copies from them like from its own buffers but never evicts, reuses or frees them.
+
 In the store (``casfs.open_store(pinned_bytes=N)``, freed with the store; or ``Store(pinned=
 tier)``, shared by every store it is given to, freed by ``free()``) it is the first tier of
 the walk and is
@@ -107,11 +112,12 @@ def cuda_pinned(nbytes: int) -> HostBuffer:
 
 
 class _Entry:
-    __slots__ = ("buf", "length", "leases", "fences", "ready", "error", "drop")
+    __slots__ = ("buf", "length", "leases", "fences", "ready", "error", "drop", "lent")
 
-    def __init__(self, buf: HostBuffer, length: int) -> None:
+    def __init__(self, buf: HostBuffer, length: int, lent: bool = False) -> None:
         self.buf = buf
         self.length = length
+        self.lent = lent  # memory lent by someone else (adopt): never reused, freed or counted
         self.leases = 0
         self.fences: list[Any] = []  # CUDA events of copies that read this buffer
         self.ready = threading.Event()
@@ -272,6 +278,29 @@ class PinnedTier(Tier):
         self._stats.record_put(ref.raw_len)
         return PinnedChunk(self, ref.digest, e)
 
+    def adopt(self, ref: ChunkRef, buf: HostBuffer) -> bool:
+        """Hold ``ref``'s bytes where they already lie: ``buf`` (its first ``ref.raw_len``
+        bytes), memory the tier does not own: a sealed shared segment that a verifying reader
+        filled (``casfs.SharedChunks.lend_to``), so one host copy serves every process that
+        maps it. The bytes are not verified again (the lender did). A lent chunk is not counted
+        against ``capacity``, never evicted and its memory never reused or freed by the tier;
+        ``delete`` and ``free`` only forget it (the lender must outlive the leases and copies).
+
+        Returns False (nothing changed) when the tier already holds the chunk.
+
+        Raises:
+            ValueError: ``buf`` is shorter than the chunk.
+        """
+        if buf.size < ref.raw_len:
+            raise ValueError(f"chunk {ref.digest.hex()[:16]}… is {ref.raw_len} bytes, the lent buffer {buf.size}")
+        with self._lock:
+            if ref.digest in self._entries:
+                return False
+            e = _Entry(buf, ref.raw_len, lent=True)
+            e.ready.set()
+            self._entries[ref.digest] = e
+        return True
+
     # -- the Tier interface -----------------------------------------------------------------
 
     def get(self, ref: ChunkRef) -> bytes | None:
@@ -324,7 +353,8 @@ class PinnedTier(Tier):
         with self._lock:
             for d in [d for d, e in self._entries.items() if e.leases == 0]:
                 e = self._entries.pop(d)
-                self._used -= e.buf.size
+                if not e.lent:
+                    self._used -= e.buf.size
             self._reclaim()
             for bufs in self._free.values():
                 self._used -= sum(b.size for b in bufs)
@@ -362,13 +392,14 @@ class PinnedTier(Tier):
         e.fences = [f for f in e.fences if not f.query()]
         return not e.fences
 
-    def _recycle(self, buf: HostBuffer) -> None:
-        self._free.setdefault(buf.size, []).append(buf)
+    def _recycle(self, e: _Entry) -> None:
+        if not e.lent:  # lent memory goes back to its lender, never to the free lists
+            self._free.setdefault(e.buf.size, []).append(e.buf)
 
     def _retire(self, e: _Entry) -> None:
         """A dropped entry's buffer: free now, or once the copies reading it are done."""
         if self._fenced(e):
-            self._recycle(e.buf)
+            self._recycle(e)
         else:
             self._limbo.append(e)
 
@@ -377,7 +408,7 @@ class PinnedTier(Tier):
         if self._limbo:
             still = []
             for e in self._limbo:
-                (self._recycle(e.buf) if self._fenced(e) else still.append(e))
+                (self._recycle(e) if self._fenced(e) else still.append(e))
             self._limbo = still
 
     def _take(self, cls: int) -> HostBuffer | None:
@@ -413,9 +444,9 @@ class PinnedTier(Tier):
         """Evict the least recently used chunk that no one leases and no copy reads (its
         buffer goes to the free list); False when every chunk is in use."""
         for d, e in self._entries.items():
-            if e.leases == 0 and e.ready.is_set() and self._fenced(e):
+            if e.leases == 0 and e.ready.is_set() and not e.lent and self._fenced(e):
                 del self._entries[d]
-                self._recycle(e.buf)
+                self._recycle(e)
                 self.evictions += 1
                 return True
         return False
