@@ -131,10 +131,13 @@ class ModelWeights:
             _set(self.model, mname, new.to(self.device))
 
     def load(self, source: WeightsSource, *, concurrency: int | None = None,
-             pinned: Any = None) -> "snapshot.LoadStats":
+             pinned: Any = None, keep_open: bool = False) -> "snapshot.LoadStats":
         """Stream the weights from casfs into the parameters (in place). Returns the load stats.
         ``pinned``: a ``casfs.PinnedTier`` whose chunks are copied from instead of read (a
-        parked replica's shared host copy, serve.shared_weights).
+        parked replica's shared host copy, serve.shared_weights). ``keep_open``: keep the store
+        and image open for the next load of the same source (reloads after a park: no index to
+        open again, the safetensors header in the store's memory tier); never for the load
+        before a snapshot, whose CRIU dump would carry the store's open files.
 
         Raises:
             snapshot.ModuleMismatch: the file's tensors do not match the model's parameters.
@@ -147,10 +150,24 @@ class ModelWeights:
         kw: dict[str, Any] = {"concurrency": concurrency} if concurrency else {}
         if pinned is not None:
             kw["pinned"] = pinned
-        with casfs.open_store(source.store, cache_dir=source.cache_dir) as store:
-            image = store.open_image(source.image)
+        held = getattr(self, "_held", None)
+        if held is None or held[0] != source:
+            self.close_store()
+            held = None
+        try:
+            if held is None:
+                store = casfs.open_store(source.store, cache_dir=source.cache_dir)
+                try:
+                    held = (source, store, store.open_image(source.image))
+                except BaseException:
+                    store.close()
+                    raise
             t1 = time.perf_counter()
-            snapshot.load_into_module(self.model, image, source.path, stats=stats, **kw)
+            snapshot.load_into_module(self.model, held[2], source.path, stats=stats, **kw)
+        finally:
+            self._held = held
+            if not keep_open:
+                self.close_store()
         if self.device.type == "cuda":
             import torch
 
@@ -158,6 +175,12 @@ class ModelWeights:
         self.timings = {"open": t1 - t0, "load": time.perf_counter() - t1}
         self.stats = stats
         return stats
+
+    def close_store(self) -> None:
+        """Close the store a ``keep_open`` load kept."""
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            held[1].close()
 
     def load_directory(self, model_dir: str) -> None:
         """Read the weights from safetensors files in a plain directory (no casfs store at hand)."""

@@ -184,3 +184,28 @@ def test_the_front_door_unparks_on_demand_relays_streams_and_parks_again_when_id
         asyncio.run_coroutine_threadsafe(front.close(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         pool.stop()
+
+
+def test_an_unpark_copies_the_weights_from_the_shared_host_copy_and_reads_casfs_when_it_is_gone(tiny):
+    from serve.pool import _weights_of, shared_weights
+
+    gpu = FakeGpu()
+    rep = _booter(tiny)(0)
+    hw = shared_weights(_weights_of(rep), gpu)
+    try:
+        want = _complete(rep)
+        p = ParkedReplica(rep, weights=_weights_of(rep), shared=hw.spec())
+        park(p, gpu)
+        ur = unpark(p, gpu, Reservations(gpu), model=MODEL)
+        sw = ur["shared_weights"]
+        assert "error" not in sw and sw["pinned_bytes"] >= ur["weights_bytes_copied"] > 0, sw  # chunks (header too), no casfs read
+        assert _complete(rep) == want
+        pr = park(p, gpu)
+        assert pr["host_memory_while_parked"]["pss_shmem"] >= hw.nbytes * 0.9  # it maps the one copy
+        p.shared = {**hw.spec(), "path": str(tiny / "no-such-copy")}
+        ur = unpark(p, gpu, Reservations(gpu), model=MODEL)
+        assert "cannot open" in ur["shared_weights"]["error"] and ur["shared_weights"]["pinned_bytes"] == 0
+        assert ur["weights_bytes_copied"] > 0 and _complete(rep) == want
+    finally:
+        rep.stop()
+        hw.close()

@@ -138,7 +138,7 @@ class NoGpu:
         return True
 
 # rough seconds a step takes on the H200 (0.6B), for --deadline
-COST = {"on_host": 8, "on_blob": 14, "park_cycle": 2.5, "park_n_boot": 35}
+COST = {"on_host": 8, "on_blob": 14, "park_cycle": 2.0, "park_n_boot": 35}
 
 
 class Bench:
@@ -154,8 +154,9 @@ class Bench:
         """Seconds left before --deadline (inf without one)."""
         return float("inf") if not self.a.deadline else self.a.deadline - (time.monotonic() - T0)
 
-    def fits(self, what: str, need: float) -> bool:
-        if self.left() >= need:
+    def fits(self, what: str, need: float, reserve: float = 0.0) -> bool:
+        """Whether ``need`` seconds (plus ``reserve`` kept for later steps) are left; records a skip."""
+        if self.left() >= need + reserve:
             return True
         self.res.setdefault("skipped", []).append(f"{what}: {self.left():.0f} s left, needs ~{need:.0f} s")
         self.save()
@@ -227,8 +228,8 @@ class Bench:
         a, gpu, out = self.a, (NoGpu() if self.a.no_gpu else DriverGpu()), {}
         self.res["park"] = out
 
-        def cycles(name: str, n: int, **kw) -> None:
-            if n and self.fits(f"park {name} x{n}", n * COST["park_cycle"]):
+        def cycles(name: str, n: int, reserve: float = 0.0, **kw) -> None:
+            if n and self.fits(f"park {name} x{n}", n * COST["park_cycle"], reserve):
                 try:
                     out[name] = park_cycles(rep, n, probe=lambda: probe(rep.listen, rep.report.image),
                                             reference=self.ref, gpu=gpu, **kw)
@@ -251,14 +252,16 @@ class Bench:
             out["shared_setup"] = {"error": f"{type(e).__name__}: {e}"}
         self.save()
         print(f"[park] shared copy: {out['shared_setup']}", flush=True)
+        # the shared cycles come first; the rest only where the --reserve for the restores is left
         if hw is not None:
             cycles("shared", a.park, shared=hw)
-        cycles("base", a.park_base)
-        if hw is not None and a.park_n > 1 and self.fits(f"park-n {a.park_n}", COST["park_n_boot"] * (a.park_n - 1)):
+        cycles("base", a.park_base, a.reserve)
+        if hw is not None and a.park_n > 1 and self.fits(f"park-n {a.park_n}", COST["park_n_boot"] * (a.park_n - 1),
+                                                          a.reserve):
             out["n_replicas"] = self.park_n(rep, hw, gpu)
             self.save()
         if hw is not None:
-            cycles("keep", a.park_keep, shared=hw, pin="always")
+            cycles("keep", a.park_keep, a.reserve, shared=hw, pin="always")
         if hw is not None:
             hw.close()
         return out
@@ -284,9 +287,9 @@ class Bench:
                 res.setdefault("extra_boot_s", []).append(time.perf_counter() - t)
             ps = [ParkedReplica(r, weights=_weights_of(r), shared=spec) for r in [rep, *extras]]
             resv = Reservations(gpu)
-            for p in ps[1:]:  # attach: one unpark from the shared copy, then park
+            for p in ps:  # attach: one unpark from the shared copy each, then all park
                 park(p, gpu)
-                res.setdefault("extra_unpark", []).append(unpark(p, gpu, resv, probe=False).get("shared_weights"))
+                res.setdefault("attach_unpark", []).append(unpark(p, gpu, resv, probe=False).get("shared_weights"))
             reports = []
             for p in ps:
                 reports.append(park(p, gpu))
@@ -343,7 +346,8 @@ class Bench:
 
         with casfs.open_store(os.path.join(self.work, "blob")) as s:
             snap_id = s.open_image(snap).id
-        plan = [(tier, None) for tier in a.tiers.replace("+", ",").split(",") for _ in range(a.on)]
+        tiers = a.tiers.replace("+", ",").split(",")
+        plan = [(tier, None) for _ in range(a.on) for tier in tiers]  # interleaved: a short call gets each
         if a.export_baseline:
             plan += [("host", "export"), ("blob", "export")]
         for tier, source in plan:
@@ -384,6 +388,8 @@ def main() -> int:
     ap.add_argument("--park-keep", type=int, default=0, help="cycles keeping the shared weights registered while parked")
     ap.add_argument("--source", default="auto", choices=("auto", "store", "export"), help="where ON restores read the snapshot")
     ap.add_argument("--export-baseline", action="store_true", help="one host and one blob restore through the export too")
+    ap.add_argument("--reserve", type=float, default=0,
+                    help="seconds kept for the ON restores when deciding the optional park steps")
     ap.add_argument("--no-gpu", action="store_true", help="dry run on a CPU host (park cycles without a GPU layer)")
     ap.add_argument("--deadline", type=float, default=0, help="seconds from the start after which no step starts")
     ap.add_argument("--max-model-len", type=int, default=1024)

@@ -23,9 +23,9 @@ for s in "$@"; do
            python3 -c "import torch, transformers, cuda.bindings; print('torch', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__, 'cuda-bindings', cuda.bindings.__version__)"
            timeout 60 "$CASFS_CRIU" check; echo "criu check: $?"
            timeout 30 "$CASFS_CRIU" check --feature uffd-noncoop; echo "criu uffd-noncoop: $?"; } > "$OUT/env.txt" 2>&1 ;;
-    tests) timeout "${T_TESTS:-240}" python3 -m pytest -q -x -p no:cacheprovider -rs $TESTS > "$OUT/pytest.log" 2>&1
+    tests) timeout "${T_TESTS:-240}" python3 -m pytest -v -x -p no:cacheprovider -rs $TESTS > "$OUT/pytest.log" 2>&1
            tail -15 "$OUT/pytest.log" ;;
-    'tests&') ( timeout "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider -rs $TESTS > "$OUT/pytest.log" 2>&1
+    'tests&') ( timeout "${T_TESTS:-240}" python3 -m pytest -v -p no:cacheprovider -rs $TESTS > "$OUT/pytest.log" 2>&1
                 echo "pytest exit $?" >> "$OUT/pytest.log" ) &
            bg=$! ;;
     bench:*) IFS=: read -r _ preset args <<< "$s"
