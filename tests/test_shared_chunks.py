@@ -162,7 +162,9 @@ def test_n_processes_mapping_the_copy_each_count_one_nth_of_it_in_their_pss(tmp_
         size = owner.size
         for n in (1, 2, 4):
             kids = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(owner.spec())], stdout=subprocess.PIPE,
-                                     env=dict(os.environ, PYTHONPATH=ROOT), pass_fds=()) for _ in range(n)]
+                                     env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                         [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])))
+                    for _ in range(n)]
             try:
                 for k in kids:
                     assert k.stdout.readline().strip() == b"ready"
