@@ -338,8 +338,13 @@ def boot_replica(cfg: BootConfig, *, health_check: Callable[[], HealthReport] = 
     if backend is not None and gpu_snapshot:
         from .gpu_snapshots import GpuCriuBackend
 
-        # GPU snapshots restore eagerly from the host's export unless asked otherwise: a lazy
-        # restore from the store (the CPU default) is not yet measured on a GPU host
+        # GPU snapshots restore eagerly from the host's export unless --snapshot-source store
+        # asks otherwise. Measured on the H200 (docs/benchmarks.md, 2026-12-04): from the store
+        # CRIU itself takes 0.2 s instead of 1.5 s, but the driver's resume then reads ~1.06 GB
+        # of checkpointed device state that is still lazy, one 4 KiB fault at a time through
+        # the page server (~390,000 faults): 23-28 s instead of 0.45 s, so a restore took
+        # 26.8 s (host cache) / 33.2 s (blob) against 2.4 s / 6.4-7.1 s through the export.
+        # GpuCriuBackend retries a failed store restore from the export.
         explicit = cfg.snapshot_source != "auto"
         if cfg.restore_gpu:  # issue 16: resume on another GPU; a target that is not here fails now
             from .gpu_placement import PlacedGpu

@@ -193,7 +193,7 @@ def _weights_of(rep: Any) -> dict:
         return weights_source(store, store.open_image(rep.report.image_id or cfg.image))
 
 
-def shared_weights(weights: dict, gpu: Any, pin: str = "unpark") -> HostWeights:
+def shared_weights(weights: dict, gpu: Any, pin: str = "always") -> HostWeights:
     """The host copy of a model's weights for its parked replicas (sealed against writes unless
     the GPU cannot register read-only memory: ``gpu.host_register_read_only()``).
 

@@ -23,9 +23,9 @@ copy (serve.shared_weights), ``--park-n M``: M replicas parked at once (M-1 more
 eager) and every parked worker's host memory (PSS: the shared copy counts 1/M in each), and
 ``--park-keep K`` cycles with the shared copy kept registered while parked.
 
-``--source`` picks where ON restores read the snapshot (auto: the store, lazily, where the
-kernel has userfaultfd; export: the eager export path); ``--export-baseline`` adds one host and
-one blob restore through the export path after the others. ``--deadline S`` (seconds from the
+``--source`` picks where ON restores read the snapshot (auto: serve's default, the export for GPU
+snapshots; store: lazily from the casfs store, no export; export: the eager export path);
+``--export-baseline`` adds one host and one blob restore through the export path after the others. ``--deadline S`` (seconds from the
 start) skips steps that would not fit, recording them as skipped, so a device call's time
 limit never cuts a step in half.
 
