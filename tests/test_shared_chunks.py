@@ -178,3 +178,25 @@ def test_n_processes_mapping_the_copy_each_count_one_nth_of_it_in_their_pss(tmp_
                 for k in kids:
                     k.kill()
                     k.wait()
+
+
+def test_lent_chunks_are_never_evicted_nor_counted_against_the_tiers_capacity(tmp_path, files):
+    from casfs.digest import digest_bytes
+
+    root = _store(tmp_path, files)
+    with casfs.open_store(root) as s:
+        image = s.open_image("m")
+        with casfs.SharedChunks.create(image, ["a.bin"]) as owner, casfs.SharedChunks.attach(owner.spec()) as mine:
+            tier = casfs.PinnedTier(2 * MIN_CLASS, allocator=casfs.plain_memory)
+            lent = image.chunk_refs(image.lookup("a.bin"))
+            assert mine.lend_to(tier) == len(lent)
+            rnd = random.Random(5)
+            for _ in range(6):  # own chunks beyond the capacity: they evict each other, never a lent one
+                data = rnd.randbytes(MIN_CLASS)
+                ref = casfs.ChunkRef(digest_bytes(data), len(data), len(data))
+                c = tier.fill(ref, lambda v, d=data: (v.__setitem__(slice(0, len(d)), d), len(d))[1])
+                assert c is not None
+                c.release()
+            assert tier.evictions >= 4 and tier.used <= 2 * MIN_CLASS
+            assert all(tier.contains(r) for r in lent)
+            tier.free()
