@@ -11,6 +11,8 @@ Modules: ``app`` (the OpenAI HTTP API over an Engine), ``http`` (its asyncio HTT
 ``engine`` (the Engine protocol and the vLLM adapter), ``hf_engine`` (the transformers engine, with
 ``hf_model``, ``kvcache``, ``decoding``, ``batching``, ``sampling``, ``textstream``),
 ``echo`` (a deterministic stand-in engine), ``gpu_snapshots`` (GPU snapshots of a replica),
+``gpu_placement`` (which GPU a snapshot resumes on), ``tp`` and ``tp_worker`` (a
+tensor-parallel replica: its ranks, parked and unparked together),
 ``pool`` and ``front`` (parked replicas: a warm pool and its front door),
 ``boot`` (the pipeline), ``report`` (its report and phase timer), ``modeldir`` (the model image
 mounted or exported), ``client`` (HTTP to a replica), ``process`` (starting/stopping the worker),
@@ -32,6 +34,7 @@ _LAZY = {
     "Delta": "engine", "InvalidRequest": "engine", "EngineError": "engine",
     "EchoEngine": "echo",
     "WarmPool": "pool", "FrontDoor": "front",
+    "PlacedGpu": "gpu_placement", "TpReplica": "tp",
     "TransformersEngine": "hf_engine", "TransformersOptions": "hf_engine", "WeightsSource": "hf_model",
     "BootConfig": "boot", "BootReport": "report", "BootError": "errors", "Replica": "boot",
     "boot_replica": "boot",

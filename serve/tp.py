@@ -147,8 +147,8 @@ class TpReplica:
                 with open(os.path.join(self.log_dir, f"rank-{r}.log"), "rb") as f:
                     f.seek(0, os.SEEK_END)
                     f.seek(max(0, f.tell() - 600))
-                    tail = f.read().decode(errors="replace").strip().splitlines()[-1:]
-                    tail = f"; last log line: {tail[0]}" if tail else ""
+                    lines = f.read().decode(errors="replace").strip().splitlines()
+                tail = f"; last log line: {lines[-1]}" if lines else ""
             except OSError:
                 pass
         return (f"exited with status {rc}" if rc is not None else "no answer") + tail
@@ -215,9 +215,9 @@ class TpReplica:
             if e.state == "running":
                 self.call("rebuild", init=f"tcp://127.0.0.1:{free_port()}")
             raise TpError(f"parking the tensor-parallel replica failed: {e}") from None
-        except snapshot.CheckpointError as e:
+        except Exception as e:  # noqa: BLE001 - CheckpointError before any lock, GpuUnavailable: nothing suspended
             self.call("rebuild", init=f"tcp://127.0.0.1:{free_port()}")
-            raise TpError(f"parking the tensor-parallel replica failed: {e}") from None
+            raise TpError(f"parking the tensor-parallel replica failed: {type(e).__name__}: {e}") from None
         t2 = time.monotonic()
         rep = {"op": "park", "phases": {"quiesce": t1 - t0, "suspend": t2 - t1}, "total": t2 - t0,
                "device_state_bytes": sum(m.total_device_bytes for m in self.group.members)}
