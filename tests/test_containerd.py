@@ -318,3 +318,42 @@ def test_removing_the_image_unmounts_and_frees_its_snapshots(containerd, images,
     left = containerd.ctr("snapshot", "--snapshotter", "casfs", "ls").stdout.decode().splitlines()[1:]
     assert left == []
     assert os.listdir(os.path.join(snapshotter.root, "snapshots")) == []
+
+
+def _snapshotter_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "casfs.cli.main", "snapshotter", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_the_snapshotter_never_replaces_a_file_or_a_live_socket_nor_shares_its_root(snapshotter, tmp_path):
+    """A mistyped --socket used to delete whatever was there (a user's file) and a second
+    snapshotter took over the first one's live socket; now both are refused in one line, and
+    only a stale socket (its snapshotter killed) is replaced."""
+    import socket as socketmod
+
+    from tests.support.containerd import start_snapshotter
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me\n")
+    r = _snapshotter_cli("--socket", str(victim), "--root", str(tmp_path / "root1"))
+    assert r.returncode == 1 and "is not a socket; refusing to replace it" in r.stderr, r.stderr
+    assert victim.read_text() == "keep me\n"
+    r = _snapshotter_cli("--socket", snapshotter.socket, "--root", str(tmp_path / "root2"))
+    assert r.returncode == 1 and "another process is serving on --socket" in r.stderr, r.stderr
+    r = _snapshotter_cli("--socket", str(tmp_path / "other.sock"), "--root", snapshotter.root)
+    assert r.returncode == 1 and "is in use by another casfs snapshotter" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    probe = socketmod.socket(socketmod.AF_UNIX)
+    probe.connect(snapshotter.socket)  # the first one still serves
+    probe.close()
+    stale = str(tmp_path / "stale.sock")
+    dead = socketmod.socket(socketmod.AF_UNIX)
+    dead.bind(stale)  # a socket file nobody listens on
+    dead.close()
+    sp = start_snapshotter(stale, str(tmp_path / "root3"), str(tmp_path / "log"))
+    try:
+        assert sp.proc.poll() is None
+    finally:
+        sp.stop()
+    assert not os.path.exists(stale)

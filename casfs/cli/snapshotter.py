@@ -44,11 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_snapshotter(args: argparse.Namespace) -> int:
     import logging
 
-    from casfs.containerd.service import serve
+    from casfs.containerd.service import claim_socket, serve
     from casfs.containerd.snapshotter import Snapshotter
+
+    from .main import check_store_exists
 
     if os.geteuid() != 0:
         raise ValueError("casfs snapshotter needs root (it mounts filesystems)")
+    if args.read_ahead_kb is not None and args.read_ahead_kb < 0:
+        raise ValueError(f"--read-ahead-kb {args.read_ahead_kb}: use 0 or more KiB")
+    if args.image_store:
+        check_store_exists(args.image_store, what="--image-store")
+    for what, d in (("--root", args.root), ("--image-cache-dir", args.image_cache_dir)):
+        if d:
+            if os.path.lexists(d) and not os.path.isdir(d):
+                raise ValueError(f"{what} {d} exists and is not a directory")
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"{what} {d}: cannot create it ({e.strerror})") from None
     if args.verbose == 0:
         logging.getLogger("casfs.snapshotter").setLevel(logging.INFO)
         logging.getLogger().setLevel(logging.INFO)
@@ -56,6 +70,14 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
 
     opts = {"read_ahead_kb": args.read_ahead_kb} if args.read_ahead_kb else {}
     mounter = Mounter()  # forked now, while this process has one thread (see casfs.containerd.mounter)
+    try:
+        # after the fork: the mounter and the mount daemons it forks (which outlive us) must
+        # not inherit the lock; before anything is mounted: a second snapshotter stops here
+        root_lock = _lock_root(args.root)
+        claim_socket(os.path.abspath(args.socket))
+    except BaseException:
+        mounter.close()
+        raise
     sn = Snapshotter(args.root, store=args.image_store, cache_dir=args.image_cache_dir, mount_options=opts,
                      mounter=mounter)
     try:
@@ -66,4 +88,24 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     finally:
         sn.close()
         mounter.close()
+        root_lock.close()
     return 0
+
+
+def _lock_root(root: str):
+    """An exclusive lock on ``root`` (its metadata database and mounts belong to one
+    snapshotter at a time); returns the open lock file.
+
+    Raises:
+        ValueError: when another process holds it.
+    """
+    import fcntl
+
+    f = open(os.path.join(root, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"--root {root} is in use by another casfs snapshotter; stop it first or "
+                         "choose another --root") from None
+    return f

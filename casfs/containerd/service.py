@@ -9,9 +9,12 @@ message (and a traceback in the log).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
+import stat
 import threading
 from concurrent import futures
 from typing import Callable
@@ -19,7 +22,7 @@ from typing import Callable
 from .api import load
 from .snapshotter import AlreadyExists, FailedPrecondition, InvalidArgument, Mount, NotFound, Snapshotter
 
-__all__ = ["serve"]
+__all__ = ["claim_socket", "serve"]
 
 log = logging.getLogger("casfs.snapshotter")
 _LIST_BATCH = 100
@@ -113,6 +116,34 @@ def _empty():
     return empty_pb2.Empty()
 
 
+def claim_socket(path: str) -> None:
+    """Remove a stale socket at ``path``; refuse anything else there: a file or directory (a
+    mistyped --socket must not delete a user's file) or a socket some process still serves
+    (a second snapshotter would take containerd's connections from the first).
+
+    Raises:
+        OSError: naming the path and what to do.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"--socket {path} exists and is not a socket; refusing to replace it "
+                                    "(choose another path)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left by a snapshotter that was killed
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process is serving on --socket {path} (a running casfs "
+                                    "snapshotter?); stop it first or choose another path")
+
+
 def serve(snapshotter: Snapshotter, socket_path: str, *, workers: int = 16,
           ready: Callable[[], None] | None = None, stop: threading.Event | None = None) -> None:
     """Serve ``snapshotter`` on unix socket ``socket_path`` until SIGTERM/SIGINT (or ``stop``).
@@ -121,17 +152,15 @@ def serve(snapshotter: Snapshotter, socket_path: str, *, workers: int = 16,
 
     Raises:
         ApiUnavailable: grpcio or the API definitions are missing.
-        OSError: the socket cannot be bound.
+        OSError: the socket cannot be bound, ``socket_path`` is something other than a socket
+            (never removed), or a live process serves on it (another snapshotter).
     """
     import grpc
 
     _, pb_grpc, _ = load()
     socket_path = os.path.abspath(socket_path)
     os.makedirs(os.path.dirname(socket_path), exist_ok=True)
-    try:
-        os.unlink(socket_path)
-    except FileNotFoundError:
-        pass
+    claim_socket(socket_path)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"))
     pb_grpc.add_SnapshotsServicer_to_server(_servicer(snapshotter), server)
     if server.add_insecure_port(f"unix:{socket_path}") == 0:
