@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -291,3 +292,33 @@ def test_gc_on_s3_mid_build_keeps_reused_chunks_and_the_builds_own_uploads(tmp_p
     assert not list(objects.list("leases/"))
     r = collect(store, grace_seconds=0)  # with no writer left, only old's own garbage goes
     _check_export(store, "new", new_first, tmp_path / "export2")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_build_stopped_by_sigterm_or_sighup_cleans_up_as_ctrl_c_does(tmp_path, sig):
+    """``kill``/``timeout`` (SIGTERM) or a closed terminal (SIGHUP) used to kill a command on
+    the spot, leaving its writer lease (and temp files) behind; now every casfs command stops
+    as on Ctrl-C: one line, status 128 + signal, its lease released. The build is held in a
+    known state by a running gc's lease (a build waits for it)."""
+    _, new = _trees(tmp_path)
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        gc_lease = hold_gc(store.objects)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        p = subprocess.Popen([sys.executable, "-m", "casfs.cli.main", "--store", str(tmp_path / "store"),
+                              "build", str(tmp_path / "new"), "-t", "new", "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            assert "waiting for gc" in p.stderr.readline()  # its lease is taken, it waits
+            assert {lease.kind for lease in read_leases(store.objects)} == {"gc", "build"}
+            p.send_signal(sig)
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 128 + sig, err
+        assert err.strip().splitlines() == [f"casfs: interrupted{'' if sig == signal.SIGINT else ' by ' + sig.name}"]
+        assert [lease.kind for lease in read_leases(store.objects)] == ["gc"]  # the build's is gone
+        assert "new" not in store.tags()
+        gc_lease.release()
+        assert not os.listdir(tmp_path / "store" / "tmp")

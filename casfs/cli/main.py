@@ -13,7 +13,9 @@ import functools
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from .plugins import register_plugins
 
@@ -176,6 +178,40 @@ def summarised_warnings(shown: int | None = WARNINGS_SHOWN):
                   file=sys.stderr, flush=True)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP received by a command: handled as Ctrl-C is (whatever the command
+    started is undone on the way out), the exit status 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """While a command runs, SIGTERM and SIGHUP (``kill``, ``timeout``, a closed terminal)
+    raise ``Stopped`` like Ctrl-C raises KeyboardInterrupt, so leases, temporary files and
+    mounts are released by the same ``finally`` blocks instead of left behind by a sudden
+    death. Commands that run servers or containers install their own handlers on top. A
+    signal the caller ignores (``nohup``) stays ignored. Main thread only (Python's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, _stop)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -188,14 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     from casfs.errors import CasfsError
 
     try:
-        with summarised_warnings(shown=WARNINGS_SHOWN if not args.verbose else None):
+        with stop_signals_interrupt(), summarised_warnings(shown=WARNINGS_SHOWN if not args.verbose else None):
             try:
                 return int(args.func(args) or 0)
             finally:
                 _close_opened(args)  # (background prefetches log their failures before the summary)
-    except KeyboardInterrupt:
-        print("casfs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        by = f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""
+        print(f"casfs: interrupted{by}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
