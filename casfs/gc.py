@@ -49,9 +49,13 @@ def collect(store: Store, *, dry_run: bool = False, grace_seconds: float = 3600.
     """Delete unreferenced objects (or only list them with ``dry_run``).
 
     Raises:
+        ValueError: for a negative or NaN ``grace_seconds`` (NaN compared as "not young" would
+            delete every unreferenced object at once).
         StoreError: when a tag is unreadable (its image would lose its chunks), or the store
             fails.
     """
+    if not grace_seconds >= 0:
+        raise ValueError(f"--grace {grace_seconds}: use 0 or more seconds (0: no grace period)")
     objects = store.objects
     own = None if dry_run else hold_gc(objects)
     try:

@@ -173,3 +173,22 @@ def test_gc_shows_a_tag_name_that_is_not_utf8_escaped_and_sweeps_nothing(tmp_pat
     assert "'bad\\xff': not a valid tag name" in r.stderr and "\\udc" not in r.stderr
     with casfs.open_store(str(tmp_path / "store")) as store:
         assert sorted(store.iter_objects()) == before
+
+
+@pytest.mark.parametrize("grace", ["-5", "nan", "-inf"])
+def test_gc_refuses_a_negative_or_nan_grace_period_and_deletes_nothing(tmp_path, grace):
+    """``--grace nan`` compared as "not young" and deleted every unreferenced object at once,
+    and ``--grace -5`` was taken as no grace period; both are refused now."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    write_tree(src, {"f": os.urandom(5000)})
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        casfs.build(store, str(src), progress=False)  # untagged: all of it unreferenced, but young
+        before = sorted(store.iter_objects())
+    r = subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", str(tmp_path / "store"), "gc",
+                        f"--grace={grace}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "use 0 or more seconds" in r.stderr, r.stderr
+    with casfs.open_store(str(tmp_path / "store")) as store:
+        assert sorted(store.iter_objects()) == before
