@@ -17,7 +17,7 @@ from .packer import COMPRESS_POLICIES, DEFAULT_CHUNK_SIZE, Packer, PackStats
 from .policy import CODE_CHUNK_SIZE, WEIGHT_CHUNK_SIZE, WEIGHT_SUFFIXES, chunk_size_for
 from .source import Source
 
-__all__ = ["BuildResult", "build_image", "open_source", "COMPRESS_POLICIES", "CODE_CHUNK_SIZE",
+__all__ = ["BuildResult", "build_image", "check_build_options", "open_source", "COMPRESS_POLICIES", "CODE_CHUNK_SIZE",
            "DEFAULT_CHUNK_SIZE", "WEIGHT_CHUNK_SIZE", "WEIGHT_SUFFIXES", "chunk_size_for"]
 
 
@@ -70,6 +70,22 @@ def _ensure_stored(store, packer: Packer, lease: Lease | None, attempts: int = 3
                      "leases disabled or an outside cleaner running?); build again")
 
 
+def check_build_options(tag: str | None, chunk_size: int | None, compress: str = "auto") -> None:
+    """Refuse build options that cannot work, before a store is opened or created.
+
+    Raises:
+        ValueError: an invalid tag. BuildError: a chunk size or compress policy out of range.
+    """
+    from ..store import check_tag
+
+    if tag is not None:
+        check_tag(tag)
+    if chunk_size is not None and (chunk_size & (chunk_size - 1) or not (4096 <= chunk_size <= 256 << 20)):
+        raise BuildError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 256 MiB")
+    if compress not in COMPRESS_POLICIES:
+        raise BuildError(f"compress must be one of {', '.join(COMPRESS_POLICIES)}, got {compress!r}")
+
+
 def open_source(path: str) -> Source:
     """Pick the builder for ``path``: an OCI layout dir, another directory, or a tar archive.
 
@@ -88,6 +104,9 @@ def open_source(path: str) -> Source:
         from .tar import TarSource
 
         return TarSource(path)
+    if os.path.lexists(path):
+        raise BuildError(f"{path}: not a directory, tar archive or OCI layout (a device, fifo, socket "
+                         "or dangling symlink); build from a directory or a tar file")
     raise BuildError(f"{path}: no such file or directory")
 
 
@@ -123,14 +142,7 @@ def build_image(store, source: Source | str, tag: str | None = None, *,
         BuildError: on unusable or hostile input, or files changing during the build.
         StoreError: when the store cannot be written.
     """
-    from ..store import check_tag
-
-    if tag is not None:
-        check_tag(tag)
-    if chunk_size is not None and (chunk_size & (chunk_size - 1) or not (4096 <= chunk_size <= 256 << 20)):
-        raise BuildError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 256 MiB")
-    if compress not in COMPRESS_POLICIES:
-        raise BuildError(f"compress must be one of {', '.join(COMPRESS_POLICIES)}, got {compress!r}")
+    check_build_options(tag, chunk_size, compress)
     src = open_source(source) if isinstance(source, str) else source
     t0 = time.perf_counter()
     try:

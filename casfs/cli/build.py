@@ -54,12 +54,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     import casfs
+    from casfs.build import check_build_options, open_source
 
     block = 0 if args.block_size.strip() == "0" else parse_size(args.block_size)
     if block and (block & (block - 1) or not (16 << 10) <= block <= (1 << 20)):
         raise ValueError(f"--block-size {args.block_size}: use a power of two from 16K to 1M, or 0")
+    chunk_size = None if args.chunk_size == "auto" else parse_size(args.chunk_size)
+    # a bad tag, size or source is refused before a new store is created for it
+    check_build_options(args.tag, chunk_size, args.compress)
+    source = open_source(args.src)
     store = open_store_from_args(args, create=True)
-    r = casfs.build(store, args.src, tag=args.tag, chunk_size=None if args.chunk_size == "auto" else parse_size(args.chunk_size),
+    r = casfs.build(store, source, tag=args.tag, chunk_size=chunk_size,
                     progress=False if args.no_progress else None, compress=args.compress,
                     block=block)
     p = r.pack
