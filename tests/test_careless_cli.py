@@ -51,3 +51,28 @@ def test_a_build_refused_for_its_inputs_creates_no_store(tmp_path, env, args):
             for a in args]
     one_line_error(casfs_cli("--store", str(tmp_path / "new-store"), "build", *args, env=env))
     assert not os.path.exists(tmp_path / "new-store")
+
+
+def test_a_cache_server_over_a_missing_local_store_is_refused_not_served_empty(tmp_path, env):
+    """``casfs cache-server --store /typo`` served (and created) an empty store: every request
+    a miss, for ever."""
+    for args in (["cache-server", "--store", str(tmp_path / "typo")],
+                 ["--store", str(tmp_path / "typo"), "cache-server"]):
+        err = one_line_error(casfs_cli(*args, "--listen", "127.0.0.1:0", env=env))
+        assert f"--store {tmp_path / 'typo'} does not exist" in err
+    assert not os.path.exists(tmp_path / "typo")
+
+
+def test_an_unusable_cache_dir_is_named_in_the_error(tmp_path, env):
+    """``--cache-dir /proc/x`` printed "No such file or directory: /proc/x" (which option? what
+    to do?); a file given as a cache dir failed deep inside."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for d, why in (("/proc/casfs-nope", "cannot create it (No such file or directory)"),
+                   (str(tmp_path / "afile"), "exists and is not a directory")):
+        err = one_line_error(casfs_cli("--store", str(tmp_path / "store"), "--cache-dir", d, "images", env=env))
+        assert f"--cache-dir {d}" in err and why in err
+        err = one_line_error(casfs_cli("cache-server", "--store", str(tmp_path / "store"), "--cache-dir", d,
+                                       "--listen", "127.0.0.1:0", env=env))
+        assert f"--cache-dir {d}" in err and why in err
+    assert (tmp_path / "afile").read_text() == "x"

@@ -55,10 +55,15 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     if args.max_connections < 1 or args.max_per_client < 1 or args.header_timeout <= 0:
         raise ValueError("--max-connections and --max-per-client must be at least 1, --header-timeout above 0")
-    url = args.server_store or args.store or default_store_url()
+    from .main import check_dir_usable, check_store_exists
+
     memory = parse_size(args.memory)
     cache_bytes = parse_size(args.cache_size)
     cache_dir = args.server_cache_dir or getattr(args, "cache_dir", None)
+    # a typo'd local --store would be served (and created) empty: every request a miss
+    check_store_exists(args.server_store or args.store)
+    check_dir_usable(cache_dir, "--cache-dir")
+    url = args.server_store or args.store or default_store_url()
     server = CacheServer(open_objects(url), host, port, memory_bytes=memory, cache_dir=cache_dir,
                          cache_bytes=cache_bytes, token=args.token, fsync=not args.no_fsync,
                          max_connections=args.max_connections, max_per_client=args.max_per_client,

@@ -125,12 +125,32 @@ def check_store_exists(url: str | None, *, create: bool = False, what: str = "--
                      f"create the directory: mkdir -p {path})")
 
 
+def check_dir_usable(path: str | None, what: str) -> None:
+    """Create directory ``path`` (an option's cache or state directory) if needed, or refuse it
+    in one line naming the option (an OSError alone named neither the option nor the cause).
+
+    Raises:
+        StoreError: when it is not a directory or cannot be created.
+    """
+    from casfs.errors import StoreError
+
+    if not path:
+        return
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise StoreError(f"{what} {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{what} {path}: cannot create it ({e.strerror})") from None
+
+
 def open_store_from_args(args: argparse.Namespace, *, create: bool = False):
     """The Store named by --store/--cache-dir (shared by every command). A local ``--store``
     path must exist unless ``create`` (``check_store_exists``)."""
     import casfs
 
     check_store_exists(args.store, create=create)
+    check_dir_usable(args.cache_dir, "--cache-dir")
     store = casfs.open_store(args.store, cache_dir=args.cache_dir, azcache=getattr(args, "azcache", None))
     # closed by main() (their background reads ended) before the command's verdict is printed
     vars(args).setdefault("_opened_stores", []).append(store)

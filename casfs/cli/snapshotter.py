@@ -47,7 +47,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     from casfs.containerd.service import claim_socket, serve
     from casfs.containerd.snapshotter import Snapshotter
 
-    from .main import check_store_exists
+    from .main import check_dir_usable, check_store_exists
 
     if os.geteuid() != 0:
         raise ValueError("casfs snapshotter needs root (it mounts filesystems)")
@@ -55,14 +55,8 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         raise ValueError(f"--read-ahead-kb {args.read_ahead_kb}: use 0 or more KiB")
     if args.image_store:
         check_store_exists(args.image_store, what="--image-store")
-    for what, d in (("--root", args.root), ("--image-cache-dir", args.image_cache_dir)):
-        if d:
-            if os.path.lexists(d) and not os.path.isdir(d):
-                raise ValueError(f"{what} {d} exists and is not a directory")
-            try:
-                os.makedirs(d, exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"{what} {d}: cannot create it ({e.strerror})") from None
+    check_dir_usable(args.root, "--root")
+    check_dir_usable(args.image_cache_dir, "--image-cache-dir")
     if args.verbose == 0:
         logging.getLogger("casfs.snapshotter").setLevel(logging.INFO)
         logging.getLogger().setLevel(logging.INFO)
