@@ -76,3 +76,13 @@ def test_an_unusable_cache_dir_is_named_in_the_error(tmp_path, env):
                                        "--listen", "127.0.0.1:0", env=env))
         assert f"--cache-dir {d}" in err and why in err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_copying_an_unknown_image_creates_no_destination_store(tmp_path, env):
+    write_tree(tmp_path / "src", {"f": b"data"})
+    assert casfs_cli("--store", str(tmp_path / "store"), "build", str(tmp_path / "src"), "-t", "t",
+                     env=env).returncode == 0
+    err = one_line_error(casfs_cli("--store", str(tmp_path / "store"), "copy", "typo", "--to",
+                                   str(tmp_path / "dest"), env=env))
+    assert "no image or tag 'typo'" in err and "(tags: t)" in err
+    assert not os.path.exists(tmp_path / "dest")

@@ -51,9 +51,12 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError("--threads must be at least 1")
     check_store_exists(args.src or args.store, what="--from" if args.src else "--store")
-    check_store_exists(args.dst, create=True)
     src = casfs.open_store(args.src or args.store, cache_dir="")
+    vars(args).setdefault("_opened_stores", []).append(src)
+    src.resolve(args.name)  # a typo'd name must not create the destination store first
+    check_store_exists(args.dst, create=True)
     dst = casfs.open_store(args.dst, cache_dir="")
+    vars(args).setdefault("_opened_stores", []).append(dst)
     r = copy_image(src, dst, args.name, tag=args.tag, threads=args.threads,
                    progress=False if args.no_progress else None)
     print(f"copied {args.name} ({r.image_id[:12]}) to {dst.url}: {r.objects_copied} of {r.objects_total} "
