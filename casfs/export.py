@@ -60,13 +60,21 @@ def export(image: Image, dest: str, *, progress: bool | None = None) -> ExportRe
         CorruptIndex: the image names an entry twice or with a name that is not one path
             component (nothing is left behind, nothing is written outside ``dest``).
         ChunkUnavailable: when file contents cannot be fetched (nothing is left behind).
+        OSError: when writing fails (a full disk: the message names ``dest``; nothing is left
+            behind).
     """
     dest = os.path.abspath(dest)
     if os.path.lexists(dest):
         raise FileExistsError(17, "export destination already exists (choose a new path)", dest)
     t0 = time.perf_counter()
-    with atomic_directory(dest) as tmp:
-        res = _write_tree(image, tmp, progress)
+    try:
+        with atomic_directory(dest) as tmp:
+            res = _write_tree(image, tmp, progress)
+    except OSError as e:
+        if e.filename is not None or not e.strerror:
+            raise
+        # a write that failed (a full disk, a quota) names no file: name the destination
+        raise OSError(e.errno, f"export to {dest} failed ({e.strerror}); nothing was left there") from None
     res.seconds = time.perf_counter() - t0
     return res
 

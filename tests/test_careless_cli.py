@@ -86,3 +86,21 @@ def test_copying_an_unknown_image_creates_no_destination_store(tmp_path, env):
                                    str(tmp_path / "dest"), env=env))
     assert "no image or tag 'typo'" in err and "(tags: t)" in err
     assert not os.path.exists(tmp_path / "dest")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_an_export_onto_a_full_disk_names_its_destination_and_leaves_nothing(tmp_path, env):
+    """On a full disk ``casfs export`` said only "No space left on device"."""
+    write_tree(tmp_path / "src", {"big": os.urandom(3 << 20), "small": b"x"})
+    assert casfs_cli("--store", str(tmp_path / "store"), "build", str(tmp_path / "src"), "-t", "t",
+                     env=env).returncode == 0
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "casfs-test-full", str(disk)], check=True)
+    try:
+        err = one_line_error(casfs_cli("--store", str(tmp_path / "store"), "export", "t", str(disk / "out"),
+                                       env=env))
+        assert f"export to {disk / 'out'} failed (No space left on device); nothing was left there" in err
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
