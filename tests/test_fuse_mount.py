@@ -424,6 +424,18 @@ def test_mounting_onto_a_busy_or_missing_mountpoint_fails_clearly(tree_image, mo
         casfs.mount(image, mnt)
 
 
+def test_a_log_file_the_daemon_cannot_write_is_refused_before_mounting(tree_image, mounts, tmp_path):
+    """``--log-file`` in a missing directory (or a directory) failed the daemon with "exited
+    before mounting (see <that log>)", a log that could not exist."""
+    store, image, src, files, has_x = tree_image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for log, why in ((tmp_path / "no" / "such.log", "No such file or directory"), (tmp_path, "Is a directory")):
+        with pytest.raises(MountError, match=f"log file {log}: cannot write it \\({why}\\)"):
+            casfs.mount(image, str(mnt), log_file=str(log))
+        assert not is_mounted(str(mnt))
+
+
 def test_a_recorded_profile_is_replayed_into_the_memory_tier(tree_image, mounts, runtime, tmp_path):
     store, image, src, files, has_x = tree_image
     mnt = str(tmp_path / "mnt")

@@ -328,6 +328,10 @@ def mount(image: "Image", mountpoint: str, options: MountOptions | None = None, 
         raise MountError(f"{mountpoint}: something is already mounted here (casfs umount {mountpoint})")
     check_mountpoint(mountpoint)
     log_path = opts.log_file or runtime_key(mountpoint) + ".log"
+    try:  # the daemon logs there: a path it cannot open would fail it silently
+        os.close(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise MountError(f"log file {log_path}: cannot write it ({e.strerror}); choose another --log-file") from None
     r, w = os.pipe()
     start = daemon.fork if daemon.forkable(image) else daemon.spawn
     start(image, mountpoint, opts, r, w, log_path)
