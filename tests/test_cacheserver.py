@@ -108,6 +108,25 @@ def test_multi_range_and_malformed_range_requests_get_the_whole_object():
     assert parse_range("bytes=2-", 10) == (2, 10)
 
 
+@given(st.text(max_size=300), st.integers(0, 1 << 40))
+@settings(max_examples=300, deadline=None)
+def test_any_range_header_parses_to_a_range_inside_the_object_or_none_or_416(header, size):
+    got = parse_range(header, size)
+    assert got is None or got == "unsatisfiable" or (0 <= got[0] < got[1] <= size)
+
+
+def test_a_range_with_thousands_of_digits_is_no_server_error(built, server):
+    """``Range: bytes=0-<5,000 nines>`` made int() raise (Python's 4,300-digit limit): a 500
+    and a traceback in the server's log; now such numbers mean "past the end"."""
+    key = built[2]["chunks"][0]
+    size = len(LocalObjectStore(built[0]).get(key))
+    assert parse_range("bytes=0-" + "9" * 5000, size) == (0, size)
+    assert parse_range("bytes=" + "9" * 5000 + "-", size) == "unsatisfiable"
+    assert parse_range("bytes=-" + "9" * 5000, size) == (0, size)
+    status, headers, body = request(server.url, "GET", fanout(key), {"Range": "bytes=0-" + "9" * 5000})
+    assert status == 206 and len(body) == size
+
+
 def test_concurrent_misses_for_one_object_cause_one_blob_fetch(built):
     """The blob store is a real LocalObjectStore that counts gets and holds the first one until
     every other request is waiting on it (so the requests really overlap)."""

@@ -33,15 +33,22 @@ from .objects import KINDS, ObjectCache
 
 log = logging.getLogger("casfs.cacheserver")
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 _IMMUTABLE = "public, max-age=31536000, immutable"
+_BEYOND = 1 << 63  # a position past any object: what a number of more than 18 digits means here
+
+
+def _position(digits: str) -> int:
+    """A Range number; one too long for any object (Python refuses to convert 4,300 digits or
+    more, and converting is quadratic) means "past the end"."""
+    return int(digits) if len(digits) <= 18 else _BEYOND
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
     """``Range`` header -> (start, end_exclusive), None (serve the whole object), or
     ``"unsatisfiable"`` (reply 416). Multiple ranges and malformed headers give None (RFC 9110
-    lets a server ignore Range)."""
+    lets a server ignore Range). Never raises, whatever the header (a hostile client's)."""
     m = _RANGE.match(header.strip())
     if not m:
         return None
@@ -49,13 +56,13 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
     if a == "" and b == "":
         return None
     if a == "":  # the last b bytes
-        n = int(b)
+        n = _position(b)
         if n == 0:
             return "unsatisfiable"
         return max(0, size - n), size
-    start = int(a)
-    end = size if b == "" else min(size, int(b) + 1)
-    if b != "" and int(b) < start:
+    start = _position(a)
+    end = size if b == "" else min(size, _position(b) + 1)
+    if b != "" and _position(b) < start:
         return None
     if start >= size:
         return "unsatisfiable"
