@@ -14,6 +14,9 @@ Input formats of the targets (the first byte selects the mode):
   drives structured mutations of one of ``sample_frames()``.
 - ``fuzz_oci.py``: even first byte: the rest is raw bytes for the three OCI parsers; odd: the
   rest drives edits of one of ``sample_oci()``'s JSON documents.
+- ``fuzz_http.py``: even first byte: 8 bytes of object size, then a raw request head (and
+  Content-Range value); odd: the rest builds a request head from pieces (``sample_http()``
+  are real request heads).
 - ``fuzz_export.py``: the first byte's low bit switches the parser's name check off (1) or
   leaves it on (0); the rest drives mutations of an index from ``export_store()``.
 """
@@ -225,6 +228,19 @@ def sample_oci() -> list[bytes]:
     return [b"\x00" + json.dumps(x).encode() for x in (catalog, index, ref)]
 
 
+def sample_http() -> list[bytes]:
+    """Request heads a casfs client sends a cache server, behind a 0x00 mode byte and an
+    8-byte object size (1 MiB), and a Content-Range value."""
+    size = (1 << 20).to_bytes(8, "little")
+    path = "/packs/ab/" + "ab" * 32
+    heads = [f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:8470\r\nRange: bytes=100-4195\r\n"
+             "User-Agent: casfs-azcache\r\nAuthorization: Bearer t",
+             f"HEAD {path} HTTP/1.1\r\nHost: x\r\nCache-Control: only-if-cached",
+             f"GET {path} HTTP/1.0\r\nRange: bytes=-500\r\nConnection: keep-alive",
+             "bytes 0-99/1048576"]
+    return [b"\x00" + size + h.encode() for h in heads]
+
+
 def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
     """Write the seed corpora (idempotent: files are named by content)."""
     seeds = {
@@ -236,6 +252,7 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
         "corpus-criuimg": [b"\x00" + p for p in sample_pagemaps()]
         + [b"\x01" + bytes([k, 5, 3, 1, 0, 9, 200, 7]) for k in range(6)],
         "corpus-oci": sample_oci() + [b"\x01" + bytes([k, 1, 1, 0, 5, 9, k, 3]) for k in range(8)],
+        "corpus-http": sample_http() + [b"\x01" + bytes([k, 2, 1, 3, 0, 7, k, 5, 2, 2]) for k in range(8)],
     }
     for sub, items in seeds.items():
         d = os.path.join(base, sub)
@@ -249,5 +266,5 @@ def write_corpora(base: str = os.path.join(ROOT, "fuzz")) -> None:
 
 if __name__ == "__main__":
     write_corpora()
-    print("fuzz seeds written to fuzz/corpus-index, fuzz/corpus-chunk, fuzz/corpus-export, fuzz/corpus-criuimg "
-          "and fuzz/corpus-oci")
+    print("fuzz seeds written to fuzz/corpus-index, fuzz/corpus-chunk, fuzz/corpus-export, fuzz/corpus-criuimg, "
+          "fuzz/corpus-oci and fuzz/corpus-http")

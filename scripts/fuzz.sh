@@ -7,7 +7,7 @@
 # fuzz/corpus-crashes/<target>-* (replay: .venv/bin/python fuzz/fuzz_<target>.py <file>).
 # FUZZ_SEED fixes libFuzzer's seed (make test sets 1, so CI explores the same inputs on every
 # run and cannot turn red by chance; make fuzz leaves it random to explore further).
-# Usage: FUZZ_SECONDS=20 bash scripts/fuzz.sh [target ...]   (targets: index chunk export criuimg)
+# Usage: FUZZ_SECONDS=20 bash scripts/fuzz.sh [target ...]   (targets: index chunk export criuimg oci http)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${VENV:-.venv}/bin/python

@@ -185,7 +185,7 @@ def test_bytes_after_the_zstd_frame_in_a_payload_are_rejected_on_every_read_path
     assert chunkmod.decode(clean) == data
 
 
-@pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk", "fuzz_export", "fuzz_oci"])
+@pytest.mark.parametrize("target", ["fuzz_index", "fuzz_chunk", "fuzz_export", "fuzz_oci", "fuzz_http"])
 def test_every_seed_input_meets_the_fuzz_target_contract(target, tmp_path):
     """Runs each target's TestOneInput (its contract checks, without libFuzzer) on the seeds."""
     pytest.importorskip("atheris")
@@ -221,3 +221,13 @@ def test_a_blocked_frame_cut_inside_its_block_table_is_corrupt_not_a_crash():
             chunkmod.read_frame_into(fd, 0, bytearray(40000), digest)
     finally:
         os.close(fd)
+
+
+def test_a_suffix_range_of_an_empty_object_is_the_whole_object_not_an_inverted_range():
+    """Found by fuzz_http: ``Range: bytes=-5`` on an empty object parsed to (0, 0), which the
+    cache server would have answered with ``Content-Range: bytes 0--1/0``."""
+    from casfs.cacheserver import parse_range
+
+    assert parse_range("bytes=-5", 0) is None
+    assert parse_range("bytes=0-", 0) == "unsatisfiable"
+    assert parse_range("bytes=-5", 3) == (0, 3)

@@ -59,6 +59,8 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
         n = _position(b)
         if n == 0:
             return "unsatisfiable"
+        if size == 0:
+            return None  # the last bytes of nothing: the whole (empty) object, no "bytes 0--1/0"
         return max(0, size - n), size
     start = _position(a)
     end = size if b == "" else min(size, _position(b) + 1)
