@@ -582,7 +582,7 @@ def test_a_process_with_threads_gets_a_re_executed_daemon(tree_image, mounts, tm
 
 def test_a_store_without_a_memory_tier_serves_multi_chunk_files(tree_image, mounts, tmp_path):
     store, image, src, files, has_x = tree_image
-    bare = casfs.open_store(store.url, memory_bytes=0)
+    bare = casfs.open_store(store.url, memory_bytes=0)  # (a spawned daemon keeps that too)
     try:
         mnt = str(tmp_path / "mnt")
         mounts(bare.open_image("tree"), mnt, read_ahead_kb=4)  # 4 KiB requests: many per chunk
@@ -598,6 +598,33 @@ def test_a_store_without_a_memory_tier_serves_multi_chunk_files(tree_image, moun
         assert s["mount"]["inline_hits"] > 0  # the kernel's requests inside one chunk shared a fetch
     finally:
         bare.close()
+
+
+def test_a_spawned_daemon_serves_with_the_stores_own_tiers(tree_image, mounts, tmp_path, monkeypatch):
+    """A process with threads cannot fork its daemon, so ``casfs.mount`` spawns ``casfs mount``,
+    which reopened the store by URL with default tiers: the store's AZ cache servers and its
+    memory size were lost (and which one a test got depended on the threads earlier tests
+    left running). The spawned daemon now gets them."""
+    from casfs.cacheserver import CacheServer
+    from casfs.fuse import daemon
+    from casfs.objects.local import LocalObjectStore
+    from casfs.store import Store
+    from casfs.tiers.azcache import AzCacheTier
+
+    store, image, src, files, has_x = tree_image
+    monkeypatch.setattr(daemon, "forkable", lambda image: False)
+    monkeypatch.delenv("CASFS_AZCACHE", raising=False)
+    with CacheServer(LocalObjectStore(store.objects.root)) as server:
+        own = Store(LocalObjectStore(store.objects.root), memory_bytes=0, extra_tiers=[AzCacheTier([server.url])])
+        try:
+            mnt = str(tmp_path / "mnt")
+            mounts(own.open_image("tree"), mnt)
+            with open(os.path.join(mnt, "usr/lib/libbig.so"), "rb") as f:
+                assert f.read() == files["usr/lib/libbig.so"]
+            tiers = [t["tier"] for t in control(mnt, "stats")["tiers"]]
+            assert "memory" not in tiers and tiers[0] == "azcache", tiers
+        finally:
+            own.close()
 
 
 def test_umount_cleans_up_after_a_killed_daemon(tree_image, mounts, runtime, tmp_path):

@@ -144,14 +144,16 @@ def check_dir_usable(path: str | None, what: str) -> None:
         raise StoreError(f"{what} {path}: cannot create it ({e.strerror})") from None
 
 
-def open_store_from_args(args: argparse.Namespace, *, create: bool = False):
+def open_store_from_args(args: argparse.Namespace, *, create: bool = False, **options):
     """The Store named by --store/--cache-dir (shared by every command). A local ``--store``
-    path must exist unless ``create`` (``check_store_exists``)."""
+    path must exist unless ``create`` (``check_store_exists``). ``options`` go to
+    ``casfs.open_store`` (e.g. ``memory_bytes``)."""
     import casfs
 
     check_store_exists(args.store, create=create)
     check_dir_usable(args.cache_dir, "--cache-dir")
-    store = casfs.open_store(args.store, cache_dir=args.cache_dir, azcache=getattr(args, "azcache", None))
+    store = casfs.open_store(args.store, cache_dir=args.cache_dir, azcache=getattr(args, "azcache", None),
+                             **options)
     # closed by main() (their background reads ended) before the command's verdict is printed
     vars(args).setdefault("_opened_stores", []).append(store)
     return store

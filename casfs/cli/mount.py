@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .format import human
+from .format import human, parse_size
 from .main import open_store_from_args
 
 
@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-profile", action="store_true", help="do not replay the image's startup profile")
     p.add_argument("--no-readahead", action="store_true", help="no user-space readahead or safetensors prefetch")
     p.add_argument("--log-file", metavar="PATH", default=None, help="daemon log (default: in the runtime dir)")
+    p.add_argument("--memory", metavar="SIZE", default=None,
+                   help="the daemon's memory tier of decompressed chunks (default 512M; 0: none)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
@@ -77,8 +79,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be a positive number")
     if args.record_profile is not None and args.record_profile <= 0:
         raise ValueError("--record-profile SECONDS must be > 0")
+    memory = {} if args.memory is None else {"memory_bytes": parse_size(args.memory)}
     t0 = time.perf_counter()
-    image = open_store_from_args(args).open_image(args.name)
+    image = open_store_from_args(args, **memory).open_image(args.name)
     opts = _options(args)
     if args.ready_fd is not None:  # re-executed as a daemon by casfs.fuse.mount.mount()
         return daemon.daemon_body(image, args.mountpoint, opts, args.ready_fd, opts.log_file or os.devnull)

@@ -390,13 +390,19 @@ _spawned: list[subprocess.Popen] = []  # kept so that Python reaps them
 
 
 def spawn(image: "Image", mountpoint: str, opts: MountOptions, r: int, w: int, log_path: str) -> None:
-    """Start ``casfs mount --foreground --ready-fd`` in a new session (this process has threads)."""
+    """Start ``casfs mount --foreground --ready-fd`` in a new session (this process has threads),
+    with the store's own tiers: its cache dir, its AZ cache servers and its memory size."""
     store = image.store
     argv = [sys.executable, "-m", "casfs.cli.main", "--store", store.url]
     if store.cache_dir:
         argv += ["--cache-dir", store.cache_dir]
+    from ..tiers.azcache import AzCacheTier
+
+    azcache = [n.url for t in store.chunks.tiers if isinstance(t, AzCacheTier) for n in t.nodes]
+    argv += ["--azcache", ",".join(azcache)]  # (an empty list: none, whatever $CASFS_AZCACHE says)
     argv += ["-" + "v" * opts.verbose] if opts.verbose else []
-    argv += ["mount", image.id, mountpoint, "--foreground", "--ready-fd", str(w), "--log-file", log_path]
+    argv += ["mount", image.id, mountpoint, "--foreground", "--ready-fd", str(w), "--log-file", log_path,
+             "--memory", str(store.memory.capacity if store.memory is not None else 0)]
     if opts.allow_other:
         argv.append("--allow-other")
     if opts.read_ahead_kb:
