@@ -92,6 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.create and not args.snapshot:
         raise ValueError("--create needs --snapshot TAG (the tag to store the snapshot under)")
+    for flag, value in (("--max-model-len", args.max_model_len), ("--boot-timeout", args.boot_timeout),
+                        ("--idle-park", args.idle_park)):
+        if value is not None and not value > 0:  # (-1 failed the replica's warmup with a traceback)
+            raise ValueError(f"{flag} {value}: must be above 0")
     cfg = BootConfig(image=args.image, listen=args.listen, store=args.store, cache_dir=args.cache_dir,
                      name=args.name, engine=args.engine, eager=args.eager, device=args.device,
                      fast_boot=args.fast_boot,

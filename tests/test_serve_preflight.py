@@ -123,3 +123,13 @@ def test_a_model_export_reused_by_a_later_boot_is_checked_and_exported_again_whe
         assert dest2 == dest and detail["reused"] is False
         with open(weights, "rb") as f:
             assert f.read() == b"\0" * 64
+
+
+@pytest.mark.parametrize("flag", ["--max-model-len=-1", "--boot-timeout=-5", "--boot-timeout=nan", "--idle-park=0"])
+def test_serve_refuses_a_nonpositive_length_or_timeout_before_booting(images, tmp_path, flag):
+    """``--max-model-len -1`` booted a replica whose warmup failed with a traceback in its log;
+    ``--boot-timeout -5`` booted one and gave up at once ("within -5 s")."""
+    p, secs = _serve(sys.executable, images, "model", "--engine", "echo", "--no-gpu-check", "--workdir",
+                     str(tmp_path / "w"), "--listen", "127.0.0.1:0", flag)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "must be above 0" in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / "w" / "logs")  # nothing was started
