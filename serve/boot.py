@@ -512,7 +512,11 @@ def _create_and_restore(cfg: BootConfig, backend: Any, store: Any, timer: PhaseT
         raise
     ready = time.monotonic() - t_spawn
     with timer.phase("snapshot"):  # the dump ends the worker ...
-        report.snapshot_create = backend.create(proc, store, cfg.snapshot)
+        try:
+            report.snapshot_create = backend.create(proc, store, cfg.snapshot)
+        except BootError:
+            proc.kill()  # a dump that failed leaves the worker running (CRIU resumes it)
+            raise
     restored = None
     with timer.phase("restore"):  # ... which goes on serving from its snapshot
         restored = backend.restore(store, cfg.snapshot, listen=cfg.listen, seed=secrets.randbits(63),
