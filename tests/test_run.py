@@ -107,3 +107,22 @@ def test_a_run_records_a_profile_and_writes_what_it_touched_and_fetched(tmp_path
     assert sum(t["bytes_read"] for t in st["tiers"] if t["tier"] == "blob") > 0
     p = subprocess.run(casfs_bin + ["profile", "show", "bb"], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "big" in p.stdout, p.stdout + p.stderr
+
+
+def test_options_after_the_image_name_are_options_not_the_command(tmp_path):
+    """``casfs run bb -e FOO=bar -- sh ...`` ran "-e" as the container's command (argparse gave
+    everything after NAME to CMD); options between NAME and ``--`` are options now, and an
+    option-like command without ``--`` is refused in one line."""
+    _busybox_root(tmp_path / "root")
+    env = dict(os.environ, CASFS_HOME=str(tmp_path / "home"))
+    casfs_bin = [sys.executable, "-m", "casfs.cli.main"]
+    subprocess.run(casfs_bin + ["build", str(tmp_path / "root"), "--tag", "bb"], env=env, check=True,
+                   capture_output=True)
+    p = subprocess.run(casfs_bin + ["run", "bb", "-e", "FOO=bar", "-w", "/tmp", "--", "sh", "-c", "echo $FOO; pwd"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["bar", "/tmp"]
+    p = subprocess.run(casfs_bin + ["run", "bb", "--tmpfs-size", "64M", "echo", "hi"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    assert "'--tmpfs-size' is not a command: put options before NAME, or end them with --" in p.stderr

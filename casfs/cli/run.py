@@ -39,7 +39,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="record a startup profile of what CMD reads (saved when CMD ends or after "
                         "SECONDS); later runs of the image prefetch it")
     p.add_argument("--no-profile", action="store_true", help="do not replay the image's startup profile")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, run_parser=p)
+
+
+def _options_after_name(args: argparse.Namespace) -> argparse.Namespace:
+    """``casfs run NAME --tmpfs-size 2G -- CMD``: argparse hands everything after NAME to CMD,
+    so the container ran "--tmpfs-size" as its command. Options between NAME and ``--`` are
+    parsed as options; an option-like CMD without ``--`` is refused (no command starts with
+    '-').
+
+    Raises:
+        ValueError: for options after NAME without ``--`` to end them.
+    """
+    cmd = args.cmd
+    if not cmd or cmd[0] == "--" or not cmd[0].startswith("-"):
+        return args
+    if "--" not in cmd:
+        raise ValueError(f"{cmd[0]!r} is not a command: put options before NAME, or end them with --: "
+                         f"casfs run [OPTIONS] {args.name} -- CMD [ARGS...]")
+    i = cmd.index("--")
+    return args.run_parser.parse_args([*cmd[:i], args.name, *cmd[i:]], namespace=args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -47,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from casfs.run import Interrupted, RunOptions, check_size, run_container
 
+    args = _options_after_name(args)
     check_size(args.tmpfs_size)  # ValueError: one line, before anything is mounted
     if args.stop_timeout < 0:
         raise ValueError("--stop-timeout must be at least 0")
