@@ -104,3 +104,26 @@ def test_an_export_onto_a_full_disk_names_its_destination_and_leaves_nothing(tmp
         assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("dest, why", [("REG/casfs/t:.hidden", "invalid tag '.hidden'"),
+                                       ("REG/casfs/t:a+b", "cannot be a registry tag"),
+                                       ("REG/casfs/t:" + "x" * 129, "invalid tag")])
+def test_a_push_to_a_tag_no_registry_takes_is_refused_before_anything_is_sent(tmp_path, env, dest, why):
+    """An invalid registry tag was found after every object had been uploaded. The registry
+    here is a port nobody listens on: the refusal must come before any connection."""
+    write_tree(tmp_path / "src", {"f": b"data"})
+    assert casfs_cli("--store", str(tmp_path / "store"), "build", str(tmp_path / "src"), "-t", "t",
+                     env=env).returncode == 0
+    err = one_line_error(casfs_cli("--store", str(tmp_path / "store"), "push", "t",
+                                   dest.replace("REG", "127.0.0.1:1"), "--no-progress", env=env))
+    assert why in err and "Connection refused" not in err
+
+
+def test_a_push_with_an_unbalanced_quote_in_cmd_names_the_option(tmp_path, env):
+    write_tree(tmp_path / "src", {"f": b"data"})
+    assert casfs_cli("--store", str(tmp_path / "store"), "build", str(tmp_path / "src"), "-t", "t",
+                     env=env).returncode == 0
+    err = one_line_error(casfs_cli("--store", str(tmp_path / "store"), "push", "t", "127.0.0.1:1/casfs/t",
+                                   "--cmd", "sh -c 'echo", env=env))
+    assert "--cmd \"sh -c 'echo\": No closing quotation" in err

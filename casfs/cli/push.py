@@ -64,17 +64,28 @@ def parse_destination(dest: str, insecure: bool = False) -> tuple[str, str, str 
 def cmd_push(args: argparse.Namespace) -> int:
     import casfs
     from casfs.copy import copy_image
+    from casfs.objects.oci import INTERNAL
     from casfs.oci.publish import ImageConfig
+    from casfs.oci.registry import TAG_RE
+    from casfs.store import check_tag
 
     url, repo_ref, tag = parse_destination(args.dest, args.insecure)
     src = casfs.open_store(args.src or args.store, cache_dir="")
     image_id = src.resolve(args.name)
     tag = tag or (args.name if not args.name.startswith(image_id[:8]) else "latest")
+    # refused before anything is uploaded (an invalid tag used to fail after the whole copy)
+    check_tag(tag)
+    if not TAG_RE.match(tag) or tag.startswith(INTERNAL):
+        raise ValueError(f"{tag!r} cannot be a registry tag: use letters, digits and _.- (at most 128, "
+                         f"not starting with {INTERNAL!r})")
     cfg = ImageConfig(workdir=args.workdir)
-    if args.cmd:
-        cfg.cmd = shlex.split(args.cmd)
-    if args.entrypoint:
-        cfg.entrypoint = shlex.split(args.entrypoint)
+    for flag, value in (("--cmd", args.cmd), ("--entrypoint", args.entrypoint)):
+        if value:
+            try:
+                words = shlex.split(value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value!r}: {e} (quote it as a shell would)") from None
+            setattr(cfg, flag[2:], words)
     for kv in args.env:
         if "=" not in kv:
             raise ValueError(f"--env {kv!r}: use KEY=VALUE")
