@@ -627,6 +627,24 @@ def test_a_spawned_daemon_serves_with_the_stores_own_tiers(tree_image, mounts, t
             own.close()
 
 
+def test_a_build_from_a_tree_with_an_unreadable_file_names_the_file(mounts, tmp_path):
+    """A source file that fails to read (here EIO: it lies on a casfs mount whose chunk is gone)
+    ended the build with a bare "Input/output error"; the error names the file now."""
+    from conftest import write_tree
+
+    write_tree(tmp_path / "src", {"ok.txt": b"fine\n", "lib/big.bin": os.urandom(3 << 20)})
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", progress=False)
+        for key in list(s.objects.list("chunks/")):
+            s.objects.delete(key)  # big.bin's (loose) chunks vanish
+        mounts(s.open_image("t"), str(tmp_path / "mnt"))
+        p = subprocess.run([sys.executable, "-m", "casfs.cli.main", "--store", str(tmp_path / "other"), "build",
+                            str(tmp_path / "mnt"), "-t", "copy"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == ("casfs: error: lib/big.bin: cannot read it (Input/output error); "
+                                                 "fix it or leave it out of the source")
+
+
 def test_umount_cleans_up_after_a_killed_daemon(tree_image, mounts, runtime, tmp_path):
     store, image, src, files, has_x = tree_image
     mnt = str(tmp_path / "mnt")

@@ -99,6 +99,26 @@ def _hash_and_encode(data: bytes, codec: tuple[bool, float | None] = (True, None
     return (*chunkmod.encode(data, d, compress=codec[0], min_saving=codec[1], block=block), len(data))
 
 
+def _open(opener: Callable[[], BinaryIO], name: str) -> BinaryIO:
+    try:
+        return opener()
+    except OSError as e:
+        raise _unreadable(name, e) from None
+
+
+def _read(f: BinaryIO, n: int, name: str) -> bytes:
+    """``_read_full``, with a read error (EIO, EACCES) named after the file."""
+    try:
+        return _read_full(f, n)
+    except OSError as e:
+        raise _unreadable(name, e) from None
+
+
+def _unreadable(name: str, e: OSError) -> BuildError:
+    return BuildError(f"{name or 'a file'}: cannot read it ({e.strerror or e}); fix it or leave it out "
+                      "of the source")
+
+
 def _read_full(f: BinaryIO, n: int) -> bytes:
     """Read up to ``n`` bytes, looping over short reads (pipes, tar streams)."""
     data = f.read(n)
@@ -181,8 +201,8 @@ def _advance(f: BinaryIO, here: int, pos: int) -> None:
 
 def _read_small(opener: Callable[[], BinaryIO], size: int, name: str,
                 codec: tuple[bool, float | None], block: int) -> tuple[bytes, bytes, int]:
-    with opener() as f:
-        data = _read_full(f, size + 1)
+    with _open(opener, name) as f:
+        data = _read(f, size + 1, name)
     if len(data) != size:
         raise BuildError(f"{name or 'a file'}: size changed during the build ({size} -> {len(data)}+ bytes); "
                          "build again from a stable tree")
@@ -263,10 +283,10 @@ class Packer:
             self._enqueue(fut, size, slots, (opener, 0, size, codec), True)
             return slots, cs
         total = 0
-        with opener() as f:
+        with _open(opener, name) as f:
             head = b""
             if self.chunk_size is None and needs_sample(name, size):
-                head = _read_full(f, SAMPLE_BYTES)
+                head = _read(f, SAMPLE_BYTES, name)
                 cs = chunk_size_for(name, size, head)
             hole = _hole_test(f, size)
             packable = size <= cs or self.pack_file_chunks
@@ -282,9 +302,9 @@ class Packer:
                 if len(head) >= cs:  # the sample covers this whole chunk
                     data, head = head[:cs], head[cs:]
                 elif head:
-                    data, head = head + _read_full(f, cs - len(head)), b""
+                    data, head = head + _read(f, cs - len(head), name), b""
                 else:
-                    data = _read_full(f, cs)
+                    data = _read(f, cs, name)
                 if not data:
                     break
                 if data == self._zeros(len(data)):  # (memcmp: zeros are not hashed again)
