@@ -21,6 +21,7 @@ outside the destination (tests/test_export_hostile.py, fuzz/fuzz_export.py).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as statmod
@@ -71,6 +72,10 @@ def export(image: Image, dest: str, *, progress: bool | None = None) -> ExportRe
         with atomic_directory(dest) as tmp:
             res = _write_tree(image, tmp, progress)
     except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # the final rename: someone got there first
+            raise FileExistsError(e.errno, "export destination appeared while exporting (another export "
+                                           "there?); nothing of this one was left: choose a new path",
+                                  dest) from None
         if e.filename is not None or not e.strerror:
             raise
         # a write that failed (a full disk, a quota) names no file: name the destination

@@ -127,3 +127,53 @@ def test_a_push_with_an_unbalanced_quote_in_cmd_names_the_option(tmp_path, env):
     err = one_line_error(casfs_cli("--store", str(tmp_path / "store"), "push", "t", "127.0.0.1:1/casfs/t",
                                    "--cmd", "sh -c 'echo", env=env))
     assert "--cmd \"sh -c 'echo\": No closing quotation" in err
+
+
+def test_an_export_whose_destination_appears_meanwhile_says_so_and_leaves_nothing(tmp_path):
+    """Two exports to one new path: the loser said "Directory not empty: <its temp dir>". The
+    race is made deterministic with a real local store whose reads wait until the destination
+    was created by "the other export"."""
+    import threading
+
+    import casfs
+    from casfs.objects.local import LocalObjectStore
+    from casfs.store import Store
+
+    write_tree(tmp_path / "src", {"a": os.urandom(100_000), "b/c": b"c"})
+    with casfs.open_store(str(tmp_path / "store")) as s:
+        casfs.build(s, str(tmp_path / "src"), tag="t", progress=False)
+    reading, go = threading.Event(), threading.Event()
+
+    class HeldStore(LocalObjectStore):
+        def local_path(self, key):
+            reading.set()
+            go.wait(30)
+            return super().local_path(key)
+
+        def get_range(self, key, offset, length):
+            reading.set()
+            go.wait(30)
+            return super().get_range(key, offset, length)
+
+    dest = tmp_path / "out"
+    out: dict = {}
+    with Store(HeldStore(str(tmp_path / "store")), memory_bytes=0) as store:
+        image = store.open_image("t")
+        t = threading.Thread(target=lambda: out.setdefault("r", _try(casfs.export, image, str(dest), progress=False)))
+        t.start()
+        assert reading.wait(30)
+        dest.mkdir()
+        (dest / "theirs").write_text("the other export's\n")
+        go.set()
+        t.join(60)
+    e = out["r"]
+    assert isinstance(e, FileExistsError) and "appeared while exporting" in str(e), e
+    assert os.listdir(dest) == ["theirs"]
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".out.")] == []
+
+
+def _try(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - handed to the test
+        return e
