@@ -51,12 +51,15 @@ def collect(store: Store, *, dry_run: bool = False, grace_seconds: float = 3600.
     Raises:
         ValueError: for a negative or NaN ``grace_seconds`` (NaN compared as "not young" would
             delete every unreferenced object at once).
-        StoreError: when a tag is unreadable (its image would lose its chunks), or the store
-            fails.
+        StoreError: when a tag is unreadable (its image would lose its chunks), the store is
+            read-only (an HTTP store; ``dry_run`` works there), or the store fails.
     """
     if not grace_seconds >= 0:
         raise ValueError(f"--grace {grace_seconds}: use 0 or more seconds (0: no grace period)")
     objects = store.objects
+    if getattr(objects, "read_only", False) and not dry_run:
+        raise StoreError(f"gc cannot delete through {store.url} (a read-only store): run it on the store "
+                         "this one publishes (its directory or bucket); --dry-run lists what it would delete")
     own = None if dry_run else hold_gc(objects)
     try:
         return _collect(store, dry_run, grace_seconds, own.key if own else "")

@@ -192,3 +192,17 @@ def test_gc_refuses_a_negative_or_nan_grace_period_and_deletes_nothing(tmp_path,
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "use 0 or more seconds" in r.stderr, r.stderr
     with casfs.open_store(str(tmp_path / "store")) as store:
         assert sorted(store.iter_objects()) == before
+
+
+def test_gc_on_a_read_only_store_says_where_to_run_it_before_touching_the_network():
+    """gc on an http:// store failed writing its lease with "build into a local or S3 store and
+    publish its directory", advice for builds. Nothing listens at this URL: the refusal comes
+    before any request."""
+    from casfs.gc import collect
+    from casfs.objects.http import HttpObjectStore
+    from casfs.store import Store
+
+    with Store(HttpObjectStore("http://127.0.0.1:1/store/", attempts=1), memory_bytes=0) as store:
+        with pytest.raises(casfs.StoreError, match=r"gc cannot delete through http://127.0.0.1:1/store/ "
+                                                   r"\(a read-only store\): run it on the store"):
+            collect(store)
