@@ -279,7 +279,9 @@ HOMES = (
     Home("probes for undeclared tier methods", attribute_probes, (),
          scope=("casfs.tiered", "casfs.store", "casfs.tiers."),
          allowed=(("casfs.tiers.blob", "asks its object store for local_path, the one optional ObjectStore "
-                                       "method (declared in casfs.objects.base)"),)),
+                                       "method (declared in casfs.objects.base)"),
+                  ("casfs.tiers.shared", "asks torch's cudart binding and its results for CUDA calls that "
+                                         "differ across torch versions: no tier is probed"))),
 )
 
 
