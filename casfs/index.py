@@ -418,8 +418,9 @@ class Index:
         if version not in READ_VERSIONS:
             raise CorruptIndex(f"index format version {version} is not supported (this casfs reads "
                                f"{', '.join(map(str, READ_VERSIONS))})")
-        if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE):
-            raise CorruptIndex(f"index chunk size {chunk_size} is out of range")
+        if chunk_size & (chunk_size - 1) or not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE):
+            raise CorruptIndex(f"index chunk size {chunk_size} is not a power of two in "
+                               f"[{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]")
         if not (1 <= n <= MAX_ENTRIES) or m > MAX_CHUNKS or nfc > MAX_CHUNKS or npk > m or nx > MAX_ENTRIES * 4:
             raise CorruptIndex(f"index counts out of range (entries={n}, chunks={m}, packs={npk})")
         sections, lengths_struct = (_SECTIONS_V1, _LENGTHS_V1) if version == 1 else (_SECTIONS, _LENGTHS)

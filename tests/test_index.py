@@ -138,3 +138,16 @@ def test_a_child_range_pointing_backwards_cannot_make_a_loop():
     bad = Index.parse(bytes(raw))
     with pytest.raises(CorruptIndex, match="child range"):
         list(bad.walk())
+
+
+@pytest.mark.parametrize("chunk_size", [4166, 3 << 20, 4096 + 1])
+def test_a_header_chunk_size_that_is_not_a_power_of_two_is_refused(chunk_size):
+    """Found by fuzz/fuzz_index.py in CI: a header chunk size of 4166 parsed, and every file of a
+    version-1 index then claimed 4166-byte chunks, which no build writes."""
+    import casfs.index as im
+
+    raw = bytearray(serialize([EntrySpec("", DIR), EntrySpec("f", REG, size=10, chunks=[0])], _chunks()[:1], 4096))
+    magic, version, _, *rest = im._HEADER.unpack_from(raw, 0)
+    im._HEADER.pack_into(raw, 0, magic, version, chunk_size, *rest)
+    with pytest.raises(CorruptIndex, match="not a power of two"):
+        Index.parse(bytes(raw))
