@@ -103,8 +103,9 @@ class BootConfig:
         workdir: mount points, exports and logs (default ``$CASFS_HOME/serve``).
         python: interpreter for the worker (default: this one).
         snapshot: snapshot tag to restore from (or to create with ``create_snapshot``).
-        snapshot_source: where a restore reads the snapshot: "auto" (default: "store" where
-            the kernel has userfaultfd, else "export"), "store" (lazily from the casfs store,
+        snapshot_source: where a restore reads the snapshot: "auto" (default: the host's
+            export of it when there is one, else "store" where the kernel has userfaultfd,
+            else "export"; GPU snapshots: "export"), "store" (lazily from the casfs store,
             nothing unpacked), "export" (exported once per host, restored eagerly).
         create_snapshot: cold boot, then snapshot the ready replica under ``snapshot``.
         gpu_snapshot: snapshots hold GPU state (None: when the engine is transformers and the

@@ -64,7 +64,7 @@ class Restored:
 class CriuBackend:
     """Snapshots through snapshot's CPU snapshots (see the module docstring)."""
 
-    def __init__(self, lazy: bool = True, source: str = "store") -> None:
+    def __init__(self, lazy: bool | None = True, source: str = "store") -> None:
         import snapshot
 
         self.snapshot = snapshot
@@ -141,7 +141,8 @@ class CriuBackend:
             shm = [i["path"] for i in snap.read_meta(store.open_image(live.image_id)).get("shm") or []]
         except (casfs.CasfsError, ValueError):
             shm = []
-        return Restored(live, live.pid, {"timings": live.timings, "lazy": self.lazy, "source": self.source,
+        return Restored(live, live.pid, {"timings": live.timings, "lazy": live.timings.get("lazy", self.lazy),
+                                         "source": live.timings.get("source", self.source),
                                          "image_id": live.image_id}, shm)
 
     @staticmethod
@@ -161,8 +162,9 @@ def open_backend(*, source: str = "auto") -> CriuBackend:
     Args:
         source: where restores read the snapshot: "store" (lazily, nothing unpacked: pages come
             from the casfs store as the replica touches them; needs userfaultfd), "export" (the
-            snapshot exported once per host, restored eagerly), or "auto" (default): "store"
-            where the kernel has userfaultfd, else "export".
+            snapshot exported once per host, restored eagerly), or "auto" (default): per restore,
+            the host's export when it has one (the faster restore), else "store" where the
+            kernel has userfaultfd, else "export" (``snapshot.restore``'s "auto").
 
     Raises:
         SnapshotUnavailable: snapshot.cpu is not importable or no usable CRIU is found (the
@@ -190,5 +192,7 @@ def open_backend(*, source: str = "auto") -> CriuBackend:
         raise SnapshotUnavailable("--snapshot-source store needs userfaultfd, which this kernel lacks: "
                                   "use --snapshot-source export")
     if source == "auto":
-        source = "store" if uffd else "export"
+        if not uffd:
+            return CriuBackend(lazy=False, source="export")
+        return CriuBackend(lazy=None, source="auto")  # per restore: snapshot.restore's choose_source
     return CriuBackend(lazy=source == "store", source=source)

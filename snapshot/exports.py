@@ -33,6 +33,13 @@ def snapshot_cache_dir() -> str:
     return os.path.join(casfs.home_dir(), "snapshots")
 
 
+def exported(image_id: str, cache_dir: str | None = None) -> bool:
+    """Whether this host holds a complete export of snapshot image ``image_id`` under
+    ``cache_dir`` (default ``snapshot_cache_dir()``). Complete, not checked: ``materialize``
+    checks it against the image before anyone reads it."""
+    return os.path.isfile(os.path.join(cache_dir or snapshot_cache_dir(), image_id, META_FILE))
+
+
 def materialize(image: casfs.Image, cache_dir: str | None) -> tuple[str, bool]:
     """The image exported under the cache dir (done once per image id); (path, was it cached).
 

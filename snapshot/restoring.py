@@ -21,7 +21,7 @@ from . import criu as criumod, lazyrestore, lifecycle, pageserver
 from .checkpointing import RESTORE_FLAGS
 from .compat import IncompatibleHost
 from .criu import CriuError
-from .exports import materialize
+from .exports import exported, materialize
 from .hostkey import restore_problems
 from .meta import SnapshotRef, read_meta
 from .shm import mapped_anywhere
@@ -312,6 +312,21 @@ def _wait_pidfile(proc: subprocess.Popen, path: str, timeout: float) -> int | No
     return None
 
 
+def choose_source(image_id: str, cache_dir: str | None = None, *, uffd: bool) -> str:
+    """Where ``restore(..., source="auto")`` reads snapshot image ``image_id``: "export" when
+    this host holds a complete export of it (it is still checked before CRIU reads it), else "store" when
+    ``uffd`` (the kernel has userfaultfd with non-cooperative events), else "export".
+
+    Why the export first: with the tiny vLLM replica on the 2-core VM an eager restore from an
+    export already on the host took 5.8 s to the first token against 9.9-11.4 s for a lazy
+    restore from the store with its chunks cached (docs/benchmarks.md, "CPU snapshots");
+    without an export, making one first (15.2 s) loses to the store (5.1-9.4 s).
+    """
+    if exported(image_id, cache_dir):
+        return "export"
+    return "store" if uffd else "export"
+
+
 def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = None,
             source: str = "export", cache_dir: str | None = None, check: bool = True,
             timeout: float = 300.0, profile: bool = True) -> RestoredProcess:
@@ -322,7 +337,9 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
     Args:
         lazy: run the process before its memory arrives (CRIU lazy-pages, userfaultfd).
             Default: True for ``source="store"``, else False.
-        source: "store": nothing is unpacked: CRIU's metadata images are written from verified
+        source: "auto": "export" when this host already has a complete export of the snapshot
+            (``exported``), else "store" where the kernel has userfaultfd, else "export"
+            (``choose_source``). "store": nothing is unpacked: CRIU's metadata images are written from verified
             reads into the restore's work dir and the memory pages are served from the store
             as the processes touch them (``snapshot.lazyrestore``; lazy only, and ``store``
             must stay open until ``lazy_done()``); "export": the image is exported once per
@@ -342,19 +359,22 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         ValueError: a bad ``source``, ``source="store"`` with ``lazy=False``, or an image that
             is not a snapshot.
     """
-    if source not in ("export", "mount", "store"):
-        raise ValueError(f"source must be 'store', 'export' or 'mount', not {source!r}")
-    if lazy is None:
-        lazy = source == "store"
-    if source == "store" and not lazy:
+    if source not in ("auto", "export", "mount", "store"):
+        raise ValueError(f"source must be 'auto', 'store', 'export' or 'mount', not {source!r}")
+    if source == "store" and lazy is False:
         raise ValueError("source='store' restores lazily (the pages stay in the store): pass "
                          "lazy=True, or source='export' for an eager restore")
     t0 = time.perf_counter()
     criu = criumod.find_criu()
+    image, meta = _open_snapshot(ref, store)
+    if source == "auto":
+        source = choose_source(image.id, cache_dir, uffd=bool(criu.features.get("uffd-noncoop")))
+        lazy = None if source == "store" else lazy
+    if lazy is None:
+        lazy = source == "store"
     if lazy and not criu.features.get("uffd-noncoop", False):
         raise CriuError("lazy restore needs userfaultfd with non-cooperative events, which this "
                         "kernel lacks: restore with lazy=False" + (", source='export'" if source == "store" else ""))
-    image, meta = _open_snapshot(ref, store)
     if check:
         key = dict(meta["key"])  # files put back by _prepare_host need not be here yet
         own = {i["path"] for kind in ("shm", "link_remap") for i in meta.get(kind) or []}
@@ -467,7 +487,7 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         with contextlib.suppress(ProcessLookupError):
             os.kill(ready_pid, lifecycle.SIG_RESTORED)
     timings = {"open": t_open, "fetch": t_fetch, "lazy_start": t_lazy, "criu": t_criu, "cached": cached,
-               "total": time.perf_counter() - t0}
+               "total": time.perf_counter() - t0, "source": source, "lazy": lazy}
     if source == "store":
         timings["eager_pages"] = prep.eager_pages
         timings["lazy_pages"] = prep.lazy_pages

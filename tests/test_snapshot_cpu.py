@@ -213,6 +213,20 @@ def test_a_torch_process_restores_from_the_store_without_unpacking(torch_snap, l
     assert not cache.exists()                     # nothing was exported
 
 
+def test_an_auto_restore_reads_the_hosts_export_when_it_has_one_and_the_store_otherwise(torch_snap, lazy_ok, tmp_path):
+    """source="auto" (casfs serve's default): an eager restore from an export already on the
+    host was the faster one (docs/benchmarks.md), so it is taken whenever the export is there."""
+    snap = dict(torch_snap, cache=str(tmp_path / "exports"))
+    _restore_and_check(snap, source="auto", profile=False)  # the profile test records the first
+    first = snap["live"][-1]
+    assert (first.timings["source"], first.timings["lazy"]) == ("store", True)
+    assert not os.path.exists(snap["cache"])       # the store restore exported nothing
+    _restore_and_check(snap, source="export")      # the host now has an export
+    _restore_and_check(snap, source="auto", profile=False)
+    last = snap["live"][-1]
+    assert (last.timings["source"], last.timings["lazy"]) == ("export", False) and last.timings["cached"]
+
+
 def test_the_first_restore_from_the_store_records_a_startup_profile_that_later_ones_replay(torch_snap, lazy_ok):
     snap = torch_snap
     image = snap["store"].open_image("torch-app")
