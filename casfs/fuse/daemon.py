@@ -24,9 +24,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..lifeline import proc_start
 from . import kernel
 from .mount import (DEFAULT_MAX_BACKGROUND, DEFAULT_READ_AHEAD_KB, MountError, MountInfo,
-                    MountOptions, check_mountpoint, proc_start, remove_record, runtime_key, write_record)
+                    MountOptions, check_mountpoint, remove_record, runtime_key, write_record)
 
 if TYPE_CHECKING:
     from ..image import Image

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CasfsError
 from ..fsutil import atomic_open
+from ..lifeline import alive
 from .kernel import detach, find_mount, is_mounted, resolve
 
 if TYPE_CHECKING:
@@ -116,28 +117,6 @@ def runtime_key(mountpoint: str) -> str:
     return os.path.join(runtime_dir(), name)
 
 
-def proc_start(pid: int) -> str:
-    """Start time of ``pid`` (field 22 of /proc/pid/stat): tells a reused pid from ours."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            rest = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return ""
-    return rest[19].decode() if len(rest) > 19 else ""
-
-
-def _alive(pid: int, start: str = "") -> bool:
-    """True while ``pid`` runs (a zombie counts as gone) and is the process started at ``start``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            rest = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return False
-    if not rest or rest[0] in (b"Z", b"X"):
-        return False
-    return not start or (len(rest) > 19 and rest[19].decode() == start)
-
-
 def read_record(mountpoint: str) -> MountInfo | None:
     """The record of the casfs mount at ``mountpoint``, or None."""
     try:
@@ -194,7 +173,7 @@ def sweep_stale_mounts() -> list[str]:
                 rec = MountInfo(**json.load(f))
         except (OSError, ValueError, TypeError):
             continue
-        if _alive(rec.pid, rec.pid_start) or runtime_key(rec.mountpoint) != key:
+        if alive(rec.pid, rec.pid_start) or runtime_key(rec.mountpoint) != key:
             continue
         m = find_mount(rec.mountpoint)
         if m is not None and m[2] == "fuse.casfs" and _dead_mount(rec.mountpoint):
@@ -362,13 +341,13 @@ def unmount(mountpoint: str, timeout: float = 20.0) -> None:
     m = find_mount(mountpoint)
     if rec is None and (m is None or m[2] != "fuse.casfs"):
         raise MountError(f"{mountpoint}: no casfs mount here")
-    if rec is not None and _alive(rec.pid, rec.pid_start):
+    if rec is not None and alive(rec.pid, rec.pid_start):
         os.kill(rec.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(rec.pid, rec.pid_start) and time.monotonic() < deadline:
+        while alive(rec.pid, rec.pid_start) and time.monotonic() < deadline:
             _reap(rec.pid)
             time.sleep(0.005)
-        if _alive(rec.pid, rec.pid_start):
+        if alive(rec.pid, rec.pid_start):
             log.warning("casfs daemon %d did not exit in %.0f s: killing it", rec.pid, timeout)
             os.kill(rec.pid, signal.SIGKILL)
         _reap(rec.pid)
