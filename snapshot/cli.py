@@ -42,10 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "PID and return at once).")
     r.add_argument("tag", metavar="TAG")
     r.add_argument("--lazy", action="store_true", help="lazy pages (userfaultfd): run before all pages arrive")
-    r.add_argument("--source", choices=("store", "export", "mount"), default="export",
+    r.add_argument("--source", choices=("auto", "store", "export", "mount"), default="export",
                    help="where CRIU's images come from: a per-host export (default), the store "
                         "itself (lazily, nothing unpacked: pages served as the process touches "
-                        "them), or a casfs FUSE mount (snapshots taken with CRIU's own layout)")
+                        "them), a casfs FUSE mount (snapshots taken with CRIU's own layout), or "
+                        "auto: the host's export when it has one, else the store (casfs serve's "
+                        "default)")
     r.add_argument("--detach", "-d", action="store_true", help="print the PID and return at once")
     r.add_argument("--force", action="store_true", help="skip the host compatibility check")
     r.set_defaults(func=cmd_restore)

@@ -426,6 +426,8 @@ def test_the_snapshot_cli_creates_lists_restores_and_removes(tiny, capsys, monke
     assert "tiny True 11 1" in out.read_text()
     image_id = casfs.open_store(store_url).resolve("cli-app")
     assert os.path.isdir(os.path.join(tiny["cache"], image_id))
+    assert main(["--store", store_url, "snapshot", "restore", "cli-app", "--source", "auto"]) == 5  # the export
+    assert out.read_text().count("tiny True 11 1") == 2
     assert main(["--store", store_url, "snapshot", "rm", "cli-app"]) == 0
     assert not os.path.exists(os.path.join(tiny["cache"], image_id))   # its export went too
     capsys.readouterr()
