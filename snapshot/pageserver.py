@@ -229,6 +229,15 @@ class PageServer:
                     break
                 if not hung_up:
                     hung_up = not self._fill(0)
+        except (BrokenPipeError, ConnectionResetError):
+            # the daemon hung up while an answer was going out. criu lazy-pages does so when
+            # the restored tree exits before the background transfer is over (a short
+            # program): it sends its FORCE_CLOSE without reading the answer in flight, takes
+            # our page bytes for the status it waits for, and exits (criu/uffd.c,
+            # disconnect_from_page_server). Handled like a hang-up between requests above,
+            # not as a page server failure (which would also drop the startup profile this
+            # restore recorded).
+            log.info("page server: criu lazy-pages hung up while pages were being sent")
         except OSError as e:
             if self.error is None and not self.done.is_set():
                 self._fail(f"page server connection failed: {e}")
