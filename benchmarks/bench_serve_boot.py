@@ -251,16 +251,16 @@ def main() -> int:
             with nginx_static(store) as url:
                 port = int(url.rstrip("/").rsplit(":", 1)[1])
                 ssd = f"{work}/ssd-{cfg}"
-                first = boot(url, wd, ["--snapshot", tag], env, cache_dir=ssd)
+                first = boot(url, wd, ["--snapshot", tag, "--snapshot-source", "store"], env, cache_dir=ssd)
                 print(_line(f"[{cfg}] ON, a host that never saw it (ssd cold, blob local)", first), flush=True)
                 on = []
                 for i in range(args.boots):
-                    r = boot(url, wd, ["--snapshot", tag], env, cache_dir=ssd)
+                    r = boot(url, wd, ["--snapshot", tag, "--snapshot-source", "store"], env, cache_dir=ssd)
                     on.append(r)
                     print(_line(f"[{cfg}] ON, cached on the host, boot {i + 1}", r), flush=True)
                 with FaultProxy(port) as proxy:
                     proxy.set_latency(up=args.rtt / 2000, down=args.rtt / 2000)
-                    blob = boot(proxy.url + "/", wd, ["--snapshot", tag], env, cache_dir=f"{work}/ssd-blob-{cfg}")
+                    blob = boot(proxy.url + "/", wd, ["--snapshot", tag, "--snapshot-source", "store"], env, cache_dir=f"{work}/ssd-blob-{cfg}")
                 print(_line(f"[{cfg}] ON, blob tier behind {args.rtt:.0f} ms RTT (ssd cold)", blob), flush=True)
             exp = [boot(store, wd, ["--snapshot", tag, "--snapshot-source", "export"], env) for _ in range(2)]
             print(_line(f"[{cfg}] ON, eager from the host's export (cached; the previous way)", exp[-1]), flush=True)

@@ -211,6 +211,9 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from .vllm_procfix import apply as fix_proc_reads
+
+        fix_proc_reads()  # in a snapshot's PID namespace (the model workers: vllm_loader.register)
         extra = dict(opts.extra)
         if weights is not None:
             from .vllm_loader import LOAD_FORMAT, register

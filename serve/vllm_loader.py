@@ -16,7 +16,8 @@ loads the weights: ``serve.engine.VllmEngine.start`` calls it before building th
 ``serve.worker`` as its main module, registers it there too. The ``vllm.general_plugins``
 entry point ``casfs = serve.vllm_loader:register`` in pyproject.toml does the same for any vLLM
 program (entry points come from installed metadata: the venv's editable install must be redone
-after the entry point is added).
+after the entry point is added). Being loaded in every vLLM process, it also applies
+``serve.vllm_procfix`` (vLLM's reads of its own /proc files inside a snapshot's PID namespace).
 
 ``model_loader_extra_config`` (``--model-loader-extra-config`` on vLLM's command line):
 
@@ -85,6 +86,9 @@ def register() -> type:
         ImportError: vLLM is not installed in this Python.
     """
     global _registered
+    from .vllm_procfix import apply as fix_proc_reads
+
+    fix_proc_reads()  # every vLLM process loads this plugin: see serve.vllm_procfix
     if _registered is not None:
         return _registered
     from vllm.model_executor.model_loader import register_model_loader
