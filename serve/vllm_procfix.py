@@ -10,8 +10,9 @@ process's file, or none at all. Found by the serve-boot benchmark on 2026-12-04:
 ``FileNotFoundError: '/proc/35/status'`` when the host had no PID 35, and fell back to a cold
 boot; with a PID 35 on the host it read that process's affinity instead.
 
-``apply()`` makes that read go to ``/proc/self/status`` when /proc belongs to another PID
-namespace (``/proc/self`` names a PID other than ``os.getpid()``); elsewhere it changes
+``apply()`` makes those reads (and psutil's ``Process(os.getpid())``, which vLLM's CPU worker
+uses for its RSS when it sizes the KV cache itself) name this process's host PID (what
+``/proc/self`` links to) when /proc belongs to another PID namespace; elsewhere it changes
 nothing. It runs in every vLLM process through ``serve.vllm_loader.register`` (the
 ``vllm.general_plugins`` entry point, loaded by vLLM's EngineCore and model workers before
 they build anything). Mounting a /proc of the namespace's own would need a mount namespace,
@@ -28,38 +29,50 @@ __all__ = ["apply", "foreign_proc"]
 _applied = False
 
 
+def host_pid() -> int:
+    """This process's PID in the namespace /proc belongs to (``/proc/self``); it changes with
+    every restore of a snapshot, so it is read each time."""
+    return int(os.readlink("/proc/self"))
+
+
 def foreign_proc() -> bool:
     """True when /proc belongs to another PID namespace than this process's."""
     try:
-        return int(os.readlink("/proc/self")) != os.getpid()
+        return host_pid() != os.getpid()
     except (OSError, ValueError):
         return False
 
 
-def _own_memory_affinity(original):
-    def get_memory_affinity(pid: int = 0) -> list[int]:
-        if pid not in (0, os.getpid()):
-            return original(pid)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Mems_allowed_list:"):
-                    from vllm.utils.cpu_resource_utils import parse_id_list
-
-                    return parse_id_list(line.split(":", 1)[1].strip())
-        return []
-
-    return get_memory_affinity
+def _mine(pid: int | None) -> bool:
+    """Whether ``pid`` (as vLLM passes it: None or 0 for "this process", or ``os.getpid()``)
+    means this process. A host process whose PID equals this one's namespace PID is then
+    taken for this process too: no caller here can tell them apart."""
+    return pid is None or pid == os.getpid()
 
 
 def apply() -> None:
-    """Point vLLM's reads of this process's /proc files at ``/proc/self`` when /proc is the
-    host's (see the module docstring); idempotent, and a no-op without vLLM."""
+    """Point vLLM's reads of this process's /proc files (its memory affinity, and psutil's
+    ``Process(os.getpid())``: the model worker's RSS when it sizes the KV cache itself) at
+    this process when /proc is the host's (see the module docstring); idempotent, and a no-op
+    without vLLM."""
     global _applied
     if _applied or not foreign_proc():
         return
     try:
+        import psutil
         from vllm.utils import cpu_resource_utils
     except ImportError:
         return
-    cpu_resource_utils.get_memory_affinity = _own_memory_affinity(cpu_resource_utils.get_memory_affinity)
+    affinity = cpu_resource_utils.get_memory_affinity
+
+    def get_memory_affinity(pid: int = 0) -> list[int]:
+        return affinity(host_pid() if pid == 0 or _mine(pid) else pid)
+
+    cpu_resource_utils.get_memory_affinity = get_memory_affinity
+    init = psutil.Process.__init__
+
+    def process_init(self, pid: int | None = None) -> None:
+        init(self, host_pid() if _mine(pid) else pid)
+
+    psutil.Process.__init__ = process_init
     _applied = True

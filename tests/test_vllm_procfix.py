@@ -23,9 +23,10 @@ pytestmark = [
 ]
 
 # fork until a child's namespace PID is one the host has no process for, then let that child
-# read its memory affinity the way vLLM's CPU worker does; exit status: 0 read, 1 failed
+# read its memory affinity the way vLLM's CPU worker does; exit status: 0 read (and psutil's RSS is this process's), 1 failed
 CHECK = r"""
 import os, sys
+import psutil
 if sys.argv[1] == "fix":
     from serve import vllm_procfix
     vllm_procfix.apply()
@@ -34,12 +35,21 @@ from vllm.utils import cpu_resource_utils as cru
 for _ in range(20000):
     pid = os.fork()
     if pid == 0:
-        if os.path.exists(f"/proc/{os.getpid()}"):
-            os._exit(3)                      # the host has a process with this PID: next one
+        code = 5
         try:
-            os._exit(0 if isinstance(cru.get_visible_memory_node(), list) else 2)
-        except FileNotFoundError:
-            os._exit(1)
+            if os.path.exists(f"/proc/{os.getpid()}"):
+                code = 3                     # the host has a process with this PID: next one
+            elif not isinstance(cru.get_visible_memory_node(), list):
+                code = 2
+            else:                            # psutil: the worker's RSS, when it sizes its KV cache
+                rss = psutil.Process(os.getpid()).memory_info().rss
+                with open("/proc/self/statm") as f:
+                    own = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                code = 0 if abs(rss - own) < (8 << 20) else 2
+        except (FileNotFoundError, psutil.NoSuchProcess):
+            code = 1
+        finally:
+            os._exit(code)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if code != 3:
         sys.exit(code)
