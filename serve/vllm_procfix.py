@@ -15,7 +15,11 @@ uses for its RSS when it sizes the KV cache itself) name this process's host PID
 ``/proc/self`` links to) when /proc belongs to another PID namespace; elsewhere it changes
 nothing. It runs in every vLLM process through ``serve.vllm_loader.register`` (the
 ``vllm.general_plugins`` entry point, loaded by vLLM's EngineCore and model workers before
-they build anything). Mounting a /proc of the namespace's own would need a mount namespace,
+they build anything). The psutil patch is process-wide: ``psutil.Process()`` then *is* this
+process by its host PID, so its ``.pid`` is the host PID (right for /proc, wrong for
+``os.kill`` inside the namespace), and a host process whose PID equals this one's namespace
+PID is taken for this one. vLLM's CPU path only reads RSS and affinity through it. Mounting
+a /proc of the namespace's own would need a mount namespace,
 which CRIU would then have to dump and restore with every mount in it (the model's casfs
 FUSE mount among them): not done.
 """

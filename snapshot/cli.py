@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where CRIU's images come from: a per-host export (default), the store "
                         "itself (lazily, nothing unpacked: pages served as the process touches "
                         "them), a casfs FUSE mount (snapshots taken with CRIU's own layout), or "
-                        "auto: the host's export when it has one, else the store (casfs serve's "
-                        "default)")
+                        "auto: the host's export when it has one, else the store where the kernel "
+                        "has userfaultfd (casfs serve's default)")
     r.add_argument("--detach", "-d", action="store_true", help="print the PID and return at once")
     r.add_argument("--force", action="store_true", help="skip the host compatibility check")
     r.set_defaults(func=cmd_restore)
@@ -102,7 +102,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except (snapshot.CriuError, snapshot.IncompatibleHost) as e:
         return _fail(e)
     t = live.timings
-    print(f"restored {args.tag}: pid {live.pid} running after {t['total']:.3f} s "
+    where = {"export": "the host's export", "store": "the store", "mount": "a casfs mount"}[t["source"]]
+    print(f"restored {args.tag} from {where}{' (lazy)' if t['lazy'] else ''}: pid {live.pid} running after {t['total']:.3f} s "
           f"(open {t['open']:.3f}, fetch {t['fetch']:.3f}, criu {t['criu']:.3f})", flush=True)
     if args.detach:
         return 0

@@ -22,7 +22,7 @@ from .meta import META_FILE
 
 log = logging.getLogger("snapshot.exports")
 
-__all__ = ["drop_export", "materialize", "snapshot_cache_dir"]
+__all__ = ["drop_export", "exported", "materialize", "snapshot_cache_dir"]
 
 
 def snapshot_cache_dir() -> str:

@@ -107,13 +107,18 @@ class PageServer:
             just what the background transfer had not yet brought).
         boot_window, quiet_s: the boot ends by itself ``boot_window`` seconds after the first
             request, or once no fault came for ``quiet_s`` seconds.
+        tree_exited: whether the restored tree has exited (may wait briefly for it): a daemon
+            that hangs up without a goodbye is a failure unless it has (see ``_hung_up``).
+            None: every such hang-up is a failure.
     """
 
     def __init__(self, image: casfs.Image, processes: dict[int, ProcessPages], sock: socket.socket, *,
                  on_error: Callable[[str], None] | None = None, readahead: int = 2,
                  idle_wait: float = 0.002, boot_xfer: int = 256 << 10, boot_window: float = 30.0,
-                 recording: bool = False, record_wait: float = 0.05, quiet_s: float = 1.0) -> None:
+                 recording: bool = False, record_wait: float = 0.05, quiet_s: float = 1.0,
+                 tree_exited: Callable[[], bool] | None = None) -> None:
         self.image = image
+        self.tree_exited = tree_exited
         self.processes = processes
         self.sock = sock
         self.on_error = on_error
@@ -208,7 +213,8 @@ class PageServer:
             while True:
                 if not self._queue:
                     if hung_up or not self._fill(None):
-                        break  # the daemon closed without a goodbye (it died, or was killed)
+                        self._hung_up("between requests")
+                        break
                     continue
                 cmd, nr, vaddr, pid = self._queue.popleft()
                 cmd &= PS_CMD_MASK
@@ -229,15 +235,8 @@ class PageServer:
                     break
                 if not hung_up:
                     hung_up = not self._fill(0)
-        except (BrokenPipeError, ConnectionResetError):
-            # the daemon hung up while an answer was going out. criu lazy-pages does so when
-            # the restored tree exits before the background transfer is over (a short
-            # program): it sends its FORCE_CLOSE without reading the answer in flight, takes
-            # our page bytes for the status it waits for, and exits (criu/uffd.c,
-            # disconnect_from_page_server). Handled like a hang-up between requests above,
-            # not as a page server failure (which would also drop the startup profile this
-            # restore recorded).
-            log.info("page server: criu lazy-pages hung up while pages were being sent")
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self._hung_up(f"while pages were being sent ({e.strerror})")
         except OSError as e:
             if self.error is None and not self.done.is_set():
                 self._fail(f"page server connection failed: {e}")
@@ -247,6 +246,27 @@ class PageServer:
                 self.sock.close()
             except OSError:
                 pass
+
+    def _hung_up(self, when: str) -> None:
+        """The daemon closed the connection without the goodbye (PS_IOV_CLOSE / FORCE_CLOSE)
+        this loop answers. That is the end of the restore when the restored tree has exited:
+        criu lazy-pages 4.2.1 can even die of its own ``BUG_ON(list_empty(&async_reads))``
+        (criu/page-xfer.c) when an answer arrives after the exit of the process that asked
+        for it. Under a running tree it is a failure: the daemon is gone, and the kernel would
+        serve the tree's later faults as zero-filled pages."""
+        if self.error is not None:
+            return
+        try:  # what the daemon sent before it left: a goodbye behind the answer it did not read
+            self._fill(0)
+        except OSError:
+            pass
+        if any(q[0] & PS_CMD_MASK in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE) for q in self._queue):
+            log.info("page server: criu lazy-pages said goodbye and hung up %s", when)
+            return
+        if self.tree_exited is not None and self.tree_exited():
+            log.info("page server: criu lazy-pages hung up %s, after the restored tree exited", when)
+            return
+        self._fail(f"criu lazy-pages hung up {when} without a goodbye")
 
     def _background_share(self, nr: int) -> int:
         """How many pages of a background request to send while the program boots: one when a

@@ -319,7 +319,8 @@ def choose_source(image_id: str, cache_dir: str | None = None, *, uffd: bool) ->
 
     Why the export first: with the tiny vLLM replica on the 2-core VM an eager restore from an
     export already on the host took 5.8 s to the first token against 9.9-11.4 s for a lazy
-    restore from the store with its chunks cached (docs/benchmarks.md, "CPU snapshots");
+    restore from the store with its chunks cached, at load 9-13; 1.15 s against 1.45-1.84 s on a
+    quiet VM (docs/benchmarks.md, "serve: replica boot");
     without an export, making one first (15.2 s) loses to the store (5.1-9.4 s).
     """
     if exported(image_id, cache_dir):
@@ -338,8 +339,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         lazy: run the process before its memory arrives (CRIU lazy-pages, userfaultfd).
             Default: True for ``source="store"``, else False.
         source: "auto": "export" when this host already has a complete export of the snapshot
-            (``exported``), else "store" where the kernel has userfaultfd, else "export"
-            (``choose_source``). "store": nothing is unpacked: CRIU's metadata images are written from verified
+            (``exported``) or ``lazy`` is False, else "store" where the kernel has
+            userfaultfd, else "export" (``choose_source``). "store": nothing is unpacked: CRIU's metadata images are written from verified
             reads into the restore's work dir and the memory pages are served from the store
             as the processes touch them (``snapshot.lazyrestore``; lazy only, and ``store``
             must stay open until ``lazy_done()``); "export": the image is exported once per
@@ -367,9 +368,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
     t0 = time.perf_counter()
     criu = criumod.find_criu()
     image, meta = _open_snapshot(ref, store)
-    if source == "auto":
-        source = choose_source(image.id, cache_dir, uffd=bool(criu.features.get("uffd-noncoop")))
-        lazy = None if source == "store" else lazy
+    if source == "auto":  # an eager restore (lazy=False) can only come from the export
+        source = choose_source(image.id, cache_dir, uffd=lazy is not False and bool(criu.features.get("uffd-noncoop")))
     if lazy is None:
         lazy = source == "store"
     if lazy and not criu.features.get("uffd-noncoop", False):
@@ -428,7 +428,8 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
             if source == "store":
                 ours, theirs = pageserver.socket_pair()
                 server = pageserver.PageServer(image, prep.processes, ours, recording=profile and record,
-                                               on_error=lambda why: _kill_restore(victim, why))
+                                               on_error=lambda why: _kill_restore(victim, why),
+                                               tree_exited=lambda: _tree_exited(victim))
                 if profile and record:
                     after_lazy.append(lambda: lazyrestore.save_startup_profile(image, server))
                 server.start()
@@ -497,6 +498,21 @@ def restore(ref: SnapshotRef | str, store: casfs.Store, *, lazy: bool | None = N
         shutil.rmtree(staged, ignore_errors=True)  # CRIU has read them (the daemon holds what it opened)
     return RestoredProcess(proc, pid, ready_pid, work, lazy_proc, mountpoint, image.id, timings,
                            page_server=server, after_lazy=after_lazy)
+
+
+def _tree_exited(victim: dict, wait: float = 2.0) -> bool:
+    """Whether the restored tree has exited: ``criu restore`` (its parent, which passes on its
+    exit status) has ended, waiting up to ``wait`` seconds for it (the lazy-pages daemon can
+    leave just before it does). False while CRIU has not started."""
+    proc = victim.get("proc")
+    if proc is None:
+        return False
+    deadline = time.monotonic() + wait
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _kill_restore(victim: dict, why: str) -> None:

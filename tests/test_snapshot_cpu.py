@@ -221,7 +221,9 @@ def test_an_auto_restore_reads_the_hosts_export_when_it_has_one_and_the_store_ot
     first = snap["live"][-1]
     assert (first.timings["source"], first.timings["lazy"]) == ("store", True)
     assert not os.path.exists(snap["cache"])       # the store restore exported nothing
-    _restore_and_check(snap, source="export")      # the host now has an export
+    _restore_and_check(snap, source="auto", lazy=False)  # eager: only the export can, so it is made
+    made = snap["live"][-1]
+    assert (made.timings["source"], made.timings["lazy"], made.timings["cached"]) == ("export", False, False)
     _restore_and_check(snap, source="auto", profile=False)
     last = snap["live"][-1]
     assert (last.timings["source"], last.timings["lazy"]) == ("export", False) and last.timings["cached"]
@@ -426,7 +428,9 @@ def test_the_snapshot_cli_creates_lists_restores_and_removes(tiny, capsys, monke
     assert "tiny True 11 1" in out.read_text()
     image_id = casfs.open_store(store_url).resolve("cli-app")
     assert os.path.isdir(os.path.join(tiny["cache"], image_id))
-    assert main(["--store", store_url, "snapshot", "restore", "cli-app", "--source", "auto"]) == 5  # the export
+    capsys.readouterr()
+    assert main(["--store", store_url, "snapshot", "restore", "cli-app", "--source", "auto"]) == 5
+    assert "restored cli-app from the host's export:" in capsys.readouterr().out
     assert out.read_text().count("tiny True 11 1") == 2
     assert main(["--store", store_url, "snapshot", "rm", "cli-app"]) == 0
     assert not os.path.exists(os.path.join(tiny["cache"], image_id))   # its export went too

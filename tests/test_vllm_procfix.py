@@ -62,7 +62,7 @@ def _check(mode: str) -> int:
         pytest.skip("SKIP_VLLM=1: the vLLM venv is deliberately absent")
     if not os.path.exists(VLLM_PY):
         pytest.fail(f"{VLLM_PY} is missing: run scripts/setup_vllm.sh (or set SKIP_VLLM=1)")
-    p = subprocess.run(["unshare", "-p", "-f", VLLM_PY, "-c", CHECK, mode], cwd=ROOT,
+    p = subprocess.run(["unshare", "--kill-child", "-p", "-f", VLLM_PY, "-c", CHECK, mode], cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert p.returncode in (0, 1), p.stderr[-3000:]
     return p.returncode
