@@ -266,12 +266,22 @@ class RestoredProcess:
         self.close()
         return rc
 
-    def kill(self) -> None:
-        """Kill the restored tree (SIGKILL to its init) and clean up."""
+    def kill(self, wait: float = 10.0) -> None:
+        """Kill the restored tree (SIGKILL to its init) and clean up: ``criu restore`` (and its
+        reaper) too when it has not ended ``wait`` seconds later. CRIU 4.2.1 can stay forever
+        in its last steps when the tree it restored is killed under it (each full test run
+        left three such ``criu restore`` processes behind before this)."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.criu_proc.wait(10)
+        try:
+            self.criu_proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            log.warning("criu restore (pid %d) did not end after its tree was killed: killing it", self.criu_proc.pid)
+            for pid in reversed(criumod.process_tree(self.criu_proc.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.criu_proc.wait(10)
         self.close()
 
     def close(self) -> None:
