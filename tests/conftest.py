@@ -13,6 +13,22 @@ from tests.support import MOTO_SERVER, NGINX, aws_test_environment, missing_bina
 S3_BUCKET = "casfs-contract"  # the bucket ``s3_endpoint`` creates
 
 
+@pytest.fixture(scope="session")
+def criu():
+    """A usable CRIU (snapshot.find_criu()): fail loudly when missing, skip only without root
+    or on a kernel that cannot run it."""
+    import snapshot
+
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root (CAP_SYS_ADMIN and friends)")
+    try:
+        return snapshot.find_criu()
+    except snapshot.CriuUnavailable as e:
+        if e.kernel_lacks_feature:
+            pytest.skip(f"this kernel cannot run CRIU: {e}")
+        pytest.fail(str(e))
+
+
 @pytest.fixture
 def store(tmp_path):
     """A fresh local-directory store (no ssd tier) under the test's tmp dir."""

@@ -77,19 +77,6 @@ sys.exit(5)
 '''
 
 
-@pytest.fixture(scope="module")
-def criu():
-    """A usable CRIU: fail loudly when missing, skip only for a kernel that cannot run it."""
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root (CAP_SYS_ADMIN and friends)")
-    try:
-        return snapshot.find_criu()
-    except snapshot.CriuUnavailable as e:
-        if e.kernel_lacks_feature:
-            pytest.skip(f"this kernel cannot run CRIU: {e}")
-        pytest.fail(str(e))
-
-
 @pytest.fixture
 def lazy_ok(criu):
     if not criu.features.get("uffd-noncoop"):

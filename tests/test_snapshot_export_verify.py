@@ -33,15 +33,7 @@ sys.exit(3)
 
 
 @pytest.fixture(scope="module")
-def snap(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        snapshot.find_criu()
-    except snapshot.CriuUnavailable as e:
-        if e.kernel_lacks_feature:
-            pytest.skip(f"this kernel cannot run CRIU: {e}")
-        pytest.fail(str(e))
+def snap(tmp_path_factory, criu):
     root = tmp_path_factory.mktemp("verify")
     prog = root / "prog.py"
     prog.write_text(PROGRAM)

@@ -31,18 +31,6 @@ sys.exit(4)
 '''
 
 
-@pytest.fixture(scope="module")
-def criu():
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        return snapshot.find_criu()
-    except snapshot.CriuUnavailable as e:
-        if e.kernel_lacks_feature:
-            pytest.skip(f"this kernel cannot run CRIU: {e}")
-        pytest.fail(str(e))
-
-
 def test_a_mapped_shm_segment_open_read_write_snapshots_without_a_warning_and_comes_back(criu, tmp_path, caplog):
     prog = tmp_path / "prog.py"
     prog.write_text(PROGRAM)

@@ -35,15 +35,7 @@ while True:                 # no signal handler: the default action must apply
 
 
 @pytest.fixture(scope="module")
-def snap(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        snapshot.find_criu()
-    except snapshot.CriuUnavailable as e:
-        if e.kernel_lacks_feature:
-            pytest.skip(f"this kernel cannot run CRIU: {e}")
-        pytest.fail(str(e))
+def snap(tmp_path_factory, criu):
     if snapshot.spawning.init_program() is None:
         pytest.fail("tini is not installed (scripts/setup.sh installs it: apt-get install tini)")
     root = tmp_path_factory.mktemp("sig")
